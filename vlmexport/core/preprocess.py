@@ -1,0 +1,165 @@
+"""Image preprocessing, written once for every backend (numpy + Pillow, no torch).
+
+The method is declared in ``preprocessor_config.json`` and read back from it, so a
+bundle carries exactly how its images must be prepared. Besides our own keys the file
+holds the Hugging Face image-processor keys (``image_mean``, ``image_std``, ``size``,
+``crop_size``, ``resample``) that transformers and llama.cpp's converter read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError, ImageError
+
+# OpenAI CLIP statistics, used by EVA-CLIP (CogVLM) and CLIP (LLaVA).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+MIN_IMAGE_SIDE = 2  # a 1x1 "image" carries no picture
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb limit (~8000x8000)
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+    # "squash": resize straight to image_size x image_size (CogVLM's transforms.Resize((s, s)))
+    # "shortest_edge_center_crop": CLIPImageProcessor's resize + centre crop (LLaVA)
+    resize_mode: str = "squash"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE:
+            raise ConfigError(f"preprocessor resample {self.resample!r} is unknown; use one of {sorted(RESAMPLE)}")
+        if self.resize_mode not in ("squash", "shortest_edge_center_crop"):
+            raise ConfigError(f"preprocessor resize_mode {self.resize_mode!r} is unknown; use 'squash' or "
+                              "'shortest_edge_center_crop'")
+
+    def to_hf(self) -> dict[str, Any]:
+        s = self.image_size
+        d = {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "do_center_crop": self.resize_mode != "squash",
+            "size": {"height": s, "width": s} if self.resize_mode == "squash" else {"shortest_edge": s},
+            "crop_size": {"height": s, "width": s},
+            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "resample": RESAMPLE[self.resample],
+            # vlmexport's own, read back by every backend
+            "vlmexport": {"image_size": s, "resample": self.resample, "resize_mode": self.resize_mode},
+        }
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "preprocessor_config.json") -> "PreprocessConfig":
+        own = d.get("vlmexport") or {}
+        try:
+            if own:
+                size, resample, mode = own["image_size"], own["resample"], own["resize_mode"]
+            else:  # a plain Hugging Face image processor
+                crop = d.get("crop_size") or {}
+                sz = d.get("size") or {}
+                size = crop.get("height") or sz.get("height") or sz.get("shortest_edge") or d["image_size"]
+                inv = {v: k for k, v in RESAMPLE.items()}
+                resample = inv.get(d.get("resample", 3), "bicubic")
+                mode = "shortest_edge_center_crop" if d.get("do_center_crop") and "shortest_edge" in sz else "squash"
+            return cls(image_size=int(size), image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+                       image_std=tuple(d.get("image_std", CLIP_STD)), resample=resample, resize_mode=mode)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: cannot read the image size/mean/std ({exc}); "
+                              "write image_size, image_mean and image_std into it") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PreprocessConfig":
+        try:
+            return cls.from_hf(json.loads(Path(path).read_text()), source=str(path))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} is missing; every model directory needs a preprocessor_config.json") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def open_image(src: ImageInput, name: str | None = None) -> Image.Image:
+    """Decode an image (path, bytes, PIL image or HxWx3 uint8 array) into RGB, with size limits."""
+    label = name or (str(src) if isinstance(src, (str, os.PathLike)) else "image")
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        if src.ndim != 3 or src.shape[2] != 3 or src.dtype != np.uint8:
+            raise ImageError(f"{label}: an array image must be HxWx3 uint8, got {src.shape} {src.dtype}")
+        img = Image.fromarray(src)
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                old = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+                try:
+                    if isinstance(src, bytes):
+                        img = Image.open(io.BytesIO(src))
+                    else:
+                        img = Image.open(src)
+                    img.load()
+                finally:
+                    Image.MAX_IMAGE_PIXELS = old
+        except FileNotFoundError:
+            raise ImageError(f"{label}: no such image file; check the path") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
+                             "limit); downscale it first") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{label}: not a readable image ({exc.__class__.__name__}); pass a PNG/JPEG/WebP file") from None
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb limit); "
+                         "downscale it first")
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ImageError(f"{label}: the image is {w}x{h}; images need at least {MIN_IMAGE_SIDE} pixels per side")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    s = cfg.image_size
+    method = RESAMPLE[cfg.resample]
+    if cfg.resize_mode == "squash":
+        return img if img.size == (s, s) else img.resize((s, s), method)
+    w, h = img.size
+    scale = s / min(w, h)
+    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+    img = img.resize((nw, nh), method)
+    left, top = (nw - s) // 2, (nh - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def to_pixels(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """An already-resized image -> normalised float32 CHW pixels."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess(src: ImageInput, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
+    """Decode, resize and normalise one image -> [3, S, S] float32."""
+    return to_pixels(resize(open_image(src, name), cfg), cfg)

@@ -1,0 +1,319 @@
+"""The model family: configs, parts, the registry and the shared VLM base class.
+
+An architecture is one file in this package that subclasses :class:`VLM` and is
+registered with :func:`register`. Everything a pipeline needs to know about it (its
+config, the checkpoint tensor names, how images become embeddings, which GGUF
+architecture it maps to) hangs off that class, so no pipeline, CLI or backend ever
+tests an architecture name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ..core.errors import ConfigError
+from ..core.layout import ExpertRouting, PositionIds
+from .layers import KVCache, Route, rope_cos_sin, rope_inv_freq
+
+
+class Part(str, Enum):
+    """The pieces a model is split into for export."""
+
+    VISION_ENCODER = "vision_encoder"
+    CONNECTOR = "connector"
+    TOKEN_EMBEDDING = "token_embedding"
+    TEXT_DECODER = "text_decoder"
+
+
+# ---------------------------------------------------------------------------- configs
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.image_size % self.patch_size == 0,
+               f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1  # + CLS
+
+
+@dataclass
+class VLMConfig:
+    """Fields every architecture shares: the LLaMA text decoder plus the semantics."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    expert_routing: str = ExpertRouting.IMAGE_CHUNK.value
+    position_ids: str = PositionIds.SEQUENTIAL.value
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_config, dict):
+            known = {f.name for f in dataclasses.fields(VisionConfig)}
+            self.vision_config = VisionConfig(**{k: v for k, v in self.vision_config.items() if k in known})
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0,
+               "num_attention_heads must be a multiple of num_key_value_heads")
+        _check(self.head_dim % 2 == 0, "the attention head size must be even for RoPE")
+        try:
+            ExpertRouting(self.expert_routing)
+            PositionIds(self.position_ids)
+        except ValueError:
+            raise ConfigError(
+                f"expert_routing must be one of {[e.value for e in ExpertRouting]} and position_ids one of "
+                f"{[e.value for e in PositionIds]}; got {self.expert_routing!r} / {self.position_ids!r}"
+            ) from None
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            _check(getattr(self, name) > 0, f"{name} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------- the registry
+_REGISTRY: dict[str, type["VLM"]] = {}
+
+
+def register(cls: type["VLM"]) -> type["VLM"]:
+    """Class decorator: make an architecture available by its ``arch_name``."""
+    name = cls.arch_name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise RuntimeError(f"architecture {name!r} is registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def architectures() -> dict[str, type["VLM"]]:
+    from . import _import_architectures
+
+    _import_architectures()
+    return dict(_REGISTRY)
+
+
+def get_architecture(name: str) -> type["VLM"]:
+    archs = architectures()
+    if name not in archs:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {sorted(archs)}")
+    return archs[name]
+
+
+def architecture_for_hf(hf_config: dict[str, Any], source: str = "config.json") -> type["VLM"]:
+    """Pick the architecture that reads a Hugging Face ``config.json``."""
+    names = list(hf_config.get("architectures") or [])
+    for cls in architectures().values():
+        if any(n in cls.hf_architectures for n in names):
+            return cls
+    known = sorted(n for c in architectures().values() for n in c.hf_architectures)
+    raise ConfigError(
+        f"{source}: architectures {names or '(missing)'} is not supported; vlmexport reads {known}"
+    )
+
+
+# --------------------------------------------------------------------- the base class
+_REQUIRED_HOOKS = (
+    "arch_name", "hf_architectures", "config_class", "gguf_arch",
+    "config_from_hf", "config_to_hf", "tiny_config",
+    "encode_images", "image_tokens", "token_embedding", "decoder_layers", "final_norm", "lm_head_module",
+    "vision_encoder_module", "connector_module", "reset_special_parameters",
+)
+
+
+class VLM(nn.Module):
+    """A vision-language model: vision encoder -> connector -> (expert) LLaMA decoder.
+
+    Subclasses lay out submodules under their checkpoint's tensor names and implement
+    the hooks in ``_REQUIRED_HOOKS``; a subclass that misses one fails at import.
+    """
+
+    arch_name: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type[VLMConfig]]
+    gguf_arch: ClassVar[str]
+    has_experts: ClassVar[bool] = False
+    # checkpoint spellings -> our names (one alias per entry; see checkpoint.py)
+    checkpoint_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+    checkpoint_ignored: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("abstract", False):
+            return
+        missing = [h for h in _REQUIRED_HOOKS if not hasattr(cls, h)]
+        if missing:
+            raise TypeError(f"architecture class {cls.__name__} is missing {missing}")
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.register_buffer("rope_inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+
+    # ----------------------------------------------------------------- config hooks
+    @classmethod
+    def config_from_hf(cls, hf: dict[str, Any]) -> VLMConfig:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def config_to_hf(cls, config: VLMConfig) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------- parts
+    def parts(self) -> dict[Part, nn.Module]:
+        """The exportable parts as modules sharing this model's parameters."""
+        return {
+            Part.VISION_ENCODER: self.vision_encoder_module(),
+            Part.CONNECTOR: self.connector_module(),
+            Part.TOKEN_EMBEDDING: self.token_embedding(),
+            Part.TEXT_DECODER: TextDecoder(self),
+        }
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, image_tokens, hidden]: vision encoder then connector."""
+        return self.encode_images(pixel_values)
+
+    # ------------------------------------------------------------------- decoding
+    def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image chunks scattered into the ``is_image`` positions."""
+        emb = self.token_embedding()(input_ids)
+        if image_embeds is not None and is_image is not None:
+            flat = image_embeds.reshape(-1, emb.shape[-1]).to(emb.dtype)
+            n = int(is_image.sum())
+            if n != flat.shape[0]:
+                raise ValueError(f"prompt has {n} image positions but {flat.shape[0]} image embeddings were given")
+            emb = emb.masked_scatter(is_image[..., None], flat)
+        return emb
+
+    def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
+               position_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+               last_only: bool = False) -> torch.Tensor:
+        """Run the text decoder on embeddings -> logits [B, S or 1, vocab]."""
+        route = Route.from_token_type(token_type) if self.has_experts else None
+        cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, inputs_embeds.dtype)
+        h = inputs_embeds
+        ckpt = self.gradient_checkpointing and self.training and cache is None
+        for i, layer in enumerate(self.decoder_layers()):
+            if ckpt:
+                h = activation_checkpoint(layer, h, cos, sin, route, None, i, 0, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, route, cache, i, start)
+        if cache is not None:
+            cache.length = start + inputs_embeds.shape[1]
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head_module()(self.final_norm()(h))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type: torch.Tensor | None = None, is_image: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence forward (training / reference): logits [B, S, vocab]."""
+        image_embeds = self.image_embeddings(pixel_values) if pixel_values is not None else None
+        emb = self.embed(input_ids, is_image, image_embeds)
+        return self.decode(emb, token_type, position_ids)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len or c.max_position_embeddings,
+                       c.head_dim, dtype=dtype or self.lm_head_module().weight.dtype,
+                       device=device or self.lm_head_module().weight.device)
+
+    # --------------------------------------------------------------- bookkeeping
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def named_parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names grouped by role (for freezing in training stages)."""
+        groups: dict[str, list[str]] = {"vision": [], "connector": [], "language": [], "visual_expert": [],
+                                        "embedding": [], "other": []}
+        for name, _ in self.named_parameters():
+            groups[self.parameter_role(name)].append(name)
+        return groups
+
+    def parameter_role(self, name: str) -> str:  # pragma: no cover - overridden
+        return "other"
+
+    def iter_visual_expert_pairs(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+        """(language module, visual-expert module) pairs of identical shape."""
+        return iter(())
+
+
+class TextDecoder(nn.Module):
+    """The ``text_decoder`` part: embeddings + routing + positions -> logits."""
+
+    def __init__(self, model: VLM):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # share, do not re-register parameters
+        self.layers = nn.ModuleList(model.decoder_layers())
+        self.norm = model.final_norm()
+        self.lm_head = model.lm_head_module()
+
+    def forward(self, inputs_embeds, token_type, position_ids, cache=None, start=0, last_only=False):
+        return self.model.decode(inputs_embeds, token_type, position_ids, cache, start, last_only)
+
+
+def estimate_parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def seeded_init(model: VLM, seed: int, std: float = 0.02) -> VLM:
+    """Deterministic random initialisation (tests and from-scratch training)."""
+    from .layers import init_weights
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        init_weights(model, std)
+        model.reset_special_parameters()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model

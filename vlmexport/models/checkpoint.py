@@ -1,0 +1,246 @@
+"""Model directories in the Hugging Face layout: save, load, and lazy tensor access.
+
+    config.json                 the architecture's own keys (THUDM's / transformers')
+    model.safetensors           or model-0000N-of-0000M.safetensors + model.safetensors.index.json
+    tokenizer.model             SentencePiece
+    preprocessor_config.json    image size, mean, std, resampling
+
+Weights are read with safetensors only (memory-mapped, lazily, tensor by tensor);
+pickled ``*.bin`` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..core.errors import CheckpointError, ConfigError
+from ..core.preprocess import PreprocessConfig
+from ..core.tokenizer import Tokenizer
+from .base import VLM, VLMConfig, architecture_for_hf
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.model"
+PREPROCESSOR = "preprocessor_config.json"
+MODEL_DIR_HINT = ("point to a model directory in the Hugging Face layout (config.json, model.safetensors, "
+                  "tokenizer.model, preprocessor_config.json)")
+
+
+def _err(path: Path, msg: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {msg}")
+
+
+# ------------------------------------------------------------------- lazy weights
+class SafetensorsCheckpoint:
+    """Lazy, memory-mapped access to the tensors of a (possibly sharded) checkpoint."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX
+        single = self.dir / WEIGHTS
+        self.files: dict[str, Path] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise _err(index, f"not a valid safetensors index ({exc}); re-save the checkpoint") from None
+            for name, fname in weight_map.items():
+                self.files[name] = self.dir / fname
+        elif single.is_file():
+            for name in self._keys(single):
+                self.files[name] = single
+        else:
+            pickled = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt"))
+            if pickled:
+                raise _err(self.dir, f"holds only pickled weights ({', '.join(pickled)}); vlmexport reads safetensors "
+                           "only: re-save with save_pretrained(..., safe_serialization=True)")
+            raise _err(self.dir, f"has no {WEIGHTS}; {MODEL_DIR_HINT}")
+        missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise _err(index, f"names shard files that are missing: {', '.join(missing)}")
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises several error types for a bad header
+            raise _err(path, f"is not a valid safetensors file ({str(exc).splitlines()[0]}); the file is truncated or "
+                       "corrupt: copy or re-save it") from None
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, path: Path):
+        # safe_open is cheap (mmap); opening per call keeps memory bounded for huge models
+        return safe_open(str(path), framework="pt")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._handle(self.files[name]) as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        try:
+            with self._handle(path) as f:
+                return f.get_tensor(name)
+        except Exception as exc:
+            raise _err(path, f"cannot read tensor {name} ({str(exc).splitlines()[0]}); the file is truncated or "
+                       "corrupt: copy or re-save it") from None
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            with self._handle(path) as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+
+# -------------------------------------------------------------------- name table
+def canonical_name(arch: type[VLM], name: str) -> str | None:
+    """Map a checkpoint spelling to the module's name; None for tensors we recompute."""
+    for pattern in arch.checkpoint_ignored:
+        if re.fullmatch(pattern, name):
+            return None
+    for pattern, repl in arch.checkpoint_aliases:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return name
+
+
+# ------------------------------------------------------------------------ config
+def read_config(model_dir: str | os.PathLike) -> tuple[type[VLM], VLMConfig, dict]:
+    d = Path(model_dir)
+    if not d.exists():
+        raise CheckpointError(f"{d}: no such directory; {MODEL_DIR_HINT}")
+    path = d / CONFIG
+    if not path.is_file():
+        raise _err(d, f"has no {CONFIG}; {MODEL_DIR_HINT}")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _err(path, f"is not valid JSON ({exc}); fix or regenerate it") from None
+    arch = architecture_for_hf(hf, source=str(path))
+    try:
+        config = arch.config_from_hf(hf)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: missing or invalid key {exc} for {arch.arch_name}; fix config.json") from None
+    return arch, config, hf
+
+
+@dataclass
+class LoadedModel:
+    model: VLM
+    tokenizer: Tokenizer | None
+    preprocess: PreprocessConfig
+    path: Path
+
+
+def load_pretrained(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    require_tokenizer: bool = True) -> LoadedModel:
+    """Load a model directory; every mismatch is a one-line error naming the file."""
+    d = Path(model_dir)
+    arch, config, _ = read_config(d)
+    ckpt = SafetensorsCheckpoint(d)
+    with torch.device("meta"):
+        model = arch(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = {"lm_head.weight", "language_model.lm_head.weight"} if config.tie_word_embeddings else set()
+    state: dict[str, torch.Tensor] = {}
+    for name in ckpt.keys():
+        target = canonical_name(arch, name)
+        if target is None:
+            continue
+        if target not in expected:
+            raise _err(ckpt.files[name], f"holds tensor {name} that a {arch.arch_name} model with this config.json has "
+                       "no place for; the config contradicts the weights (wrong number of layers?)")
+        shape = ckpt.shape(name)
+        if shape != expected[target]:
+            raise _err(ckpt.files[name], f"tensor {name} has shape {list(shape)} but config.json implies "
+                       f"{list(expected[target])}; the config contradicts the weights: fix config.json")
+        state[target] = ckpt.get(name).to(dtype)
+    missing = sorted(set(expected) - set(state) - tied)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise _err(d, f"the weights lack {', '.join(missing[:3])}{more}; the checkpoint is incomplete or "
+                   "config.json describes a bigger model")
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=False, assign=False)
+    # non-persistent buffers were created on meta: rebuild them
+    model.rope_inv_freq = model.rope_inv_freq.new_empty(0)
+    from .layers import rope_inv_freq
+
+    model.rope_inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device=device)
+    if config.tie_word_embeddings:
+        model.lm_head_module().weight = model.token_embedding().weight
+    model.to(dtype).eval()
+    tok = None
+    if (d / TOKENIZER).is_file() or require_tokenizer:
+        tok = Tokenizer(d / TOKENIZER)
+        if tok.vocab_size > config.vocab_size:
+            raise _err(d / TOKENIZER, f"has {tok.vocab_size} pieces but config.json vocab_size is "
+                       f"{config.vocab_size}; they must come from the same model")
+    pre = PreprocessConfig.load(d / PREPROCESSOR)
+    if pre.image_size != config.vision_config.image_size:
+        raise _err(d / PREPROCESSOR, f"image size {pre.image_size} differs from config.json's vision image_size "
+                   f"{config.vision_config.image_size}; make them agree")
+    return LoadedModel(model=model, tokenizer=tok, preprocess=pre, path=d)
+
+
+def save_pretrained(model: VLM, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer | None,
+                    preprocess: PreprocessConfig, dtype: torch.dtype | None = None,
+                    metadata: dict | None = None) -> Path:
+    """Write a model directory atomically (temp dir + rename; an old copy survives until the end)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf = type(model).config_to_hf(model.config)
+        if dtype is not None:
+            hf["torch_dtype"] = str(dtype).replace("torch.", "")
+        (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        state = {}
+        seen: dict[int, str] = {}
+        for name, t in model.state_dict().items():
+            if t.data_ptr() in seen and model.config.tie_word_embeddings:
+                continue  # tied lm_head
+            seen[t.data_ptr()] = name
+            t = t.detach().to("cpu")
+            state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+        if tokenizer is not None:
+            src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+            shutil.copyfile(src, tmp / TOKENIZER)
+        preprocess.save(tmp / PREPROCESSOR)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap ``tmp`` into place of ``out``; the previous ``out`` is only removed after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,197 @@
+"""Building blocks shared by the architectures: norms, RoPE, attention with a
+preallocated KV cache, SwiGLU, expert routing by gather/scatter, and the ViT blocks.
+
+Architecture files compose these under the module names of their checkpoint layout,
+so a module's ``state_dict`` keys are the checkpoint's tensor names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as torch.nn.GELU()
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), the LLaMA MLP."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for ``position_ids`` [B, S] -> [B, S, head_dim] (rotate-half layout)."""
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; cos/sin: [B, S, D]."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+# ------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated key/value cache: [layers][B, kv_heads, max_len, head_dim].
+
+    ``update(layer, start, k, v)`` writes the new keys/values at slots
+    ``start:start+L`` and returns views of slots ``0:start+L``. Slots are cache
+    indices, not position ids (under ``hf_cogvlm`` positions repeat inside an image).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0  # slots filled (advanced by the decoder after all layers ran)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention. q: [B, H, L, D] for slots start..start+L; k/v: [B, Hkv, start+L, D]."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    L = q.shape[2]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+    if L == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    q_slot = torch.arange(start, start + L, device=q.device)[:, None]
+    k_slot = torch.arange(k.shape[2], device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_slot <= q_slot)
+
+
+# -------------------------------------------------------------------- expert routing
+@dataclass
+class Route:
+    """Flat indices of the positions each expert runs (gather/scatter routing).
+
+    Each expert only ever sees its own tokens, which keeps calibration statistics of
+    the two experts apart. ``None`` means "all positions use the language expert".
+    """
+
+    language: torch.Tensor  # int64 indices into the flattened [B*S] positions
+    vision: torch.Tensor
+
+    @staticmethod
+    def from_token_type(token_type: torch.Tensor | None) -> "Route | None":
+        if token_type is None:
+            return None
+        flat = token_type.reshape(-1)
+        vision = torch.nonzero(flat == 1).flatten()
+        if vision.numel() == 0:
+            return None
+        language = torch.nonzero(flat != 1).flatten()
+        return Route(language=language, vision=vision)
+
+    def apply(self, x: torch.Tensor, f_language: nn.Module, f_vision: nn.Module) -> torch.Tensor:
+        """Run f_language on language positions and f_vision on vision positions of x [B,S,D]."""
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)
+        out_v = f_vision(flat.index_select(0, self.vision))
+        out = flat.new_empty(B * S, out_v.shape[-1])
+        if self.language.numel():
+            out = out.index_copy(0, self.language, f_language(flat.index_select(0, self.language)))
+        out = out.index_copy(0, self.vision, out_v)
+        return out.reshape(B, S, -1)
+
+
+def routed(route: Route | None, x: torch.Tensor, f_language: nn.Module, f_vision: nn.Module | None):
+    if route is None or f_vision is None:
+        return f_language(x)
+    return route.apply(x, f_language, f_vision)
+
+
+# ----------------------------------------------------------------------- ViT pieces
+def vit_self_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       num_heads: int) -> torch.Tensor:
+    B, N, _ = x.shape
+    q, k, v = (t.reshape(B, N, num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, N, -1)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Seeded-friendly initialisation used for models trained from scratch."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, std=1.0 / math.sqrt(fan_in))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
