@@ -1,0 +1,1 @@
+"""Training: synthetic and LLaVA-style data, trainer loops and checkpoints."""
