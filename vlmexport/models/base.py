@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
+from ..core.prompt import ChatTemplate
 from .layers import KVCache, Route, rope_cos_sin, rope_inv_freq
 
 
@@ -236,8 +237,12 @@ class VLM(nn.Module):
 
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
                position_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-               last_only: bool = False) -> torch.Tensor:
-        """Run the text decoder on embeddings -> logits [B, S or 1, vocab]."""
+               last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the text decoder on embeddings -> logits [B, S or 1, vocab].
+
+        ``select`` (flat indices into B*S) computes logits only at those positions ->
+        [len(select), vocab]; training uses it to skip the LM head on unsupervised tokens.
+        """
         route = Route.from_token_type(token_type) if self.has_experts else None
         cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, inputs_embeds.dtype)
         h = inputs_embeds
@@ -251,6 +256,8 @@ class VLM(nn.Module):
             cache.length = start + inputs_embeds.shape[1]
         if last_only:
             h = h[:, -1:]
+        elif select is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, select)
         return self.lm_head_module()(self.final_norm()(h))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -285,6 +292,11 @@ class VLM(nn.Module):
     def iter_visual_expert_pairs(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         """(language module, visual-expert module) pairs of identical shape."""
         return iter(())
+
+    @classmethod
+    def default_chat_template(cls) -> ChatTemplate:
+        """THUDM CogVLM's chat template; architectures with another convention override this."""
+        return ChatTemplate()
 
 
 class TextDecoder(nn.Module):

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,10 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..core.atomic import atomic_directory
 from ..core.errors import CheckpointError, ConfigError
 from ..core.preprocess import PreprocessConfig
 from ..core.tokenizer import Tokenizer
 from .base import VLM, VLMConfig, architecture_for_hf
+from .layers import rope_inv_freq
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -88,8 +89,13 @@ class SafetensorsCheckpoint:
         return safe_open(str(path), framework="pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with self._handle(self.files[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
+        path = self.files[name]
+        try:
+            with self._handle(path) as f:
+                return tuple(f.get_slice(name).get_shape())
+        except Exception as exc:  # a shard of a sharded checkpoint is opened here first
+            raise _err(path, f"cannot read tensor {name} ({str(exc).splitlines()[0]}); the file is truncated or "
+                       "corrupt: copy or re-save it") from None
 
     def get(self, name: str) -> torch.Tensor:
         path = self.files[name]
@@ -134,6 +140,8 @@ def read_config(model_dir: str | os.PathLike) -> tuple[type[VLM], VLMConfig, dic
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise _err(path, f"is not valid JSON ({exc}); fix or regenerate it") from None
+    if not isinstance(hf, dict):
+        raise _err(path, "is not a JSON object of model settings; fix or regenerate it")
     arch = architecture_for_hf(hf, source=str(path))
     try:
         config = arch.config_from_hf(hf)
@@ -182,10 +190,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: torch.dtype = torch.flo
                    "config.json describes a bigger model")
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=False, assign=False)
-    # non-persistent buffers were created on meta: rebuild them
-    model.rope_inv_freq = model.rope_inv_freq.new_empty(0)
-    from .layers import rope_inv_freq
-
+    # non-persistent buffers were created on the meta device: rebuild them
     model.rope_inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device=device)
     if config.tie_word_embeddings:
         model.lm_head_module().weight = model.token_embedding().weight
@@ -206,41 +211,29 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: torch.dtype = torch.flo
 def save_pretrained(model: VLM, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer | None,
                     preprocess: PreprocessConfig, dtype: torch.dtype | None = None,
                     metadata: dict | None = None) -> Path:
-    """Write a model directory atomically (temp dir + rename; an old copy survives until the end)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write a model directory atomically (an old copy survives until the new one is complete)."""
+    with atomic_directory(out_dir) as tmp:
         hf = type(model).config_to_hf(model.config)
         if dtype is not None:
             hf["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-        state = {}
-        seen: dict[int, str] = {}
-        for name, t in model.state_dict().items():
-            if t.data_ptr() in seen and model.config.tie_word_embeddings:
-                continue  # tied lm_head
-            seen[t.data_ptr()] = name
-            t = t.detach().to("cpu")
-            state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+        save_file(state_dict_for_saving(model, dtype), str(tmp / WEIGHTS),
+                  metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
         if tokenizer is not None:
             src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
             shutil.copyfile(src, tmp / TOKENIZER)
         preprocess.save(tmp / PREPROCESSOR)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap ``tmp`` into place of ``out``; the previous ``out`` is only removed after the swap."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def state_dict_for_saving(model: VLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors under checkpoint names; a tied lm_head is stored once."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if model.config.tie_word_embeddings and t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().to("cpu")
+        state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return state

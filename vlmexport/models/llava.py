@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
+from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
 from .layers import RMSNorm, SwiGLU, activation, apply_rope, attention, vit_self_attention
 
@@ -336,6 +337,11 @@ class Llava(VLM):
 
     def reset_special_parameters(self) -> None:
         nn.init.normal_(self.vision_tower.embeddings.class_embedding, std=0.02)
+
+    @classmethod
+    def default_chat_template(cls) -> ChatTemplate:
+        # LLaVA-1.5: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
+        return ChatTemplate(user="USER: {content} ASSISTANT:", turn_separator=" ")
 
     def parameter_role(self, name: str) -> str:
         if name.startswith("multi_modal_projector."):

@@ -1,0 +1,92 @@
+"""Atomic outputs: a failed write never leaves a half-written result and never loses the old one."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from vlmexport.core.atomic import atomic_directory, atomic_file
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}"))
+
+
+def umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_directory_appears_only_on_success(tmp_path):
+    out = tmp_path / "sub" / "bundle"
+    with atomic_directory(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        (tmp / "a.txt").write_text("a")
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "b.txt").write_text("b")
+        assert not out.exists()  # nothing at the final path while writing
+    assert (out / "a.txt").read_text() == "a" and (out / "nested" / "b.txt").read_text() == "b"
+    assert leftovers(out.parent, "bundle") == []
+    # normal permissions, not mkdtemp's 0700
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
+    assert stat.S_IMODE((out / "a.txt").stat().st_mode) == 0o666 & ~umask()
+
+
+def test_directory_replaces_an_existing_one(tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_directory(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert leftovers(tmp_path, "bundle") == []
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failure_keeps_the_previous_directory(tmp_path, exc):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(type(exc)):
+        with atomic_directory(out) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise exc
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert (out / "old.txt").read_text() == "old"
+    assert leftovers(tmp_path, "bundle") == []
+
+
+def test_failure_without_previous_directory_leaves_nothing(tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(ValueError):
+        with atomic_directory(out):
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_replaced_only_on_success(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("disk full")
+    assert path.read_bytes() == b"old"
+    assert leftovers(tmp_path, "weights.bin") == []
+    with atomic_file(path) as tmp:
+        assert tmp != path and tmp.parent == path.parent
+        tmp.write_bytes(b"new")
+        assert path.read_bytes() == b"old"
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask()
+    assert leftovers(tmp_path, "weights.bin") == []
+
+
+def test_file_in_a_new_directory(tmp_path):
+    path = tmp_path / "a" / "b" / "x.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text("{}")
+    assert path.read_text() == "{}"

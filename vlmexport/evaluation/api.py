@@ -1,0 +1,47 @@
+"""Library entry points behind ``vlmexport eval`` and ``vlmexport run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..assets import demo_model_dir
+from ..runtimes.torch_backend import pipeline_from_model_dir
+from .metrics import EvalReport
+from .runner import evaluate
+
+
+def open_pipeline(path: str | Path | None, device: str = "cpu"):
+    """A pipeline over a model directory (default: the shipped demo model)."""
+    return pipeline_from_model_dir(path if path is not None else demo_model_dir(), device=device)
+
+
+def jsonl_eval_items(path: str | Path, image_size: int) -> list:
+    """First question/answer of every conversation in a LLaVA-style JSONL as evaluation items."""
+    from ..training.data import read_llava_jsonl
+    from ..training.data.synthetic import EvalItem
+
+    items = []
+    for rec in read_llava_jsonl(path):
+        q, a = rec.turns[0]
+        cat = rec.categories[0] if getattr(rec, "categories", None) else "all"
+        kind = "yesno" if a.strip().lower() in ("yes", "no") else "open"
+        items.append(EvalItem(rec.id, rec.load_image(image_size), cat, q, a, kind, rec.id if kind == "yesno" else None))
+    return items
+
+
+def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: int = 200,
+                  data: str | Path | None = None, device: str = "cpu", seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    pipe = open_pipeline(path, device=device)
+    size = pipe.preprocess_config.image_size
+    if data is not None:
+        items = jsonl_eval_items(data, size)
+        meta = {"data": str(data)}
+    else:
+        from ..training.data import SyntheticVQA
+
+        items = SyntheticVQA(image_size=size, seed=seed).eval_items(split, n_per_category)
+        meta = {"split": split, "n_per_category": n_per_category, "seed": seed}
+    meta["model"] = str(path if path is not None else demo_model_dir())
+    return evaluate(pipe, items, progress=progress, meta=meta)

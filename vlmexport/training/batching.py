@@ -1,0 +1,120 @@
+"""Turn (images, question/answer turns) into model inputs with the shared prompt code.
+
+The same ``render`` + ``build_layout`` that the runtimes use lays out training
+sequences, so a trained model sees at inference exactly the token layout, routing and
+positions it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import DataError
+from ..core.layout import build_layout
+from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate, Turn, render
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class ModelLayoutInfo:
+    """What the prompt layout needs to know about a model."""
+
+    image_tokens: int
+    expert_routing: str
+    position_ids: str
+    pad_id: int
+    max_length: int
+
+    @classmethod
+    def of(cls, model) -> "ModelLayoutInfo":
+        c = model.config
+        return cls(model.image_tokens(), c.expert_routing, c.position_ids, c.pad_token_id, c.max_position_embeddings)
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray
+    targets: np.ndarray  # next-token targets, IGNORE where not supervised
+    token_type: np.ndarray
+    position_ids: np.ndarray
+    is_image: np.ndarray
+    images: list[np.ndarray]  # uint8 HxWx3, in order of appearance
+
+
+def build_example(images: Sequence[np.ndarray], turns: Sequence[tuple[str, str]], tokenizer, template: ChatTemplate,
+                  info: ModelLayoutInfo) -> Example:
+    """One training sequence: images go where the first question's placeholders are
+    (or right after BOS), each answer and its EOS are supervised. Turns that do not fit
+    the context are dropped from the end."""
+    turns = list(turns)
+    while True:
+        conv = [Turn(user=q, images=len(images) if i == 0 else 0, answer=a) for i, (q, a) in enumerate(turns)]
+        rendered = render(template, conv, tokenizer, info.image_tokens)
+        if rendered.length <= info.max_length:
+            break
+        if len(turns) == 1:
+            raise DataError(f"a training example needs {rendered.length} positions but the model's context is "
+                            f"{info.max_length}; shorten the conversation or raise max_position_embeddings")
+        turns.pop()
+    layout = build_layout(rendered.pieces, info.expert_routing, info.position_ids, image_pad_id=info.pad_id)
+    targets = np.full(len(layout), IGNORE, dtype=np.int64)
+    for start, end in rendered.answer_spans:
+        # position t predicts token t+1
+        targets[start - 1:end - 1] = layout.input_ids[start:end]
+    return Example(layout.input_ids, targets, layout.token_type, layout.position_ids, layout.is_image, list(images))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    token_type: torch.Tensor
+    position_ids: torch.Tensor
+    is_image: torch.Tensor
+    pixel_values: torch.Tensor | None
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) if t is not None else None for t in (
+            self.input_ids, self.targets, self.token_type, self.position_ids, self.is_image, self.pixel_values)))
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def collate(examples: Sequence[Example], preprocess: PreprocessConfig, pad_id: int) -> Batch:
+    """Right-pad to the longest example (causal attention never looks right, so no mask)."""
+    S = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    ids = np.full((B, S), pad_id, dtype=np.int64)
+    tgt = np.full((B, S), IGNORE, dtype=np.int64)
+    typ = np.zeros((B, S), dtype=np.int64)
+    pos = np.zeros((B, S), dtype=np.int64)
+    img = np.zeros((B, S), dtype=bool)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], tgt[i, :n], typ[i, :n], img[i, :n] = e.input_ids, e.targets, e.token_type, e.is_image
+        pos[i, :n] = e.position_ids
+        if n < S:  # keep padded positions increasing so RoPE tables stay well-formed
+            pos[i, n:] = e.position_ids[-1] + 1 + np.arange(S - n)
+    images = [im for e in examples for im in e.images]
+    pixels = pixels_from_uint8(np.stack(images), preprocess) if images else None
+    return Batch(torch.from_numpy(ids), torch.from_numpy(tgt), torch.from_numpy(typ), torch.from_numpy(pos),
+                 torch.from_numpy(img), pixels)
+
+
+def pixels_from_uint8(images: np.ndarray, preprocess: PreprocessConfig) -> torch.Tensor:
+    """[N, H, W, 3] uint8 (already at the model's size) -> normalised [N, 3, H, W] float32."""
+    s = preprocess.image_size
+    if images.shape[1:3] != (s, s):
+        raise ValueError(f"training images must be {s}x{s}; got {images.shape[1]}x{images.shape[2]}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(preprocess.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.image_std).view(1, 3, 1, 1)
+    return (x - mean) / std

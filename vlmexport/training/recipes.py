@@ -1,0 +1,218 @@
+"""Recipes: a model shape, a tokenizer, data and an ordered list of stages.
+
+``demo`` trains the shipped demo model from scratch on the synthetic data. A recipe is
+plain data (JSON-serialisable), so ``vlmexport train --recipe FILE.json`` runs a user's
+own variant and the run directory records exactly what was run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..core.atomic import atomic_file
+from ..core.errors import ConfigError
+from ..core.preprocess import PreprocessConfig
+from ..core.tokenizer import Tokenizer, train_tokenizer
+from ..evaluation import EvalReport, evaluate
+from ..models import get_architecture, seeded_init
+from ..models.base import VisionConfig
+from ..models.checkpoint import load_pretrained, save_pretrained
+from ..runtimes.torch_backend import pipeline_from_model
+from .batching import ModelLayoutInfo
+from .data import SyntheticVQA
+from .datasets import SyntheticTrainData
+from .stages import Stage
+from .trainer import Callbacks, TrainConfig, train
+from .vision_pretrain import SyntheticPatchData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSpec:
+    stage: str = Stage.SCRATCH.value
+    train: TrainConfig = field(default_factory=TrainConfig)
+    turns: tuple[int, int] = (1, 4)
+    train_language: bool = False
+    train_vision: bool = False
+    category_weights: dict[str, float] = field(default_factory=dict)
+    max_minutes: float | None = None  # stop early (and save) when the stage runs this long
+
+
+@dataclass
+class Recipe:
+    name: str
+    arch: str = "cogvlm"
+    model: dict[str, Any] = field(default_factory=dict)  # config overrides (vision_config as a dict)
+    image_size: int = 96
+    tokenizer_vocab: int = 1024
+    tokenizer_corpus: int = 20000  # synthetic samples whose text trains the tokenizer
+    data_seed: int = 0
+    seed: int = 0
+    stages: list[StageSpec] = field(default_factory=list)
+    eval_every: int = 0
+    eval_n_per_category: int = 40  # during training (learning curve); the final eval uses more
+    final_eval_n_per_category: int = 200
+    save_dtype: str = "float16"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = dict(d)
+        stages = []
+        for s in d.pop("stages", []):
+            s = dict(s)
+            s["train"] = TrainConfig(**{**s.get("train", {}), "betas": tuple(s.get("train", {}).get("betas", (0.9, 0.95)))})
+            s["turns"] = tuple(s.get("turns", (1, 4)))
+            stages.append(StageSpec(**s))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"recipe has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(stages=stages, **d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such recipe file; use --recipe demo or a JSON recipe") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a valid recipe ({exc}); compare with `vlmexport train --show-recipe demo`") from None
+
+
+def demo_recipe() -> Recipe:
+    """The shipped demo model: ~10M parameters (20 MB in fp16), 96 px images."""
+    return Recipe(
+        name="demo",
+        model=dict(
+            vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=320,
+            vision_config=dict(image_size=96, patch_size=8, hidden_size=192, intermediate_size=768,
+                               num_hidden_layers=6, num_heads=6),
+        ),
+        image_size=96,
+        stages=[StageSpec(
+            stage="scratch",
+            train=TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=0.05,
+                              save_every=100, log_every=10, lr_multipliers={"vision": 0.1, "connector": 0.1}),
+            turns=(2, 5),
+            max_minutes=55,
+        )],
+        eval_every=250,
+    )
+
+
+RECIPES: dict[str, Callable[[], Recipe]] = {"demo": demo_recipe}
+
+
+def get_recipe(name_or_path: str) -> Recipe:
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]()
+    if name_or_path.endswith(".json"):
+        return Recipe.load(name_or_path)
+    raise ConfigError(f"unknown recipe {name_or_path!r}; use one of {sorted(RECIPES)} or a .json recipe file")
+
+
+# ---------------------------------------------------------------------- running
+def build_model(recipe: Recipe):
+    arch = get_architecture(recipe.arch)
+    overrides = dict(recipe.model)
+    if isinstance(overrides.get("vision_config"), dict):
+        overrides["vision_config"] = VisionConfig(**overrides["vision_config"])
+    config = arch.tiny_config(**overrides)
+    if config.vision_config.image_size != recipe.image_size:
+        raise ConfigError(f"recipe image_size {recipe.image_size} differs from the model's vision image_size "
+                          f"{config.vision_config.image_size}")
+    return seeded_init(arch(config), recipe.seed)
+
+
+def ensure_tokenizer(recipe: Recipe, out: Path, gen: SyntheticVQA) -> Tokenizer:
+    path = out / "tokenizer.model"
+    if not path.is_file():
+        lines = gen.corpus(recipe.tokenizer_corpus)
+        with atomic_file(path) as tmp:
+            train_tokenizer(lines, tmp, vocab_size=recipe.tokenizer_vocab)
+    return Tokenizer(path)
+
+
+def synthetic_eval(model, tokenizer, preprocess, gen: SyntheticVQA, n_per_category: int,
+                   split: str = "test") -> EvalReport:
+    pipe = pipeline_from_model(model, tokenizer, preprocess)
+    return evaluate(pipe, gen.eval_items(split, n_per_category), meta={"split": split})
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbacks: Callbacks | None = None,
+               on_stage: Callable[[int, StageSpec], None] | None = None) -> Path:
+    """Run every stage (resuming where a previous run stopped); write ``out_dir/model``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(recipe.to_json() + "\n")
+    gen = SyntheticVQA(image_size=recipe.image_size, seed=recipe.data_seed)
+    tok = ensure_tokenizer(recipe, out, gen)
+    model = build_model(recipe)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the recipe's vocab_size is "
+                          f"{model.config.vocab_size}")
+    pre = PreprocessConfig(image_size=recipe.image_size)
+    template = model.default_chat_template()
+    info = ModelLayoutInfo.of(model)
+    timings = []
+    for k, spec in enumerate(recipe.stages):
+        if on_stage:
+            on_stage(k, spec)
+        run_dir = out / f"stage{k + 1}-{spec.stage}"
+        done = run_dir / "DONE"
+        if done.is_file():  # finished earlier: load its weights and go on
+            model.load_state_dict(_load_weights(run_dir), strict=False)
+            continue
+        if spec.stage == Stage.VISION.value:
+            data = SyntheticPatchData(gen, pre, model.config.vision_config.patch_size, index_offset=k * 10_000_000)
+        else:
+            data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
+                                      category_weights=spec.category_weights, index_offset=k * 10_000_000)
+        val_n = recipe.eval_n_per_category
+
+        def eval_fn(m, _n=val_n):
+            r = synthetic_eval(m, tok, pre, gen, _n, split="val")
+            return {"overall": r.overall, **{c: v["accuracy"] for c, v in r.per_category.items()}}
+
+        t0 = time.perf_counter()
+        result = train(model, data, spec.train, run_dir, stage=spec.stage, train_language=spec.train_language,
+                       train_vision=spec.train_vision, device=device, callbacks=callbacks,
+                       eval_fn=eval_fn if recipe.eval_every and spec.stage != Stage.VISION.value else None,
+                       eval_every=recipe.eval_every,
+                       stop_after_s=spec.max_minutes * 60 if spec.max_minutes else None)
+        timings.append({"stage": spec.stage, "steps": result.steps_done, "seconds": time.perf_counter() - t0})
+        if result.reason != "interrupted":
+            done.write_text(json.dumps({"steps": result.steps_done, "loss": result.final_loss}) + "\n")
+        else:
+            raise KeyboardInterrupt  # stopped by a signal: the checkpoint is saved, rerun to resume
+    model_dir = out / "model"
+    dtype = getattr(torch, recipe.save_dtype)
+    save_pretrained(model, model_dir, tok, pre, dtype=dtype, metadata={"recipe": recipe.name})
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    return model_dir
+
+
+def _load_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def evaluate_model_dir(model_dir: str | Path, image_size: int | None = None, n_per_category: int = 200,
+                       split: str = "test", seed: int = 0) -> EvalReport:
+    loaded = load_pretrained(model_dir)
+    gen = SyntheticVQA(image_size=image_size or loaded.preprocess.image_size, seed=seed)
+    return synthetic_eval(loaded.model.float(), loaded.tokenizer, loaded.preprocess, gen, n_per_category, split)
