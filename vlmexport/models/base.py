@@ -165,7 +165,7 @@ _REQUIRED_HOOKS = (
     "arch_name", "hf_architectures", "config_class", "gguf_arch",
     "config_from_hf", "config_to_hf", "tiny_config",
     "encode_images", "image_tokens", "token_embedding", "decoder_layers", "final_norm", "lm_head_module",
-    "vision_encoder_module", "connector_module", "reset_special_parameters",
+    "vision_encoder_module", "connector_module", "reset_special_parameters", "part_specs",
 )
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.layout import ExpertRouting, PositionIds
 from .base import VLM, VisionConfig, VLMConfig, register
+from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 from .layers import RMSNorm, SwiGLU, activation, apply_rope, attention, routed, vit_self_attention
 
 
@@ -317,6 +318,45 @@ class CogVLM(VLM):
         nn.init.normal_(v.patch_embedding.cls_embedding, std=0.02)
         nn.init.normal_(v.boi, std=0.02)
         nn.init.normal_(v.eoi, std=0.02)
+
+    @classmethod
+    def part_specs(cls, c: CogVLMConfig) -> PartSpecs:
+        vc = c.vision_config
+        L = "model.layers.{i}."
+        V = "model.vision."
+        B = V + "transformer.layers.{i}."
+
+        def expert(prefix_attn: str, mlp: str) -> ExpertNames:
+            return ExpertNames(qkv=f"{L}self_attn.{prefix_attn}_query_key_value.weight",
+                               o=f"{L}self_attn.{prefix_attn}_dense.weight",
+                               gate=f"{L}mlp.{mlp}.gate_proj.weight", up=f"{L}mlp.{mlp}.up_proj.weight",
+                               down=f"{L}mlp.{mlp}.down_proj.weight")
+
+        return PartSpecs(
+            vision=VisionSpec(
+                image_size=vc.image_size, patch_size=vc.patch_size, hidden_size=vc.hidden_size,
+                intermediate_size=vc.intermediate_size, num_layers=vc.num_hidden_layers, num_heads=vc.num_heads,
+                layer_norm_eps=vc.layer_norm_eps, activation=vc.hidden_act, norm_placement="post",
+                patch_weight=V + "patch_embedding.proj.weight", patch_bias=V + "patch_embedding.proj.bias",
+                cls=V + "patch_embedding.cls_embedding", positions=V + "patch_embedding.position_embedding.weight",
+                pre_norm=None, qkv=B + "attention.query_key_value.weight", o=B + "attention.dense.weight",
+                fc1=B + "mlp.fc1.weight", fc2=B + "mlp.fc2.weight", norm1=B + "input_layernorm.weight",
+                norm2=B + "post_attention_layernorm.weight", feature_layers=(vc.num_hidden_layers,), keep_cls=False),
+            connector=ConnectorSpec(
+                kind="glu", activation="gelu", layer_norm_eps=1e-5, boi=V + "boi", eoi=V + "eoi",
+                weights={"linear": V + "linear_proj.linear_proj.weight", "norm": V + "linear_proj.norm1.weight",
+                         "norm_bias": V + "linear_proj.norm1.bias", "gate": V + "linear_proj.gate_proj.weight",
+                         "up": V + "linear_proj.dense_h_to_4h.weight", "down": V + "linear_proj.dense_4h_to_h.weight"}),
+            decoder=DecoderSpec(
+                num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+                max_position_embeddings=c.max_position_embeddings, embed="model.embed_tokens.weight",
+                final_norm="model.norm.weight",
+                lm_head="model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight",
+                attn_norm=L + "input_layernorm.weight", ffn_norm=L + "post_attention_layernorm.weight",
+                language=expert("language_expert", "language_mlp"), vision=expert("vision_expert", "vision_mlp")),
+        )
 
     def parameter_role(self, name: str) -> str:
         if name.startswith("model.vision.linear_proj") or name in ("model.vision.boi", "model.vision.eoi"):

@@ -18,6 +18,7 @@ from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
 from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
+from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 from .layers import RMSNorm, SwiGLU, activation, apply_rope, attention, vit_self_attention
 
 
@@ -342,6 +343,49 @@ class Llava(VLM):
     def default_chat_template(cls) -> ChatTemplate:
         # LLaVA-1.5: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
         return ChatTemplate(user="USER: {content} ASSISTANT:", turn_separator=" ")
+
+    @classmethod
+    def part_specs(cls, c: LlavaConfig) -> PartSpecs:
+        vc = c.vision_config
+        L = "language_model.model.layers.{i}."
+        V = "vision_tower."
+        B = V + "encoder.layers.{i}."
+        layers = c.vision_feature_layer if isinstance(c.vision_feature_layer, list) else [c.vision_feature_layer]
+        n = vc.num_hidden_layers
+        return PartSpecs(
+            vision=VisionSpec(
+                image_size=vc.image_size, patch_size=vc.patch_size, hidden_size=vc.hidden_size,
+                intermediate_size=vc.intermediate_size, num_layers=n, num_heads=vc.num_heads,
+                layer_norm_eps=vc.layer_norm_eps, activation=vc.hidden_act, norm_placement="pre",
+                patch_weight=V + "embeddings.patch_embedding.weight", patch_bias=None,
+                cls=V + "embeddings.class_embedding", positions=V + "embeddings.position_embedding.weight",
+                pre_norm=(V + "pre_layrnorm.weight", V + "pre_layrnorm.bias"),
+                qkv=(B + "self_attn.q_proj.weight", B + "self_attn.k_proj.weight", B + "self_attn.v_proj.weight"),
+                o=B + "self_attn.out_proj.weight", fc1=B + "mlp.fc1.weight", fc2=B + "mlp.fc2.weight",
+                norm1=B + "layer_norm1.weight", norm2=B + "layer_norm2.weight",
+                feature_layers=tuple(x % (n + 1) for x in layers),
+                keep_cls=c.vision_feature_select_strategy == "full"),
+            connector=ConnectorSpec(
+                kind="mlp", activation=c.projector_hidden_act,
+                weights={"linear_1": "multi_modal_projector.linear_1.weight",
+                         "linear_2": "multi_modal_projector.linear_2.weight",
+                         **({"linear_1_bias": "multi_modal_projector.linear_1.bias",
+                             "linear_2_bias": "multi_modal_projector.linear_2.bias"}
+                            if c.multimodal_projector_bias else {})}),
+            decoder=DecoderSpec(
+                num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+                max_position_embeddings=c.max_position_embeddings,
+                embed="language_model.model.embed_tokens.weight", final_norm="language_model.model.norm.weight",
+                lm_head=("language_model.model.embed_tokens.weight" if c.tie_word_embeddings
+                         else "language_model.lm_head.weight"),
+                attn_norm=L + "input_layernorm.weight", ffn_norm=L + "post_attention_layernorm.weight",
+                language=ExpertNames(qkv=(L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight",
+                                          L + "self_attn.v_proj.weight"),
+                                     o=L + "self_attn.o_proj.weight", gate=L + "mlp.gate_proj.weight",
+                                     up=L + "mlp.up_proj.weight", down=L + "mlp.down_proj.weight")),
+        )
 
     def parameter_role(self, name: str) -> str:
         if name.startswith("multi_modal_projector."):

@@ -1,0 +1,117 @@
+"""Declarative descriptions of each part's graph, for exporters that build graphs
+directly from checkpoint tensors (streaming, without instantiating the model).
+
+An architecture returns a :class:`PartSpecs` from its ``part_specs(config)`` hook: the
+checkpoint tensor names of every weight and the few structural choices (norm placement,
+fused or separate QKV, activation, experts). The ONNX and GGUF writers are generic over
+these specs, so no exporter ever names an architecture.
+
+Names are templates with ``{i}`` for the layer index. A projection given as a tuple of
+names (q, k, v) is concatenated along the output dimension into one fused weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# tensor-name roles of one decoder layer
+DECODER_ROLES = ("qkv", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Weight names of one expert (language or visual) of a decoder layer."""
+
+    qkv: str | tuple[str, str, str]  # fused [3H, H] weight, or (q, k, v) weights
+    o: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    embed: str
+    final_norm: str
+    lm_head: str  # may equal ``embed`` for tied embeddings
+    attn_norm: str
+    ffn_norm: str
+    language: ExpertNames
+    vision: ExpertNames | None = None  # visual expert; None: no experts
+
+    @property
+    def has_experts(self) -> bool:
+        return self.vision is not None
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """A ViT: patch conv + CLS + learned positions, then pre- or post-norm blocks."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    activation: str  # "gelu" | "quick_gelu" | ...
+    norm_placement: str  # "post" (EVA: x + LN(f(x))) | "pre" (CLIP: x + f(LN(x)))
+    patch_weight: str
+    patch_bias: str | None
+    cls: str  # class embedding, shape [D] or [1, D]
+    positions: str  # [n_patches + 1, D], CLS row first
+    pre_norm: tuple[str, str] | None  # (weight, bias) of a LayerNorm before the blocks
+    qkv: str | tuple[str, str, str]  # weight name(s); biases: same with "weight" -> "bias"
+    o: str
+    fc1: str
+    fc2: str
+    norm1: str  # LayerNorm weight name; bias: "weight" -> "bias"
+    norm2: str
+    # which hidden states feed the connector: indices into [embeddings, layer1, ..., layerN]
+    feature_layers: tuple[int, ...] = ()
+    keep_cls: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_used(self) -> int:
+        return max(self.feature_layers) if self.feature_layers else self.num_layers
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    """``glu`` (CogVLM: linear -> LN -> GELU -> SwiGLU -> linear, + boi/eoi) or
+    ``mlp`` (LLaVA: linear -> act -> linear)."""
+
+    kind: str
+    weights: dict[str, str] = field(default_factory=dict)  # role -> tensor name
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    boi: str | None = None
+    eoi: str | None = None
+
+
+@dataclass(frozen=True)
+class PartSpecs:
+    vision: VisionSpec
+    connector: ConnectorSpec
+    decoder: DecoderSpec
+
+
+def bias_of(weight_name: str) -> str:
+    if not weight_name.endswith(".weight"):
+        raise ValueError(f"{weight_name} is not a weight name")
+    return weight_name[: -len("weight")] + "bias"
