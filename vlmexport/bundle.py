@@ -74,6 +74,16 @@ _HINT_REBUILD = "rebuild the bundle with `vlmexport build`"
 _HINT_RELATIVE = "give a path relative to the bundle directory"
 
 
+def artifact_file(part: str, fmt: str, precision: str) -> str:
+    """The one table of artifact file names inside a bundle (relative paths)."""
+    if fmt == "onnx":
+        ext = "safetensors" if part == "token_embedding" else "onnx"
+        return f"onnx/{part}.{precision}.{ext}"
+    if fmt == "torch":
+        return "torch"  # a model directory in the Hugging Face layout
+    raise ValueError(f"no file name rule for format {fmt!r}")
+
+
 class BundleError(VlmexportError):
     """A bundle is missing, malformed, from a newer vlmexport, unsafe or corrupt."""
 

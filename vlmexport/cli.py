@@ -64,6 +64,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class BackendChoice(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
 class StageChoice(str, Enum):
     scratch = "scratch"
     align = "align"
@@ -154,6 +160,7 @@ def _train_callbacks():
 @app.command("eval", epilog=_examples(
     "vlmexport eval",
     "vlmexport eval runs/demo/model --n-per-category 200 --json eval.json",
+    "vlmexport eval demo-bundle --backend onnxruntime --precision fp16",
     "vlmexport eval MODEL --data data/test.jsonl",
 ))
 @friendly_errors
@@ -163,9 +170,11 @@ def eval_(
     n_per_category: int = typer.Option(200, help="Questions per category (even; MME pairs count as two)."),
     data: Optional[Path] = typer.Option(None, help="Evaluate on a LLaVA-style .jsonl instead of synthetic data."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (with predictions) here."),
-    device: Device = typer.Option(Device.cpu, help="Device for the torch backend."),
+    backend: BackendChoice = typer.Option(BackendChoice.auto, help="Backend for a bundle (a model dir runs on torch)."),
+    precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
+    device: Device = typer.Option(Device.cpu, help="Device."),
 ):
-    """Exact match per category and MME-style acc / acc+ / score."""
+    """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
     from .evaluation.api import evaluate_path
 
@@ -173,6 +182,7 @@ def eval_(
     task = progress.add_task("evaluating", total=None, info="")
     with progress:
         report = evaluate_path(model, split=split, n_per_category=n_per_category, data=data, device=device.value,
+                               backend=backend.value, precision=precision,
                                progress=lambda i, n: progress.update(task, completed=i, total=n))
     _print_report(report)
     if json_out:
@@ -201,12 +211,13 @@ def _print_report(report) -> None:
 
 # ------------------------------------------------------------------------- run
 @app.command(epilog=_examples(
-    'vlmexport run --image cat.png --prompt "What colour is the circle?"',
-    'vlmexport run runs/demo/model --image a.png --image b.png --prompt "<image><image>Which is larger?" --stream',
+    'vlmexport run demo-bundle --image scene.png --prompt "What colour is the star?"',
+    'vlmexport run demo-bundle --backend torch --image a.png --image b.png --prompt "<image><image>Which is larger?" --stream',
+    'vlmexport run --image scene.png --prompt "How many circles are there?"',
 ))
 @friendly_errors
 def run(
-    model: Optional[Path] = typer.Argument(None, help="Model directory (default: the shipped demo model)."),
+    model: Optional[Path] = typer.Argument(None, help="Bundle or model directory (default: the shipped demo model)."),
     image: list[Path] = typer.Option([], "--image", "-i", help="Image file; repeat for several images."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question; '<image>' marks where each image goes."),
     stream: bool = typer.Option(False, help="Print tokens as they are generated."),
@@ -215,13 +226,15 @@ def run(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-    device: Device = typer.Option(Device.cpu, help="Device for the torch backend."),
+    backend: BackendChoice = typer.Option(BackendChoice.auto, help="Backend for a bundle."),
+    precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
+    device: Device = typer.Option(Device.cpu, help="Device."),
 ):
     """Answer a prompt about one or more images."""
     _setup_logging(False)
     from .evaluation.api import open_pipeline
 
-    pipe = open_pipeline(model, device=device.value)
+    pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stream:
         for piece in pipe.stream(prompt, list(image), **gen):
@@ -230,6 +243,84 @@ def run(
         out.print()
     else:
         out.print(pipe.generate(prompt, list(image), **gen), highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------------- build
+def _csv(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise VlmexportError(f"--{what} is empty; give a comma-separated list")
+    return items
+
+
+@app.command(epilog=_examples(
+    "vlmexport build --out demo-bundle",
+    "vlmexport build runs/demo/model --out bundle --format onnx --precision fp32,fp16",
+    "vlmexport build big-model/ --out big-bundle --precision fp16 --no-validate --no-reference",
+))
+@friendly_errors
+def build(
+    model: Optional[Path] = typer.Argument(None, help="Model directory (default: the shipped demo model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically)."),
+    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16."),
+    reference: bool = typer.Option(True, help="Include the PyTorch weights (for the torch backend)."),
+    validate: bool = typer.Option(True, help="Check every artifact against PyTorch (skip only for models too big "
+                                  "to hold in memory)."),
+    e2e_prompts: int = typer.Option(50, help="Test-split prompts whose greedy answers must match PyTorch."),
+    verbose: bool = typer.Option(False, help="Log details."),
+):
+    """Export a model into a bundle: split ONNX parts, validated against PyTorch."""
+    _setup_logging(verbose)
+    from .exporter.build import build as run_build
+
+    progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("starting", total=None)
+        result = run_build(model, out, formats=_csv(format, "format"), precisions=_csv(precision, "precision"),
+                           reference=reference, validate=validate, e2e_prompts=e2e_prompts,
+                           progress=lambda step: progress.update(task, description=step))
+        progress.update(task, description="done")
+    _print_validation(result.validation)
+    console.print(f"[green]bundle written to[/green] {result.out} in {result.seconds:.1f} s")
+
+
+def _print_validation(v: dict) -> None:
+    if not v or v.get("skipped"):
+        console.print("[yellow]validation skipped[/yellow]")
+        return
+    t = Table(title="validation against PyTorch")
+    for col in ("part", "precision", "check", "max |diff|", "tolerance", "ok"):
+        t.add_column(col, justify="left" if col in ("part", "check") else "right")
+    for r in v.get("parts", []):
+        if r.get("max_abs_diff") is None:
+            continue
+        t.add_row(r["part"], r["precision"], r["check"], f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.2e}",
+                  "[green]yes[/green]" if r["passed"] else "[red]no[/red]")
+    out.print(t)
+    e = Table(title="end to end: greedy generations identical to PyTorch")
+    for col in ("precision", "prompts", "identical", "rate", "needed"):
+        e.add_column(col, justify="right")
+    for r in v.get("end_to_end", []):
+        e.add_row(r["precision"], str(r["prompts"]), str(r["identical"]), f"{r['rate']:.1%}", f"{r['threshold']:.0%}")
+    out.print(e)
+
+
+@app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify full"))
+@friendly_errors
+def inspect(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    verify: str = typer.Option("size", help="none, size or full (sha256 of every file)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Show what a bundle holds: model, artifacts with their inputs/outputs, validation."""
+    from .bundle import format_inspection, inspect_bundle
+
+    summary = inspect_bundle(bundle, verify=verify)
+    if json_out:
+        out.print_json(json.dumps(summary, default=str))
+    else:
+        out.print(format_inspection(summary), highlight=False, markup=False)
 
 
 def main() -> None:

@@ -11,8 +11,17 @@ from .metrics import EvalReport
 from .runner import evaluate
 
 
-def open_pipeline(path: str | Path | None, device: str = "cpu"):
-    """A pipeline over a model directory (default: the shipped demo model)."""
+def open_pipeline(path: str | Path | None, device: str = "cpu", backend: str = "auto", precision: str | None = None):
+    """A pipeline over a bundle (any backend) or a model directory (torch; default: the shipped demo model)."""
+    if path is not None and (Path(path) / "manifest.json").is_file():
+        from ..runtimes.loader import load
+
+        return load(path, backend=backend, precision=precision, device=device)
+    if backend not in ("auto", "torch"):
+        from ..core.errors import VlmexportError
+
+        raise VlmexportError(f"{path or 'the demo model'} is a model directory, which only the torch backend runs; "
+                             f"build a bundle with `vlmexport build` to use {backend}")
     return pipeline_from_model_dir(path if path is not None else demo_model_dir(), device=device)
 
 
@@ -31,9 +40,9 @@ def jsonl_eval_items(path: str | Path, image_size: int) -> list:
 
 
 def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: int = 200,
-                  data: str | Path | None = None, device: str = "cpu", seed: int = 0,
-                  progress: Callable[[int, int], None] | None = None) -> EvalReport:
-    pipe = open_pipeline(path, device=device)
+                  data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
+                  precision: str | None = None, progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    pipe = open_pipeline(path, device=device, backend=backend, precision=precision)
     size = pipe.preprocess_config.image_size
     if data is not None:
         items = jsonl_eval_items(data, size)

@@ -128,6 +128,37 @@ def canonical_name(arch: type[VLM], name: str) -> str | None:
     return name
 
 
+class CanonicalTensors:
+    """A checkpoint's tensors under the module names of its architecture (the names
+    ``part_specs`` use), read lazily: the view exporters stream from."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, arch: type[VLM]):
+        self.ckpt = ckpt
+        self.names: dict[str, str] = {}
+        for name in ckpt.keys():
+            target = canonical_name(arch, name)
+            if target is not None:
+                self.names[target] = name
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.ckpt.get(self.names[name])
+        except KeyError:
+            raise CheckpointError(f"{self.ckpt.dir}: the checkpoint has no tensor {name}; it is incomplete or of "
+                                  "another architecture") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.shape(self.names[name])
+
+    def num_parameters(self) -> int:
+        import math
+
+        return sum(math.prod(self.ckpt.shape(n)) for n in self.names.values())
+
+
 # ------------------------------------------------------------------------ config
 def read_config(model_dir: str | os.PathLike) -> tuple[type[VLM], VLMConfig, dict]:
     d = Path(model_dir)

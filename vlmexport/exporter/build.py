@@ -1,0 +1,224 @@
+"""``vlmexport build``: load -> export -> validate -> package, each a function with a
+typed result, writing one bundle atomically (nothing appears at ``out`` unless every
+stage, validation included, succeeded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..bundle import BundleWriter, artifact_file
+from ..core.errors import ConfigError
+from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate
+from ..models.base import VLM, VLMConfig
+from ..models.checkpoint import (INDEX, PREPROCESSOR, TOKENIZER, WEIGHTS, CanonicalTensors, SafetensorsCheckpoint,
+                                 read_config)
+from ..models.spec import PartSpecs
+from ..runtimes.torch_backend import CHAT_TEMPLATE
+from .onnx_decoder import export_text_decoder, export_token_embedding
+from .onnx_vision import export_connector, export_vision_encoder
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+ONNX_PRECISIONS = ("fp32", "fp16")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A model directory opened for export: config and lazily readable tensors."""
+
+    path: Path
+    arch: type[VLM]
+    config: VLMConfig
+    hf_config: dict
+    specs: PartSpecs
+    tensors: CanonicalTensors
+    preprocess: PreprocessConfig
+    template: ChatTemplate
+    num_parameters: int
+
+    @property
+    def image_tokens(self) -> int:
+        return _image_tokens(self.specs)
+
+    def model_section(self) -> dict:
+        c, d = self.config, self.specs.decoder
+        return {
+            "arch": self.arch.arch_name, "num_parameters": self.num_parameters, "image_tokens": self.image_tokens,
+            "image_size": c.vision_config.image_size, "expert_routing": c.expert_routing,
+            "position_ids": c.position_ids, "hidden_size": d.hidden_size, "num_layers": d.num_layers,
+            "num_heads": d.num_heads, "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim,
+            "vocab_size": d.vocab_size, "max_length": d.max_position_embeddings, "has_experts": d.has_experts,
+            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+            "gguf_arch": self.arch.gguf_arch, "hf_config": self.hf_config,
+        }
+
+
+def _image_tokens(specs: PartSpecs) -> int:
+    n = specs.vision.num_patches + (1 if specs.vision.keep_cls else 0)
+    return n + (2 if specs.connector.boi and specs.connector.eoi else 0)
+
+
+def load_source(model_dir: str | Path) -> SourceModel:
+    path = Path(model_dir)
+    arch, config, hf = read_config(path)
+    tensors = CanonicalTensors(SafetensorsCheckpoint(path), arch)
+    pre = PreprocessConfig.load(path / PREPROCESSOR)
+    if not (path / TOKENIZER).is_file():
+        from ..core.errors import CheckpointError
+
+        raise CheckpointError(f"{path}: tokenizer.model is missing; a bundle needs the model's SentencePiece file")
+    template = (ChatTemplate.from_dict(json.loads((path / CHAT_TEMPLATE).read_text()))
+                if (path / CHAT_TEMPLATE).is_file() else arch.default_chat_template())
+    return SourceModel(path=path, arch=arch, config=config, hf_config=hf, specs=arch.part_specs(config),
+                       tensors=tensors, preprocess=pre, template=template, num_parameters=tensors.num_parameters())
+
+
+# ---------------------------------------------------------------------- export
+@dataclass(frozen=True)
+class ExportedPart:
+    part: str
+    format: str
+    precision: str
+    file: str  # relative to the bundle
+    data_files: tuple[str, ...]
+    inputs: tuple[dict, ...]
+    outputs: tuple[dict, ...]
+    seconds: float
+
+
+def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progress: Progress = lambda s: None
+                ) -> list[ExportedPart]:
+    """The four ONNX-format parts per precision, streamed from the checkpoint."""
+    out: list[ExportedPart] = []
+    s = src.specs
+    for p in precisions:
+        if p not in ONNX_PRECISIONS:
+            raise ConfigError(f"ONNX precision {p!r} is not supported here; choose from {list(ONNX_PRECISIONS)}")
+        jobs = [
+            ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
+            ("connector", lambda f: export_connector(src.tensors, s.connector, _vision_width(s), s.decoder.hidden_size,
+                                                     f, p)),
+            ("text_decoder", lambda f: export_text_decoder(src.tensors, s.decoder, f, p)),
+            ("token_embedding", lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
+        ]
+        for part, fn in jobs:
+            progress(f"export {part} ({p})")
+            rel = artifact_file(part, "onnx", p)
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            g = fn(target)
+            out.append(_exported(part, p, rel, g, root, time.perf_counter() - t0))
+    return out
+
+
+def _vision_width(s: PartSpecs) -> int:
+    from .onnx_vision import vision_output_width
+
+    return vision_output_width(s.vision)
+
+
+def _exported(part: str, precision: str, rel: str, g, root: Path, seconds: float) -> ExportedPart:
+    if isinstance(g, Path):  # a plain table (token embedding): described by its one tensor
+        from safetensors import safe_open
+
+        with safe_open(str(g), framework="numpy") as f:
+            sl = f.get_slice("weight")
+            table = {"name": "weight", "dtype": {"F32": "float32", "F16": "float16"}.get(sl.get_dtype(), sl.get_dtype()),
+                     "shape": list(sl.get_shape())}
+        return ExportedPart(part, "onnx", precision, rel, (), (), (table,), seconds)
+    files = [Path(f) for f in g.files]
+    data = tuple(str(f.relative_to(root)) for f in files if f.resolve() != (root / rel).resolve())
+    io = lambda specs: tuple(x.to_dict() if hasattr(x, "to_dict") else asdict(x) for x in specs)  # noqa: E731
+    return ExportedPart(part, "onnx", precision, rel, data, io(getattr(g, "inputs", ())), io(getattr(g, "outputs", ())),
+                        seconds)
+
+
+def copy_reference(src: SourceModel, root: Path) -> ExportedPart:
+    """The PyTorch reference checkpoint (for the ``torch`` backend) under ``torch/``."""
+    rel_dir = Path(artifact_file("model", "torch", "reference"))
+    dest = root / rel_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    names = ["config.json", TOKENIZER, PREPROCESSOR]
+    if (src.path / INDEX).is_file():
+        names.append(INDEX)
+        names += sorted({v for v in json.loads((src.path / INDEX).read_text())["weight_map"].values()})
+    else:
+        names.append(WEIGHTS)
+    if (src.path / CHAT_TEMPLATE).is_file():
+        names.append(CHAT_TEMPLATE)
+    for n in names:
+        shutil.copyfile(src.path / n, dest / n)
+    files = [str(rel_dir / n) for n in names]
+    return ExportedPart("model", "torch", "reference", str(rel_dir / "config.json"), tuple(files[1:]), (), (), 0.0)
+
+
+# -------------------------------------------------------------------- package
+def write_common_files(src: SourceModel, w: BundleWriter) -> None:
+    w.add_file(TOKENIZER, src.path / TOKENIZER)
+    src.preprocess.save(w.path(PREPROCESSOR))
+    w.write_json(CHAT_TEMPLATE, src.template.to_dict())
+    w.set_section("model", src.model_section())
+    from ..core.tokenizer import Tokenizer
+
+    tok = Tokenizer(src.path / TOKENIZER)
+    w.set_section("tokenizer", {"file": TOKENIZER, "type": "sentencepiece", "vocab_size": tok.vocab_size,
+                                "bos_id": tok.bos_id, "eos_id": tok.eos_id})
+    w.set_section("preprocessing", {"file": PREPROCESSOR, **src.preprocess.as_dict()})
+    w.set_section("chat_template", {"file": CHAT_TEMPLATE, **src.template.to_dict()})
+
+
+def add_artifacts(w: BundleWriter, parts: Sequence[ExportedPart]) -> None:
+    for e in parts:
+        w.add_artifact(e.part, e.format, e.precision, e.file, inputs=e.inputs, outputs=e.outputs,
+                       data_files=e.data_files, extra={"export_seconds": round(e.seconds, 3)})
+
+
+# ----------------------------------------------------------------------- build
+@dataclass
+class BuildResult:
+    out: Path
+    artifacts: list[ExportedPart]
+    validation: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] = ("onnx",),
+          precisions: Sequence[str] = ("fp32", "fp16"), reference: bool = True, validate: bool = True,
+          e2e_prompts: int = 50, progress: Progress = lambda s: None) -> BuildResult:
+    """Build a bundle from a model directory (default: the shipped demo model)."""
+    from ..assets import demo_model_dir
+
+    t0 = time.perf_counter()
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
+    progress("load")
+    src = load_source(model_dir if model_dir is not None else demo_model_dir())
+    with BundleWriter(out) as w:
+        write_common_files(src, w)
+        parts: list[ExportedPart] = []
+        if reference:
+            progress("copy the PyTorch reference")
+            parts.append(copy_reference(src, w.root))
+        if "onnx" in formats:
+            parts += export_onnx(src, w.root, precisions, progress)
+        add_artifacts(w, parts)
+        report: dict = {"skipped": True}
+        if validate:
+            from .validate_bundle import validate_exports
+
+            report = validate_exports(src, w.root, [p for p in parts if p.format == "onnx"], e2e_prompts, progress)
+        w.set_section("validation", report)
+        progress("package")
+    return BuildResult(Path(out), parts, report, time.perf_counter() - t0)

@@ -1,0 +1,168 @@
+"""Validation of a bundle's ONNX exports against the PyTorch reference.
+
+Per part, in the fixed order of ``validate.validate_part`` (output names, dynamic axes,
+shapes, values); the text decoder through a prefill + decode run of the onnxruntime
+session against ``TorchSession``; then end to end: greedy generations of the exported
+model against PyTorch on test-split prompts. A failure raises (the build writes nothing);
+the results go into the manifest's ``validation`` section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core.layout import build_layout
+from ..core.prompt import Turn, render
+from ..models.checkpoint import load_pretrained
+from ..models.session import TorchSession
+from ..runtimes.pipeline import ModelSpec, Pipeline
+from ..runtimes.torch_backend import pipeline_from_model
+from .validate import CheckResult, ValidationError, tolerance_for, validate_part
+
+# greedy generations that must be identical to PyTorch, per precision
+E2E_THRESHOLDS = {"fp32": 1.0, "fp16": 0.98}
+
+
+def _images(src, n: int) -> np.ndarray:
+    from ..core.preprocess import to_pixels
+    from ..training.data import SyntheticVQA
+
+    gen = SyntheticVQA(image_size=src.preprocess.image_size, seed=0)
+    return np.stack([to_pixels(gen.sample("test", i).image, src.preprocess) for i in range(n)])
+
+
+def _ort_session(src, root: Path, parts: dict[str, object], precision: str):
+    from ..runtimes.onnxruntime_backend import OrtModelSession
+
+    return OrtModelSession(root / parts["text_decoder"].file, root / parts["token_embedding"].file,
+                           decoder_facts(src.model_section()),
+                           vision_encoder_path=root / parts["vision_encoder"].file,
+                           connector_path=root / parts["connector"].file)
+
+
+def decoder_facts(model: dict):
+    from ..runtimes.onnxruntime_backend import DecoderFacts
+
+    return DecoderFacts(num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"],
+                        head_dim=model["head_dim"], hidden_size=model["hidden_size"],
+                        vocab_size=model["vocab_size"], max_length=model["max_length"])
+
+
+def validate_decoder(src, model, tokenizer, ort_session, precision: str) -> list[CheckResult]:
+    """Prefill a two-image prompt and decode a few tokens on both; compare logits."""
+    tol = tolerance_for(precision)
+    pixels = _images(src, 2)
+    pieces = render(src.template, [Turn(user="<image> and <image> Question: what is shown?", images=2)], tokenizer,
+                    src.image_tokens).pieces
+    layout = build_layout(pieces, src.config.expert_routing, src.config.position_ids,
+                          image_pad_id=src.config.pad_token_id)
+    ref = TorchSession(model)
+    ref_embeds = ref.encode_images(pixels)
+    results = []
+    ref_logits = [ref.prefill(layout, ref_embeds)]
+    ort_logits = [ort_session.prefill(layout, ort_session.encode_images(pixels))]
+    pos = layout.next_position
+    for tok in (5, 6, 7):
+        ref_logits.append(ref.decode(tok, pos))
+        ort_logits.append(ort_session.decode(tok, pos))
+        pos += 1
+    for step, (a, b) in enumerate(zip(ort_logits, ref_logits)):
+        if a.shape != b.shape:
+            raise ValidationError(f"text_decoder ({precision}): logits shape {a.shape} differs from PyTorch {b.shape}")
+        diff = np.abs(a.astype(np.float32) - b)
+        limit = tol.bound(b)
+        worst = int(diff.argmax())
+        ok = bool(diff.max() <= limit)
+        results.append(CheckResult("text_decoder", precision, f"values:{'prefill' if step == 0 else f'decode{step}'}",
+                                   float(diff.max()), float(limit), ok))
+        if not ok:
+            raise ValidationError(
+                f"text_decoder ({precision}) {'prefill' if step == 0 else f'decode step {step}'}: logits differ from "
+                f"PyTorch by {diff.max():.3g} at token {worst} (onnx {a[worst]:.6g}, torch {b[worst]:.6g}); "
+                f"tolerance {limit:.3g}")
+    return results
+
+
+def end_to_end(src, torch_pipe: Pipeline, ort_pipe: Pipeline, n_prompts: int, precision: str) -> dict:
+    from ..training.data import SyntheticVQA
+
+    per_cat = max(2, -(-n_prompts // 7))
+    per_cat += per_cat % 2
+    items = SyntheticVQA(image_size=src.preprocess.image_size, seed=0).eval_items("test", per_cat)[: max(n_prompts, 1)]
+    same, mismatches = 0, []
+    for it in items:
+        a = torch_pipe.generate(it.question, [it.image], max_new_tokens=16)
+        b = ort_pipe.generate(it.question, [it.image], max_new_tokens=16)
+        if a == b:
+            same += 1
+        elif len(mismatches) < 5:
+            mismatches.append({"question": it.question, "torch": a, "onnx": b})
+    rate = same / len(items)
+    threshold = E2E_THRESHOLDS.get(precision, 0.98)
+    row = {"precision": precision, "prompts": len(items), "identical": same, "rate": rate, "threshold": threshold,
+           "passed": rate >= threshold, "mismatches": mismatches}
+    if not row["passed"]:
+        raise ValidationError(f"end to end ({precision}): {same}/{len(items)} greedy generations equal PyTorch "
+                              f"({rate:.1%}, needs {threshold:.0%}); first mismatch: {mismatches[:1]}")
+    return row
+
+
+def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
+                     progress: Callable[[str], None] = lambda s: None) -> dict:
+    progress("validate: load the PyTorch reference")
+    loaded = load_pretrained(src.path, dtype=torch.float32)
+    model, tok = loaded.model, loaded.tokenizer
+    torch_parts = model.parts()
+    by_precision: dict[str, dict[str, object]] = {}
+    for e in exported:
+        by_precision.setdefault(e.precision, {})[e.part] = e
+    rows: list[dict] = []
+    e2e: list[dict] = []
+    torch_pipe = pipeline_from_model(model, tok, src.preprocess, src.template)
+    for precision, parts in by_precision.items():
+        progress(f"validate vision parts ({precision})")
+        pixels = _images(src, 2).astype(np.float16 if precision == "fp16" else np.float32)
+        with torch.inference_mode():
+            feats = torch_parts["vision_encoder"](torch.from_numpy(pixels.astype(np.float32)))
+
+        def vision_ref(inputs, _enc=torch_parts["vision_encoder"]):
+            with torch.inference_mode():
+                return {"image_features": _enc(torch.from_numpy(inputs["pixel_values"].astype(np.float32))).numpy()}
+
+        def connector_ref(inputs, _con=torch_parts["connector"]):
+            with torch.inference_mode():
+                return {"image_embeds": _con(torch.from_numpy(inputs["image_features"].astype(np.float32))).numpy()}
+
+        ve, co = parts["vision_encoder"], parts["connector"]
+        for part, fn, inputs, outputs, e in (
+            ("vision_encoder", vision_ref, {"pixel_values": pixels}, ["image_features"], ve),
+            ("connector", connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"], co),
+        ):
+            axes = _dynamic_axes(e)
+            rows += [r.to_dict() for r in validate_part(root / e.file, fn, inputs, outputs, axes, precision, part)]
+        progress(f"validate text decoder ({precision})")
+        sess = _ort_session(src, root, parts, precision)
+        rows += [r.to_dict() for r in validate_decoder(src, model, tok, sess, precision)]
+        progress(f"validate end to end ({precision}, {e2e_prompts} prompts)")
+        ort_pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"onnxruntime-{precision}")
+        e2e.append(end_to_end(src, torch_pipe, ort_pipe, e2e_prompts, precision))
+    return {"parts": rows, "end_to_end": e2e}
+
+
+def _spec(src) -> ModelSpec:
+    m = src.model_section()
+    return ModelSpec(image_tokens=m["image_tokens"], expert_routing=m["expert_routing"],
+                     position_ids=m["position_ids"], pad_token_id=m["pad_token_id"], max_length=m["max_length"])
+
+
+def _dynamic_axes(e) -> dict:
+    axes: dict[str, dict[int, str]] = {}
+    for spec in list(e.inputs) + list(e.outputs):
+        dims = {i: d for i, d in enumerate(spec["shape"]) if isinstance(d, str)}
+        if dims:
+            axes[spec["name"]] = dims
+    return axes

@@ -1,0 +1,121 @@
+"""``vlmexport.load(bundle, backend=..., precision=..., device=...)`` -> :class:`Pipeline`.
+
+The loader reads only the bundle (manifest, tokenizer, preprocessing, template) and
+hands the backend the files of the artifacts it runs. Backends are looked up in
+``BACKENDS``; nothing here names an architecture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from enum import Enum
+from typing import Callable
+
+from ..bundle import Bundle, BundleError
+from ..core.errors import MissingDependencyError, VlmexportError
+from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate
+from ..core.tokenizer import Tokenizer
+from .pipeline import ModelSpec, Pipeline
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+
+
+def _spec(model: dict) -> ModelSpec:
+    return ModelSpec(image_tokens=model["image_tokens"], expert_routing=model["expert_routing"],
+                     position_ids=model["position_ids"], pad_token_id=model["pad_token_id"],
+                     max_length=model["max_length"])
+
+
+def _pick_precision(bundle: Bundle, part: str, fmt: str, precision: str | None, device: str) -> str:
+    available = bundle.precisions(part, fmt)
+    if not available:
+        raise BundleError(f"{bundle.root}: has no {fmt} {part}; rebuild it with `vlmexport build --format {fmt}`")
+    if precision is not None:
+        if precision not in available:
+            raise BundleError(f"{bundle.root}: has no {precision} {fmt} {part} (it has {available}); pick one of "
+                              f"those or rebuild with `--precision {precision}`")
+        return precision
+    preference = ("fp16", "fp32") if device == "cuda" else ("fp32", "fp16")
+    for p in preference:
+        if p in available:
+            return p
+    return available[0]
+
+
+def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise MissingDependencyError("onnxruntime is not installed; install it with `pip install 'vlmexport[onnx]'`")
+    from .onnxruntime_backend import DecoderFacts, OrtModelSession, default_providers
+
+    m = bundle.section("model")
+    p = _pick_precision(bundle, "text_decoder", "onnx", precision, device)
+    providers = default_providers()
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device == "cuda" and "CUDAExecutionProvider" not in providers:
+        raise MissingDependencyError("device='cuda' needs onnxruntime-gpu (the CUDA execution provider); install "
+                                     "onnxruntime-gpu or use device='cpu'")
+    facts = DecoderFacts(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
+                         hidden_size=m["hidden_size"], vocab_size=m["vocab_size"], max_length=m["max_length"])
+    f = lambda part: bundle.file(bundle.find(part, "onnx", p).file)  # noqa: E731
+    session = OrtModelSession(f("text_decoder"), f("token_embedding"), facts,
+                              vision_encoder_path=f("vision_encoder"), connector_path=f("connector"),
+                              providers=providers, intra_op_num_threads=threads)
+    return session, f"onnxruntime-{p}"
+
+
+def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+    if importlib.util.find_spec("torch") is None:
+        raise MissingDependencyError("the torch backend needs PyTorch; install it with `pip install 'vlmexport[torch]'`")
+    import torch
+
+    from ..models.checkpoint import load_pretrained
+    from ..models.session import TorchSession
+
+    try:
+        art = bundle.find("model", "torch")
+    except BundleError:
+        raise BundleError(f"{bundle.root}: holds no PyTorch reference weights; rebuild without --no-reference to use "
+                          "the torch backend") from None
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", torch.float32)
+    loaded = load_pretrained(bundle.file(art.file).parent, dtype=dtype, device=device)
+    return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
+
+
+BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch}
+
+
+def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
+         threads: int | None = None, verify: str = "full") -> Pipeline:
+    """Open a bundle and return a pipeline (``generate``, ``stream``, ``chat``) on one backend."""
+    try:
+        choice = Backend(backend)
+    except ValueError:
+        raise VlmexportError(f"unknown backend {backend!r}; choose one of {[b.value for b in Backend]}") from None
+    device = device or "cpu"
+    if device not in ("cpu", "cuda"):
+        raise VlmexportError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    b = Bundle.open(bundle, verify=verify)
+    if choice is Backend.AUTO:
+        formats = {a.format for a in b.artifacts}
+        if "onnx" in formats and importlib.util.find_spec("onnxruntime") is not None:
+            choice = Backend.ONNXRUNTIME
+        elif "torch" in formats:
+            choice = Backend.TORCH
+        else:
+            raise BundleError(f"{b.root}: no artifact this installation can run (formats {sorted(formats)}); "
+                              "install `vlmexport[onnx]`")
+    session, name = BACKENDS[choice](b, precision, device, threads)
+    tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
+    pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
+    template = ChatTemplate.from_dict(b.section("chat_template"))
+    return Pipeline(session, tok, template, pre, _spec(b.section("model")), backend=name)
+
