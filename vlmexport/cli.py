@@ -323,6 +323,81 @@ def inspect(
         out.print(format_inspection(summary), highlight=False, markup=False)
 
 
+# ----------------------------------------------------------------------- bench
+class SyntheticChoice(str, Enum):
+    bench_s = "bench-s"
+    bench_l = "bench-l"
+
+
+@app.command(epilog=_examples(
+    "vlmexport bench demo-bundle",
+    "vlmexport bench --synthetic bench-s --workdir runs/bench-s",
+    "vlmexport bench --synthetic bench-l --workdir /data/bench-l   # writes a >26 GB checkpoint, then build it",
+))
+@friendly_errors
+def bench(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle to benchmark (or use --synthetic)."),
+    synthetic: Optional[SyntheticChoice] = typer.Option(None, help="Benchmark a random-weight model of realistic "
+                                                        "shape instead (bench-l only writes its checkpoint)."),
+    workdir: Path = typer.Option(Path("runs/bench"), help="Where --synthetic writes its checkpoint and bundle."),
+    backend: str = typer.Option("torch,onnxruntime", help="Comma-separated backends, timed side by side."),
+    precision: Optional[str] = typer.Option(None, help="Comma-separated precisions (default: all in the bundle)."),
+    prompt_tokens: int = typer.Option(32, help="Text tokens after the image in the timed prompt."),
+    decode_tokens: int = typer.Option(32, help="Decode steps timed per repeat."),
+    repeats: int = typer.Option(3, help="Repeats; medians are reported."),
+    threads: Optional[int] = typer.Option(None, help="Threads for every backend (default: physical cores)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: next to "
+                                            "the bundle as bench.json)."),
+    png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
+):
+    """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
+    _setup_logging(False)
+    from .benchmark import plot_report, run_bench, write_synthetic_checkpoint
+
+    progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("starting", total=None)
+        step = lambda d: progress.update(task, description=d)  # noqa: E731
+        if synthetic is not None:
+            ckpt = workdir / synthetic.value / "model"
+            if not (ckpt / "config.json").is_file():
+                write_synthetic_checkpoint(synthetic.value, ckpt, progress=step)
+            if synthetic is SyntheticChoice.bench_l:
+                progress.stop()
+                console.print(f"checkpoint written to {ckpt}; now run `vlmexport build {ckpt} --out BUNDLE "
+                              "--precision fp16 --no-validate --no-reference` (and measure its peak RSS)")
+                return
+            bundle = workdir / synthetic.value / "bundle"
+            if not (bundle / "manifest.json").is_file():
+                from .exporter.build import build as run_build
+
+                run_build(ckpt, bundle, precisions=_csv(precision or "fp32,fp16", "precision"), e2e_prompts=4,
+                          progress=step)
+        if bundle is None:
+            raise VlmexportError("pass a bundle directory or --synthetic bench-s")
+        report = run_bench(bundle, backends=_csv(backend, "backend"),
+                           precisions=_csv(precision, "precision") if precision else None,
+                           prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
+                           threads=threads, progress=step)
+    t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
+                    f"{report.bandwidth_gbs:.1f} GB/s")
+    for col in ("backend", "precision", "encode ms", "TTFT ms", "decode tok/s", "GB/s read", "of bandwidth",
+                "peak RSS MB"):
+        t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
+    for r in report.rows:
+        t.add_row(r.backend, r.precision, f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}", f"{r.decode_tok_s:.1f}",
+                  f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}", f"{r.peak_rss_mb:.0f}")
+    out.print(t)
+    for name, ratio in report.ratios.items():
+        out.print(f"{name}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "
+                  f"image encode x{ratio['image_encode']:.2f}")
+    json_out = json_out or Path(bundle) / "bench.json"
+    json_out.write_text(report.to_json() + "\n")
+    png = png or json_out.with_suffix(".png")
+    plot_report(report, png)
+    console.print(f"report written to {json_out} and {png}")
+
+
 def main() -> None:
     app()
 

@@ -55,7 +55,8 @@ class SourceModel:
         return {
             "arch": self.arch.arch_name, "num_parameters": self.num_parameters, "image_tokens": self.image_tokens,
             "image_size": c.vision_config.image_size, "expert_routing": c.expert_routing,
-            "position_ids": c.position_ids, "hidden_size": d.hidden_size, "num_layers": d.num_layers,
+            "position_ids": c.position_ids, "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
+            "num_layers": d.num_layers,
             "num_heads": d.num_heads, "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim,
             "vocab_size": d.vocab_size, "max_length": d.max_position_embeddings, "has_experts": d.has_experts,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,

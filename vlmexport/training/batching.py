@@ -78,10 +78,14 @@ class Batch:
     position_ids: torch.Tensor
     is_image: torch.Tensor
     pixel_values: torch.Tensor | None
+    # per-patch labels of each image (``data/labels.py``), for the dense auxiliary loss
+    patch_labels: dict[str, torch.Tensor] | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) if t is not None else None for t in (
-            self.input_ids, self.targets, self.token_type, self.position_ids, self.is_image, self.pixel_values)))
+        moved = [t.to(device) if t is not None else None for t in (
+            self.input_ids, self.targets, self.token_type, self.position_ids, self.is_image, self.pixel_values)]
+        labels = {k: v.to(device) for k, v in self.patch_labels.items()} if self.patch_labels else None
+        return Batch(*moved, patch_labels=labels)
 
     @property
     def supervised_tokens(self) -> int:

@@ -26,9 +26,11 @@ class SyntheticTrainData:
 
     def __init__(self, gen: SyntheticVQA, tokenizer, template: ChatTemplate, info: ModelLayoutInfo,
                  preprocess: PreprocessConfig, turns: tuple[int, int] = (1, 4), seed: int = 0,
-                 category_weights: dict[str, float] | None = None, index_offset: int = 0):
+                 category_weights: dict[str, float] | None = None, index_offset: int = 0,
+                 patch_grid: int | None = None):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
+        self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
         self.turns = turns
         self.seed = seed
         self.weights = {c: 1.0 for c in CATEGORIES} | dict(category_weights or {})
@@ -53,7 +55,13 @@ class SyntheticTrainData:
         return [self.example(i) for i in range(first, first + n)]
 
     def batch(self, first: int, n: int) -> Batch:
-        return collate(self.examples(first, n), self.preprocess, self.info.pad_id)
+        batch = collate(self.examples(first, n), self.preprocess, self.info.pad_id)
+        if self.patch_grid:
+            from .data.labels import stacked_patch_labels
+
+            specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
+            batch.patch_labels = stacked_patch_labels(specs, self.patch_grid)
+        return batch
 
 
 class JsonlTrainData:

@@ -45,6 +45,7 @@ class StageSpec:
     train_vision: bool = False
     category_weights: dict[str, float] = field(default_factory=dict)
     max_minutes: float | None = None  # stop early (and save) when the stage runs this long
+    dense_weight: float = 0.0  # weight of the dense per-patch auxiliary loss (synthetic data only)
 
 
 @dataclass
@@ -168,6 +169,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     template = model.default_chat_template()
     info = ModelLayoutInfo.of(model)
     timings = []
+    heads: dict | None = None
     for k, spec in enumerate(recipe.stages):
         if on_stage:
             on_stage(k, spec)
@@ -175,12 +177,15 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
         done = run_dir / "DONE"
         if done.is_file():  # finished earlier: load its weights and go on
             model.load_state_dict(_load_weights(run_dir), strict=False)
+            heads = _load_heads(run_dir)
             continue
         if spec.stage == Stage.VISION.value:
             data = SyntheticPatchData(gen, pre, model.config.vision_config.patch_size, index_offset=k * 10_000_000)
         else:
+            grid = recipe.image_size // model.config.vision_config.patch_size
             data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
-                                      category_weights=spec.category_weights, index_offset=k * 10_000_000)
+                                      category_weights=spec.category_weights, index_offset=k * 10_000_000,
+                                      patch_grid=grid if spec.dense_weight > 0 else None)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):
@@ -192,8 +197,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
                        train_vision=spec.train_vision, device=device, callbacks=callbacks,
                        eval_fn=eval_fn if recipe.eval_every and spec.stage != Stage.VISION.value else None,
                        eval_every=recipe.eval_every,
-                       stop_after_s=spec.max_minutes * 60 if spec.max_minutes else None)
+                       stop_after_s=spec.max_minutes * 60 if spec.max_minutes else None,
+                       dense_weight=spec.dense_weight, objective_init=heads)
         timings.append({"stage": spec.stage, "steps": result.steps_done, "seconds": time.perf_counter() - t0})
+        heads = _load_heads(run_dir)
         if result.reason != "interrupted":
             done.write_text(json.dumps({"steps": result.steps_done, "loss": result.final_loss}) + "\n")
         else:
@@ -203,6 +210,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     save_pretrained(model, model_dir, tok, pre, dtype=dtype, metadata={"recipe": recipe.name})
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return model_dir
+
+
+def _load_heads(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """Training-only heads of a finished stage (carried into the next stage)."""
+    from safetensors.torch import load_file
+
+    path = run_dir / "checkpoint" / "objective.safetensors"
+    heads = load_file(str(path)) if path.is_file() else {}
+    heads.pop("__none__", None)
+    return heads or None
 
 
 def _load_weights(run_dir: Path) -> dict[str, torch.Tensor]:

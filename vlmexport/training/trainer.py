@@ -217,9 +217,10 @@ def load_training_state(run_dir: Path, objective: "Objective", optimizer: torch.
 
 
 # --------------------------------------------------------------------- the loop
-def loss_on_batch(model: VLM, batch: Batch) -> tuple[torch.Tensor, int]:
+def loss_on_batch(model: VLM, batch: Batch, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over supervised tokens (LM head evaluated only there)."""
-    image_embeds = model.image_embeddings(batch.pixel_values) if batch.pixel_values is not None else None
+    if image_embeds is None and batch.pixel_values is not None:
+        image_embeds = model.image_embeddings(batch.pixel_values)
     emb = model.embed(batch.input_ids, batch.is_image, image_embeds)
     flat_t = batch.targets.reshape(-1)
     select = torch.nonzero(flat_t != IGNORE).flatten()
@@ -247,11 +248,15 @@ class NextTokenObjective(Objective):
         return loss_on_batch(self.model, batch)
 
 
-def objective_for(stage: Stage, model: VLM) -> Objective:
+def objective_for(stage: Stage, model: VLM, dense_weight: float = 0.0) -> Objective:
     if stage is Stage.VISION:
         from .vision_pretrain import DensePatchObjective
 
         return DensePatchObjective(model)
+    if dense_weight > 0:
+        from .vision_pretrain import NextTokenWithDenseObjective
+
+        return NextTokenWithDenseObjective(model, dense_weight)
     return NextTokenObjective(model)
 
 
@@ -285,7 +290,8 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
           stage: Stage | str = Stage.SCRATCH, train_language: bool = False, train_vision: bool = False,
           device: str | torch.device = "cpu", callbacks: Callbacks | None = None,
           eval_fn: Callable[[VLM], dict] | None = None, eval_every: int = 0,
-          stop_after_s: float | None = None) -> TrainResult:
+          stop_after_s: float | None = None, dense_weight: float = 0.0,
+          objective_init: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train one stage; resumes from ``run_dir/checkpoint`` when it exists."""
     cb = callbacks or Callbacks()
     stage = Stage(stage)
@@ -297,7 +303,9 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
     resuming = (run_dir / CHECKPOINT_DIR / "trainer_state.json").is_file()
     apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    objective = objective_for(stage, model).to(device)
+    objective = objective_for(stage, model, dense_weight).to(device)
+    if objective_init and not resuming:  # e.g. the dense heads trained by the previous stage
+        objective.load_extra_state(objective_init)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(objective, cfg), lr=cfg.lr, betas=cfg.betas, foreach=True)
     start_step = 0

@@ -18,8 +18,8 @@ from ..core.preprocess import PreprocessConfig
 from ..models.base import VLM
 from .batching import pixels_from_uint8
 from .data import SyntheticVQA
-from .data.labels import LABEL_SETS, patch_labels
-from .trainer import Objective
+from .data.labels import LABEL_SETS, stacked_patch_labels
+from .trainer import Objective, loss_on_batch
 
 
 @dataclass
@@ -42,30 +42,54 @@ class SyntheticPatchData:
         self.index_offset = index_offset
 
     def batch(self, first: int, n: int) -> PatchBatch:
-        images, labels = [], {k: [] for k in LABEL_SETS}
-        for i in range(first, first + n):
-            idx = self.index_offset + i
-            images.append(self.gen.sample("train", idx).image)
-            for k, v in patch_labels(self.gen.spec("train", idx), self.grid).items():
-                labels[k].append(v.reshape(-1))
-        return PatchBatch(pixels_from_uint8(np.stack(images), self.preprocess),
-                          {k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
+        idx = [self.index_offset + i for i in range(first, first + n)]
+        images = np.stack([self.gen.sample("train", i).image for i in idx])
+        labels = stacked_patch_labels([self.gen.spec("train", i) for i in idx], self.grid)
+        return PatchBatch(pixels_from_uint8(images, self.preprocess), labels)
+
+
+def _heads(width: int) -> nn.ModuleDict:
+    gen = torch.Generator().manual_seed(0)
+    heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in LABEL_SETS.items()})
+    for head in heads.values():
+        nn.init.normal_(head.weight, std=0.02, generator=gen)
+        nn.init.zeros_(head.bias)
+    return heads
+
+
+def dense_loss(heads: nn.ModuleDict, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    n_patches = next(iter(labels.values())).shape[1]
+    feats = feats[:, -n_patches:]  # an encoder that keeps CLS puts it first
+    losses = [F.cross_entropy(heads[k](feats).flatten(0, 1).float(), y.flatten()) for k, y in labels.items()]
+    return sum(losses) / len(losses)
 
 
 class DensePatchObjective(Objective):
+    """The ``vision`` stage: dense per-patch classification only."""
+
     def __init__(self, model: VLM):
         super().__init__(model)
-        width = model.config.vision_config.hidden_size
-        gen = torch.Generator().manual_seed(0)
-        self.heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in LABEL_SETS.items()})
-        for head in self.heads.values():
-            nn.init.normal_(head.weight, std=0.02, generator=gen)
-            nn.init.zeros_(head.bias)
+        self.heads = _heads(model.config.vision_config.hidden_size)
 
     def forward(self, batch: PatchBatch):
         feats = self.model.vision_encoder_module()(batch.pixel_values)
-        n_patches = next(iter(batch.labels.values())).shape[1]
-        feats = feats[:, -n_patches:]  # an encoder that keeps CLS puts it first
-        losses = [F.cross_entropy(self.heads[k](feats).flatten(0, 1).float(), y.flatten())
-                  for k, y in batch.labels.items()]
-        return sum(losses) / len(losses), int(n_patches * batch.pixel_values.shape[0])
+        n = next(iter(batch.labels.values())).numel()
+        return dense_loss(self.heads, feats, batch.labels), int(n)
+
+
+class NextTokenWithDenseObjective(Objective):
+    """Next-token loss plus ``weight`` x the dense per-patch loss on the same images
+    (keeps training the encoder's patch features while the decoder learns to read them)."""
+
+    def __init__(self, model: VLM, weight: float):
+        super().__init__(model)
+        self.heads = _heads(model.config.vision_config.hidden_size)
+        self.weight = weight
+
+    def forward(self, batch):
+        feats = self.model.vision_encoder_module()(batch.pixel_values)
+        embeds = self.model.connector_module()(feats)
+        loss, n = loss_on_batch(self.model, batch, image_embeds=embeds)
+        if batch.patch_labels:
+            loss = loss + self.weight * dense_loss(self.heads, feats, batch.patch_labels)
+        return loss, n

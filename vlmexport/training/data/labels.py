@@ -79,3 +79,11 @@ def patch_labels(spec: dict, grid: int) -> dict[str, np.ndarray]:
                 _, draw, s = maps[key]
                 draw.rectangle(tuple(v * s for v in box), fill=value)
     return {key: _pool(img, grid, LABEL_SETS[key]) for key, (img, _, _) in maps.items()}
+
+
+def stacked_patch_labels(specs, grid: int):
+    """Label maps of several specs as {name: LongTensor [N, grid * grid]}."""
+    import torch
+
+    maps = [patch_labels(spec, grid) for spec in specs]
+    return {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in LABEL_SETS}

@@ -1,0 +1,337 @@
+"""``vlmexport bench``: image-encode latency, time to first token, decode tokens/s and
+peak memory for every backend x precision of a bundle, side by side in one process,
+plus the machine's memory read bandwidth measured in the same run (decode is
+memory-bound: its distance from the bandwidth limit is reported).
+
+``--synthetic bench-s`` / ``bench-l`` write random-weight checkpoints of realistic
+CogVLM shapes, streamed shard by shard (bench-l is larger than this machine's RAM).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .core.errors import VlmexportError
+from .core.layout import ImagePiece, TextPiece, build_layout
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ synthetic models
+SYNTHETIC = {
+    # ~0.5B parameters with experts; ViT-B/16 at 224 px
+    "bench-s": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                    num_attention_heads=16, max_position_embeddings=1024,
+                    vision_config=dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                                       num_hidden_layers=12, num_heads=12)),
+    # CogVLM-17B's decoder (32 x 4096, FFN 11008, two experts) with a 24-layer EVA-E-width
+    # ViT: ~15B parameters, ~30 GB in bf16 - more than this machine's 24 GiB of RAM
+    "bench-l": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=2048,
+                    vision_config=dict(image_size=224, patch_size=14, hidden_size=1792, intermediate_size=15360,
+                                       num_hidden_layers=24, num_heads=16)),
+}
+SHARD_BYTES = 2 << 30
+
+
+def write_synthetic_checkpoint(name: str, out_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,
+                               progress: Callable[[str], None] = lambda s: None) -> Path:
+    """A random-weight cogvlm model directory of a named shape, written shard by shard so
+    that memory stays at one shard however large the model is."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .assets import DEMO_MODEL
+    from .core.atomic import atomic_directory
+    from .core.preprocess import PreprocessConfig
+    from .models import get_architecture
+    from .models.base import VisionConfig
+
+    if name not in SYNTHETIC:
+        raise VlmexportError(f"unknown synthetic model {name!r}; choose one of {sorted(SYNTHETIC)}")
+    shape = dict(SYNTHETIC[name])
+    shape["vision_config"] = VisionConfig(**shape["vision_config"])
+    arch = get_architecture("cogvlm")
+    config = arch.tiny_config(**shape)
+    with torch.device("meta"):
+        model = arch(config)
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    out = Path(out_dir)
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(arch.config_to_hf(config) | {"torch_dtype": dtype}, indent=2))
+        PreprocessConfig(image_size=config.vision_config.image_size).save(tmp / "preprocessor_config.json")
+        tok = DEMO_MODEL / "tokenizer.model"
+        if tok.is_file():
+            (tmp / "tokenizer.model").write_bytes(tok.read_bytes())
+        else:  # a fresh checkout before the demo model exists: a small tokenizer of our own
+            from .core.tokenizer import train_tokenizer
+
+            train_tokenizer([f"question {i} answer {i * 7}" for i in range(2000)], tmp / "tokenizer.model", 512)
+        shard: dict[str, torch.Tensor] = {}
+        shard_bytes, shards, weight_map = 0, [], {}
+        items = list(model.state_dict().items())
+        total = sum(t.numel() * tdtype.itemsize for _, t in items)
+        n_shards = max(1, math.ceil(total / SHARD_BYTES))
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes
+            if not shard:
+                return
+            fname = f"model-{len(shards) + 1:05d}-of-{n_shards:05d}.safetensors"
+            progress(f"write {fname}")
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            shards.append(fname)
+            for k in shard:
+                weight_map[k] = fname
+            shard, shard_bytes = {}, 0
+
+        for key, meta in items:
+            if key.endswith("norm.weight") or key.endswith("layernorm.weight") or key.endswith("norm1.weight"):
+                t = torch.ones(meta.shape, dtype=tdtype)
+            elif key.endswith(".bias"):
+                t = torch.zeros(meta.shape, dtype=tdtype)
+            else:
+                t = (torch.randn(meta.shape, generator=gen) * 0.02).to(tdtype)
+            nbytes = t.numel() * t.element_size()
+            if shard and shard_bytes + nbytes > SHARD_BYTES:
+                flush()
+            shard[key] = t
+            shard_bytes += nbytes
+        flush()
+        # the file names were written with a provisional count: fix them up
+        final = {}
+        for i, fname in enumerate(shards):
+            new = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            if new != fname:
+                os.replace(tmp / fname, tmp / new)
+            final[fname] = new
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------- measuring
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth: ``threads`` numpy reductions over one large array (best of n)."""
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = math.inf
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))  # warm-up (page faults)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def decode_weight_bytes(model: dict, bytes_per_weight: float) -> float:
+    """Weights one decode token reads: the language expert of every layer, norms, LM head
+    (the visual expert is never read at decode: its tokens are all text)."""
+    h, i, hd = model["hidden_size"], model["intermediate_size"], model["head_dim"]
+    nh, kv, L, v = model["num_heads"], model["num_kv_heads"], model["num_layers"], model["vocab_size"]
+    per_layer = h * (nh + 2 * kv) * hd + nh * hd * h + 3 * h * i
+    return (L * per_layer + v * h) * bytes_per_weight + (2 * L + 1) * h * 4
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    precision: str
+    image_encode_ms: float
+    ttft_ms: float
+    prefill_tokens: int
+    decode_tok_s: float
+    decode_ms_per_token: float
+    peak_rss_mb: float
+    weights_gb_per_token: float
+    achieved_gbs: float
+    bandwidth_fraction: float
+    load_s: float
+
+
+@dataclass
+class BenchReport:
+    bundle: str
+    machine: dict
+    bandwidth_gbs: float
+    threads: int
+    rows: list[BenchRow] = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self) -> str:
+        head = ("backend", "precision", "encode ms", "TTFT ms", "decode tok/s", "GB/s", "% of bw", "peak MB")
+        rows = [head] + [(r.backend, r.precision, f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+                          f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction * 100:.0f}%",
+                          f"{r.peak_rss_mb:.0f}") for r in self.rows]
+        w = [max(len(r[k]) for r in rows) for k in range(len(head))]
+        return "\n".join("  ".join(c.rjust(w[k]) if k > 1 else c.ljust(w[k]) for k, c in enumerate(r)) for r in rows)
+
+
+def machine_info() -> dict:
+    import platform
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
+                   bandwidth: float, load_s: float) -> BenchRow:
+    """Time one loaded pipeline (its session does the work; the loop is the shared one)."""
+    session = pipe.session
+    size = pipe.preprocess_config.image_size
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    text = [5 + (k % 200) for k in range(prompt_tokens)]
+    pieces = [TextPiece((pipe.tokenizer.bos_id,)), ImagePiece(model["image_tokens"]), TextPiece(tuple(text))]
+    layout = build_layout(pieces, model["expert_routing"], model["position_ids"], image_pad_id=model["pad_token_id"])
+    session.encode_images(pixels)  # warm-up
+    session.reset()
+    session.prefill(layout, session.encode_images(pixels))
+    encode_ms = _median_ms(lambda: session.encode_images(pixels), repeats)
+
+    def first_token() -> None:
+        session.reset()
+        logits = session.prefill(layout, session.encode_images(pixels))
+        int(np.argmax(logits))
+
+    ttft_ms = _median_ms(first_token, repeats)
+    per_token = []
+    for _ in range(repeats):
+        first_token()
+        pos = layout.next_position
+        t0 = time.perf_counter()
+        for k in range(decode_tokens):
+            session.decode(7 + k % 100, pos + k)
+        per_token.append((time.perf_counter() - t0) / decode_tokens)
+    ms = statistics.median(per_token) * 1000
+    tok_s = 1000.0 / ms
+    bpw = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}.get(precision, 4)
+    gb = decode_weight_bytes(model, bpw) / 1e9
+    return BenchRow(backend=pipe.backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,
+                    prefill_tokens=len(layout), decode_tok_s=tok_s, decode_ms_per_token=ms,
+                    peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
+                    bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s)
+
+
+def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime"),
+              precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
+              repeats: int = 3, threads: int | None = None,
+              progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+    from .bundle import Bundle
+    from .runtimes.loader import load
+    from .runtimes.onnxruntime_backend import physical_cores
+
+    threads = threads or physical_cores()
+    b = Bundle.open(bundle, verify="size")
+    model = b.section("model")
+    progress("measure memory bandwidth")
+    bandwidth = read_bandwidth_gbs(threads)
+    report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads)
+    plan = []
+    for backend in backends:
+        if backend == "torch":
+            plan += [("torch", p) for p in (precisions or ["fp32"]) if p in ("fp32", "bf16")]
+        elif backend == "onnxruntime":
+            plan += [("onnxruntime", p) for p in b.precisions("text_decoder", "onnx")
+                     if precisions is None or p in precisions]
+    for backend, precision in plan:
+        progress(f"bench {backend} {precision}")
+        gc.collect()
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none")
+        load_s = time.perf_counter() - t0
+        report.rows.append(bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth,
+                                          load_s))
+        del pipe
+        gc.collect()
+    base = next((r for r in report.rows if r.backend.startswith("torch")), None)
+    if base is not None:
+        for r in report.rows:
+            if r is base:
+                continue
+            report.ratios[f"{r.backend} / {base.backend}"] = {
+                "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
+                "image_encode": r.image_encode_ms / base.image_encode_ms}
+    return report
+
+
+def plot_report(report: BenchReport, path: str | Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise VlmexportError("the PNG chart needs matplotlib; install it with `pip install 'vlmexport[plot]'`") from None
+    labels = [f"{r.backend}" for r in report.rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
+                           (axes[1], "ttft_ms", "time to first token, ms"),
+                           (axes[2], "peak_rss_mb", "peak RSS, MB")):
+        vals = [getattr(r, key) for r in report.rows]
+        ax.bar(range(len(vals)), vals, color=["#888" if "torch" in lbl else "#2a6" for lbl in labels])
+        ax.set_xticks(range(len(vals)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        for k, v in enumerate(vals):
+            ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(f"{Path(report.bundle).name}: {report.machine.get('cpu', '')}, {report.threads} threads, "
+                 f"read bandwidth {report.bandwidth_gbs:.1f} GB/s", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
