@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .core.errors import VlmexportError
 
@@ -37,7 +38,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except VlmexportError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=False)
+            console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]; rerun the same command to resume")
@@ -176,14 +177,15 @@ def eval_(
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
-    from .evaluation.api import evaluate_path
+    from .evaluation.api import prepare_eval
+    from .evaluation.runner import evaluate
 
+    pipe, items, meta = prepare_eval(model, split=split, n_per_category=n_per_category, data=data,
+                                     device=device.value, backend=backend.value, precision=precision)
     progress = _progress()
-    task = progress.add_task("evaluating", total=None, info="")
+    task = progress.add_task("evaluating", total=len(items), info="")
     with progress:
-        report = evaluate_path(model, split=split, n_per_category=n_per_category, data=data, device=device.value,
-                               backend=backend.value, precision=precision,
-                               progress=lambda i, n: progress.update(task, completed=i, total=n))
+        report = evaluate(pipe, items, meta=meta, progress=lambda i, n: progress.update(task, completed=i))
     _print_report(report)
     if json_out:
         json_out.write_text(report.to_json() + "\n")

@@ -39,9 +39,10 @@ def jsonl_eval_items(path: str | Path, image_size: int) -> list:
     return items
 
 
-def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: int = 200,
-                  data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
-                  precision: str | None = None, progress: Callable[[int, int], None] | None = None) -> EvalReport:
+def prepare_eval(path: str | Path | None, split: str = "test", n_per_category: int = 200,
+                 data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
+                 precision: str | None = None):
+    """(pipeline, items, meta) for an evaluation run; opening and reading fail before any work."""
     pipe = open_pipeline(path, device=device, backend=backend, precision=precision)
     size = pipe.preprocess_config.image_size
     if data is not None:
@@ -53,4 +54,11 @@ def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: 
         items = SyntheticVQA(image_size=size, seed=seed).eval_items(split, n_per_category)
         meta = {"split": split, "n_per_category": n_per_category, "seed": seed}
     meta["model"] = str(path if path is not None else demo_model_dir())
+    return pipe, items, meta
+
+
+def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: int = 200,
+                  data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
+                  precision: str | None = None, progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    pipe, items, meta = prepare_eval(path, split, n_per_category, data, device, seed, backend, precision)
     return evaluate(pipe, items, progress=progress, meta=meta)

@@ -1,0 +1,99 @@
+"""The command line, driven as a user would: train -> eval -> build -> inspect -> run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlmexport.cli import app
+from vlmexport.training.recipes import StageSpec, demo_recipe
+from vlmexport.training.trainer import TrainConfig
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    result.plain = ANSI.sub("", result.output)
+    return result
+
+
+def tiny_recipe_file(tmp_path) -> str:
+    r = demo_recipe()
+    r.model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   vision_config=dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=2, num_heads=4))
+    r.image_size, r.tokenizer_corpus, r.eval_every = 32, 400, 0
+    r.tokenizer_vocab = 400
+    r.stages = [StageSpec(stage="vision", train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, save_every=10)),
+                StageSpec(stage="scratch", train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, save_every=10),
+                          dense_weight=0.5)]
+    path = tmp_path / "tiny.json"
+    path.write_text(r.to_json())
+    return str(path)
+
+
+def test_every_command_has_help_with_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("train", "eval", "run", "build", "inspect", "bench"):
+        assert cmd in result.plain
+        sub = invoke(cmd, "--help")
+        assert sub.exit_code == 0 and "Examples" in sub.plain and "$ vlmexport" in sub.plain, cmd
+
+
+@pytest.mark.slow
+def test_train_eval_build_inspect_run(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", "--recipe", tiny_recipe_file(tmp_path), "--out", out)
+    assert r.exit_code == 0, r.plain
+    model = out / "model"
+    assert (model / "model.safetensors").is_file() and (out / "stage2-scratch" / "DONE").is_file()
+
+    report = tmp_path / "eval.json"
+    r = invoke("eval", model, "--n-per-category", "2", "--json", report)
+    assert r.exit_code == 0, r.plain
+    data = json.loads(report.read_text())
+    assert set(data["per_category"]) == {"colour", "shape", "count", "position", "existence", "reading", "chart"}
+    assert "overall" in r.plain and "MME" in r.plain
+
+    bundle = tmp_path / "bundle"
+    r = invoke("build", model, "--out", bundle, "--e2e-prompts", "7")
+    assert r.exit_code == 0, r.plain
+    assert (bundle / "manifest.json").is_file() and "validation against PyTorch" in r.plain
+
+    r = invoke("inspect", bundle)
+    assert r.exit_code == 0 and "text_decoder" in r.plain and "token_embedding" in r.plain
+
+    img = tmp_path / "img.png"
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(img)
+    answers = {}
+    for backend in ("torch", "onnxruntime"):
+        r = invoke("run", bundle, "--backend", backend, "--image", img, "--prompt", "What colour is the star?")
+        assert r.exit_code == 0, r.plain
+        answers[backend] = r.plain.strip()
+    assert answers["torch"] == answers["onnxruntime"]
+
+
+def test_errors_are_one_line(tmp_path):
+    r = invoke("eval", tmp_path / "missing")
+    assert r.exit_code == 2
+    assert r.plain.startswith("error:") and len(r.plain.strip().splitlines()) <= 2 and "Traceback" not in r.plain
+    r = invoke("train", "--recipe", "nope", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "unknown recipe" in r.plain
+    r = invoke("inspect", tmp_path)
+    assert r.exit_code == 2 and "not a vlmexport bundle" in r.plain
+
+
+def test_bad_image_is_a_clear_error(tmp_path, tiny_model_dir):
+    model = tiny_model_dir("cogvlm")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    r = invoke("run", model, "--image", bad, "--prompt", "hi")
+    assert r.exit_code == 2 and "not a readable image" in r.plain
