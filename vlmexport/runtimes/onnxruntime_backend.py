@@ -1,0 +1,208 @@
+"""The ``onnxruntime`` backend: the exported ONNX parts behind the shared pipeline.
+
+Runs ``vision_encoder.onnx`` -> ``connector.onnx`` for images, looks token embeddings
+up in the exported table (numpy), and runs ``text_decoder.onnx`` for prefill and for
+each decode step. The KV cache is one preallocated ``[1, kv_heads, max_length, head_dim]``
+buffer per layer and per key/value, bound (IO binding) both as the graph's past input
+and as its present output: ``GroupQueryAttention`` sees the same pointer and writes the
+new positions into it in place, so nothing is re-concatenated or copied per token.
+
+Only numpy, safetensors and onnxruntime are imported here (a device installs the
+runtime without torch or the model code).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..core.layout import LANGUAGE, SequenceLayout
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+@dataclass(frozen=True)
+class DecoderFacts:
+    """What the runtime needs to know about the exported text decoder (from the bundle manifest;
+    the exporter's ``ExportedGraph.runtime_facts()`` gives these fields)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_length: int  # context length: the KV buffers hold this many positions
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DecoderFacts.{name} must be positive; got {getattr(self, name)}")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session_options(intra_op_num_threads: int | None = None, allow_spinning: bool = False,
+                    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    profile: bool = False) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_num_threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = optimization
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.enable_profiling = profile
+    so.log_severity_level = 3
+    return so
+
+
+class OrtModelSession:
+    """:class:`~vlmexport.core.generation.DecoderSession` over the exported ONNX files (batch 1).
+
+    ``vision_fallback`` encodes images (pixels -> embeddings) when the vision ONNX files
+    are not given, e.g. the torch reference while those parts are being exported.
+    ``decode_path`` (optional) is the routing-free one-token graph; without it the routed
+    graph runs the decode steps too.
+
+    ``allow_spinning`` is off by default: with spinning, onnxruntime's idle pool threads
+    busy-wait between ops, which halved decode speed (bench-s, 2 cores: 7.8 vs 13.8 tok/s)
+    as soon as another process wanted the cores; on an idle machine it gains little.
+    """
+
+    def __init__(self, decoder_path: str | os.PathLike, embedding_path: str | os.PathLike, facts: DecoderFacts, *,
+                 decode_path: str | os.PathLike | None = None,
+                 vision_encoder_path: str | os.PathLike | None = None,
+                 connector_path: str | os.PathLike | None = None,
+                 vision_fallback: Callable[[np.ndarray], np.ndarray] | None = None,
+                 providers: Sequence[str] | None = None, intra_op_num_threads: int | None = None,
+                 max_length: int | None = None, allow_spinning: bool = False, profile: bool = False):
+        self.facts = facts
+        self.max_length = min(max_length or facts.max_length, facts.max_length)
+        self.providers = list(providers or default_providers())
+        self.threads = intra_op_num_threads or physical_cores()
+        self._opts = lambda: session_options(self.threads, allow_spinning, profile=profile)
+        self.decoder = self._session(decoder_path)
+        self.decode_graph = self._session(decode_path) if decode_path else None
+        self.vision_encoder = self._session(vision_encoder_path) if vision_encoder_path else None
+        self.connector = self._session(connector_path) if connector_path else None
+        if (self.vision_encoder is None) != (self.connector is None):
+            raise ValueError("give both vision_encoder_path and connector_path, or neither")
+        self.vision_fallback = vision_fallback
+
+        from safetensors.numpy import load_file
+
+        self.embedding = load_file(str(embedding_path))["weight"]
+        if self.embedding.shape != (facts.vocab_size, facts.hidden_size):
+            raise ValueError(f"{embedding_path}: embedding table has shape {list(self.embedding.shape)}; the decoder "
+                             f"expects [{facts.vocab_size}, {facts.hidden_size}]")
+        types = {i.name: i.type for i in self.decoder.get_inputs()}
+        self.dtype = np.dtype(_ORT_TO_NUMPY[types["inputs_embeds"]])
+        kv_dtype = np.dtype(_ORT_TO_NUMPY[types["past_key_values.0.key"]])
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        shape = [1, facts.num_kv_heads, self.max_length, facts.head_dim]
+        self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, kv_dtype, self.device, 0)
+                   for _ in range(2 * facts.num_layers)]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, facts.vocab_size], np.float32, "cpu", 0)
+        self._ones = np.ones((1, self.max_length), dtype=np.int64)
+        self._bindings = {id(s): self._bind(s) for s in (self.decoder, self.decode_graph) if s is not None}
+        self._routed = {id(s): "token_type" in {i.name for i in s.get_inputs()}
+                        for s in (self.decoder, self.decode_graph) if s is not None}
+        self.length = 0
+
+    # ------------------------------------------------------------------ setup
+    def _session(self, path: str | os.PathLike) -> ort.InferenceSession:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file; export the model first")
+        return ort.InferenceSession(str(path), self._opts(), providers=self.providers)
+
+    def _bind(self, sess: ort.InferenceSession) -> ort.IOBinding:
+        io = sess.io_binding()
+        for i in range(self.facts.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = self.kv[2 * i + j]
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", buf)  # same buffer: GQA updates it in place
+        io.bind_ortvalue_output("logits", self.logits)
+        return io
+
+    # -------------------------------------------------------------- protocol
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.vision_encoder is not None:
+            px = pixel_values.astype(_ORT_TO_NUMPY[self.vision_encoder.get_inputs()[0].type], copy=False)
+            feats = self.vision_encoder.run(["image_features"], {"pixel_values": px})[0]
+            feats = feats.astype(_ORT_TO_NUMPY[self.connector.get_inputs()[0].type], copy=False)
+            return self.connector.run(["image_embeds"], {"image_features": feats})[0].astype(np.float32)
+        if self.vision_fallback is None:
+            raise RuntimeError("this session has no vision_encoder/connector ONNX files and no vision_fallback; "
+                               "export the vision parts or pass vision_fallback")
+        return np.asarray(self.vision_fallback(pixel_values), dtype=np.float32)
+
+    def prefill(self, layout: SequenceLayout, image_embeds: np.ndarray | None) -> np.ndarray:
+        n = len(layout)
+        if n > self.max_length:
+            raise ValueError(f"the prompt has {n} positions; the context holds {self.max_length}")
+        emb = np.take(self.embedding, layout.input_ids, axis=0).astype(self.dtype, copy=False)
+        n_img = int(layout.is_image.sum())
+        if n_img or image_embeds is not None:
+            flat = np.zeros((0, self.facts.hidden_size)) if image_embeds is None else np.asarray(image_embeds)
+            flat = flat.reshape(-1, self.facts.hidden_size)
+            if flat.shape[0] != n_img:
+                raise ValueError(f"prompt has {n_img} image positions but {flat.shape[0]} image embeddings were given")
+            emb[layout.is_image] = flat
+        self.length = 0
+        self._run(self.decoder, emb[None], layout.position_ids[None], layout.token_type[None], n)
+        self.length = n
+        return self.logits.numpy()[0, -1].copy()
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        if self.length >= self.max_length:
+            raise ValueError(f"the context holds {self.max_length} positions and is full")
+        emb = self.embedding[token].astype(self.dtype, copy=False).reshape(1, 1, -1)
+        sess = self.decode_graph or self.decoder
+        self._run(sess, emb, np.array([[position]], np.int64), np.full((1, 1), LANGUAGE, np.int64), self.length + 1)
+        self.length += 1
+        return self.logits.numpy()[0, -1].copy()
+
+    def reset(self) -> None:
+        self.length = 0  # the buffers keep stale values; GQA reads only the first ``length`` slots
+
+    # -------------------------------------------------------------- running
+    def _run(self, sess: ort.InferenceSession, emb: np.ndarray, position_ids: np.ndarray, token_type: np.ndarray,
+             total: int) -> None:
+        io = self._bindings[id(sess)]
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb))
+        io.bind_cpu_input("attention_mask", self._ones[:, :total])
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self._routed[id(sess)]:
+            io.bind_cpu_input("token_type", np.ascontiguousarray(token_type, dtype=np.int64))
+        sess.run_with_iobinding(io)
+
+    def end_profiling(self) -> list[str]:
+        return [s.end_profiling() for s in (self.decoder, self.decode_graph) if s is not None]
