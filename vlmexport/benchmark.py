@@ -259,7 +259,8 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
         per_token.append((time.perf_counter() - t0) / decode_tokens)
     ms = statistics.median(per_token) * 1000
     tok_s = 1000.0 / ms
-    bpw = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}.get(precision, 4)
+    bpw = {"fp32": 4, "f32": 4, "fp16": 2, "f16": 2, "bf16": 2, "int8": 1, "q8_0": 34 / 32, "int4": 0.5,
+           "q4_0": 18 / 32, "q4_k_m": 4.85 / 8}.get(precision, 4)
     gb = decode_weight_bytes(model, bpw) / 1e9
     return BenchRow(backend=pipe.backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,
                     prefill_tokens=len(layout), decode_tok_s=tok_s, decode_ms_per_token=ms,
@@ -267,7 +268,7 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
                     bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s)
 
 
-def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime"),
+def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None,
               progress: Callable[[str], None] = lambda s: None) -> BenchReport:
@@ -288,6 +289,14 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
         elif backend == "onnxruntime":
             plan += [("onnxruntime", p) for p in b.precisions("text_decoder", "onnx")
                      if precisions is None or p in precisions]
+        elif backend == "llamacpp":
+            from .runtimes.llamacpp_backend import llamacpp_available
+
+            if llamacpp_available():
+                plan += [("llamacpp", p) for p in b.precisions("text_decoder", "gguf")
+                         if precisions is None or p in precisions]
+        else:
+            raise VlmexportError(f"unknown backend {backend!r}; choose from torch, onnxruntime, llamacpp")
     for backend, precision in plan:
         progress(f"bench {backend} {precision}")
         gc.collect()

@@ -81,6 +81,8 @@ def artifact_file(part: str, fmt: str, precision: str) -> str:
         return f"onnx/{part}.{precision}.{ext}"
     if fmt == "torch":
         return "torch"  # a model directory in the Hugging Face layout
+    if fmt == "gguf":  # llama.cpp: the text model and the vision projector (ViT + connector)
+        return f"gguf/mmproj-model.{precision}.gguf" if part == "mmproj" else f"gguf/model.{precision}.gguf"
     raise ValueError(f"no file name rule for format {fmt!r}")
 
 

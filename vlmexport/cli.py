@@ -69,6 +69,7 @@ class BackendChoice(str, Enum):
     auto = "auto"
     torch = "torch"
     onnxruntime = "onnxruntime"
+    llamacpp = "llamacpp"
 
 
 class StageChoice(str, Enum):
@@ -257,15 +258,16 @@ def _csv(value: str, what: str) -> list[str]:
 
 @app.command(epilog=_examples(
     "vlmexport build --out demo-bundle",
-    "vlmexport build runs/demo/model --out bundle --format onnx --precision fp32,fp16",
+    "vlmexport build runs/demo/model --out bundle --format onnx,gguf --precision fp32,fp16",
     "vlmexport build big-model/ --out big-bundle --precision fp16 --no-validate --no-reference",
 ))
 @friendly_errors
 def build(
     model: Optional[Path] = typer.Argument(None, help="Model directory (default: the shipped demo model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically)."),
-    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx."),
-    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16."),
+    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (onnx and gguf), "
+                                  "bf16 (gguf); f32/f16 are accepted for gguf too."),
     reference: bool = typer.Option(True, help="Include the PyTorch weights (for the torch backend)."),
     validate: bool = typer.Option(True, help="Check every artifact against PyTorch (skip only for models too big "
                                   "to hold in memory)."),
@@ -301,10 +303,11 @@ def _print_validation(v: dict) -> None:
                   "[green]yes[/green]" if r["passed"] else "[red]no[/red]")
     out.print(t)
     e = Table(title="end to end: greedy generations identical to PyTorch")
-    for col in ("precision", "prompts", "identical", "rate", "needed"):
+    for col in ("format", "precision", "prompts", "identical", "rate", "needed"):
         e.add_column(col, justify="right")
     for r in v.get("end_to_end", []):
-        e.add_row(r["precision"], str(r["prompts"]), str(r["identical"]), f"{r['rate']:.1%}", f"{r['threshold']:.0%}")
+        e.add_row(r.get("format", ""), r["precision"], str(r["prompts"]), str(r["identical"]), f"{r['rate']:.1%}",
+                  f"{r['threshold']:.0%}")
     out.print(e)
 
 
@@ -342,7 +345,8 @@ def bench(
     synthetic: Optional[SyntheticChoice] = typer.Option(None, help="Benchmark a random-weight model of realistic "
                                                         "shape instead (bench-l only writes its checkpoint)."),
     workdir: Path = typer.Option(Path("runs/bench"), help="Where --synthetic writes its checkpoint and bundle."),
-    backend: str = typer.Option("torch,onnxruntime", help="Comma-separated backends, timed side by side."),
+    backend: str = typer.Option("torch,onnxruntime,llamacpp", help="Comma-separated backends, timed side by side "
+                                "(those the bundle and this installation have)."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions (default: all in the bundle)."),
     prompt_tokens: int = typer.Option(32, help="Text tokens after the image in the timed prompt."),
     decode_tokens: int = typer.Option(32, help="Decode steps timed per repeat."),

@@ -27,8 +27,30 @@ from .onnx_vision import export_connector, export_vision_encoder
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 ONNX_PRECISIONS = ("fp32", "fp16")
+GGUF_PRECISIONS = ("f32", "f16", "bf16")
+# one spelling for the user, the format's own name in the bundle
+PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16"},
+                   "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16"}}
+
+
+def precisions_for(formats: Sequence[str], precisions: Sequence[str]) -> dict[str, list[str]]:
+    """Spread the requested precisions over the requested formats (each where it exists)."""
+    plan: dict[str, list[str]] = {f: [] for f in formats}
+    for p in precisions:
+        hits = [f for f in formats if p in PRECISION_NAMES[f]]
+        if not hits:
+            known = sorted({k for f in formats for k in PRECISION_NAMES[f]})
+            raise ConfigError(f"precision {p!r} exists in none of the formats {list(formats)}; choose from {known}")
+        for f in hits:
+            name = PRECISION_NAMES[f][p]
+            if name not in plan[f]:
+                plan[f].append(name)
+    empty = [f for f, ps in plan.items() if not ps]
+    if empty:
+        raise ConfigError(f"no precision given for format(s) {empty}; add one to --precision")
+    return plan
 Progress = Callable[[str], None]
 
 
@@ -95,6 +117,7 @@ class ExportedPart:
     inputs: tuple[dict, ...]
     outputs: tuple[dict, ...]
     seconds: float
+    extra: dict = field(default_factory=dict)
 
 
 def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progress: Progress = lambda s: None
@@ -145,6 +168,28 @@ def _exported(part: str, precision: str, rel: str, g, root: Path, seconds: float
                         seconds)
 
 
+def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
+                      progress: Progress = lambda s: None) -> tuple[list[ExportedPart], list[str]]:
+    """Text GGUF + mmproj GGUF per precision (our own writer, streamed), and the
+    semantics deviations llama.cpp introduces for this model."""
+    from .gguf import export_gguf
+
+    parts: list[ExportedPart] = []
+    deviations: list[str] = []
+    for p in precisions:
+        progress(f"export gguf ({p})")
+        t0 = time.perf_counter()
+        e = export_gguf(src.path, root / "gguf", outtype=p, name="model", tensors=src.tensors)
+        dt = time.perf_counter() - t0
+        for part, path in (("text_decoder", e.text), ("mmproj", e.mmproj)):
+            rel = artifact_file(part, "gguf", p)
+            if Path(path).resolve() != (root / rel).resolve():
+                raise RuntimeError(f"the GGUF writer wrote {path}, not {rel}")
+            parts.append(ExportedPart(part, "gguf", p, rel, (), (), (), dt, {"gguf_arch": e.gguf_arch}))
+        deviations += [d for d in e.deviations if d not in deviations]
+    return parts, deviations
+
+
 def copy_reference(src: SourceModel, root: Path) -> ExportedPart:
     """The PyTorch reference checkpoint (for the ``torch`` backend) under ``torch/``."""
     rel_dir = Path(artifact_file("model", "torch", "reference"))
@@ -182,7 +227,7 @@ def write_common_files(src: SourceModel, w: BundleWriter) -> None:
 def add_artifacts(w: BundleWriter, parts: Sequence[ExportedPart]) -> None:
     for e in parts:
         w.add_artifact(e.part, e.format, e.precision, e.file, inputs=e.inputs, outputs=e.outputs,
-                       data_files=e.data_files, extra={"export_seconds": round(e.seconds, 3)})
+                       data_files=e.data_files, extra={"export_seconds": round(e.seconds, 3), **e.extra})
 
 
 # ----------------------------------------------------------------------- build
@@ -204,6 +249,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
+    plan = precisions_for(formats, precisions)
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
     with BundleWriter(out) as w:
@@ -212,14 +258,20 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
         if reference:
             progress("copy the PyTorch reference")
             parts.append(copy_reference(src, w.root))
-        if "onnx" in formats:
-            parts += export_onnx(src, w.root, precisions, progress)
+        if "onnx" in plan:
+            parts += export_onnx(src, w.root, plan["onnx"], progress)
+        if "gguf" in plan:
+            gguf_parts, deviations = export_gguf_parts(src, w.root, plan["gguf"], progress)
+            parts += gguf_parts
+            for d in deviations:
+                w.add_semantics_deviation(d)
         add_artifacts(w, parts)
         report: dict = {"skipped": True}
         if validate:
             from .validate_bundle import validate_exports
 
-            report = validate_exports(src, w.root, [p for p in parts if p.format == "onnx"], e2e_prompts, progress)
+            report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf")], e2e_prompts,
+                                      progress)
         w.set_section("validation", report)
         progress("package")
     return BuildResult(Path(out), parts, report, time.perf_counter() - t0)

@@ -24,7 +24,11 @@ from ..runtimes.torch_backend import pipeline_from_model
 from .validate import CheckResult, ValidationError, tolerance_for, validate_part
 
 # greedy generations that must be identical to PyTorch, per precision
-E2E_THRESHOLDS = {"fp32": 1.0, "fp16": 0.98}
+E2E_THRESHOLDS = {"fp32": 1.0, "fp16": 0.98, "f32": 1.0, "f16": 0.98, "bf16": 0.98}
+# llama.cpp against PyTorch, relative to max|reference|: its ViT runs the patch conv in f16
+# and GELU through an f16 table, and its CPU attention defaults to flash attention with an
+# f16 KV cache; measured on jittered tiny models: embeddings <= 1.9e-3, logits <= 2.3e-3
+GGUF_TOLERANCE = {"f32": 5e-3, "f16": 2e-2, "bf16": 5e-2}
 
 
 def _images(src, n: int) -> np.ndarray:
@@ -111,6 +115,48 @@ def end_to_end(src, torch_pipe: Pipeline, ort_pipe: Pipeline, n_prompts: int, pr
     return row
 
 
+def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torch_pipe: Pipeline, e2e_prompts: int,
+                  progress: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """The llama.cpp pair against PyTorch: image embeddings, prompt logits, then greedy answers."""
+    from ..core.errors import MissingDependencyError
+    from ..runtimes.llamacpp_backend import LlamaCppSession, llamacpp_available
+
+    if not llamacpp_available():
+        raise MissingDependencyError("validating GGUF files needs llama-cpp-python; install `vlmexport[llamacpp]` "
+                                     "or build with --no-validate")
+    m = src.model_section()
+    sess = LlamaCppSession(root / parts["text_decoder"].file, root / parts["mmproj"].file, n_ctx=m["max_length"],
+                           expected_arch=m["gguf_arch"])
+    rel = GGUF_TOLERANCE.get(precision, 5e-2)
+    pixels = _images(src, 2)
+    ref = TorchSession(model)
+    rows = []
+    ref_emb, got_emb = ref.encode_images(pixels), sess.encode_images(pixels)
+    pieces = render(src.template, [Turn(user="<image> and <image> Question: what is shown?", images=2)], tok,
+                    src.image_tokens).pieces
+    layout = build_layout(pieces, src.config.expert_routing, src.config.position_ids,
+                          image_pad_id=src.config.pad_token_id)
+    ref_logits = ref.prefill(layout, ref_emb)
+    got_logits = sess.prefill(layout, got_emb)
+    for part, a, b in (("mmproj", got_emb, ref_emb), ("text_decoder", got_logits, ref_logits)):
+        if a.shape != b.shape:
+            raise ValidationError(f"{part} (gguf {precision}): shape {list(a.shape)} differs from PyTorch "
+                                  f"{list(b.shape)}")
+        diff = np.abs(a.astype(np.float32) - b)
+        bound = rel * float(np.abs(b).max())
+        row = {"part": part, "precision": precision, "check": "values", "max_abs_diff": float(diff.max()),
+               "tolerance": bound, "passed": bool(diff.max() <= bound), "format": "gguf"}
+        rows.append(row)
+        if not row["passed"]:
+            idx = np.unravel_index(int(diff.argmax()), diff.shape)
+            raise ValidationError(f"{part} (gguf {precision}): differs from PyTorch by {diff.max():.3g} at "
+                                  f"{list(idx)} (llama.cpp {a[idx]:.6g}, torch {b[idx]:.6g}); tolerance {bound:.3g}")
+    progress(f"validate end to end (gguf {precision}, {e2e_prompts} prompts)")
+    sess.reset()
+    pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"llamacpp-{precision}")
+    return rows, end_to_end(src, torch_pipe, pipe, e2e_prompts, precision)
+
+
 def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
                      progress: Callable[[str], None] = lambda s: None) -> dict:
     progress("validate: load the PyTorch reference")
@@ -118,8 +164,9 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
     model, tok = loaded.model, loaded.tokenizer
     torch_parts = model.parts()
     by_precision: dict[str, dict[str, object]] = {}
+    gguf: dict[str, dict[str, object]] = {}
     for e in exported:
-        by_precision.setdefault(e.precision, {})[e.part] = e
+        (gguf if e.format == "gguf" else by_precision).setdefault(e.precision, {})[e.part] = e
     rows: list[dict] = []
     e2e: list[dict] = []
     torch_pipe = pipeline_from_model(model, tok, src.preprocess, src.template)
@@ -149,7 +196,13 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
         rows += [r.to_dict() for r in validate_decoder(src, model, tok, sess, precision)]
         progress(f"validate end to end ({precision}, {e2e_prompts} prompts)")
         ort_pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"onnxruntime-{precision}")
-        e2e.append(end_to_end(src, torch_pipe, ort_pipe, e2e_prompts, precision))
+        row = end_to_end(src, torch_pipe, ort_pipe, e2e_prompts, precision)
+        e2e.append(row | {"format": "onnx"})
+    for precision, parts in gguf.items():
+        progress(f"validate gguf ({precision})")
+        g_rows, g_e2e = validate_gguf(src, model, tok, root, parts, precision, torch_pipe, e2e_prompts, progress)
+        rows += g_rows
+        e2e.append(g_e2e | {"format": "gguf"})
     return {"parts": rows, "end_to_end": e2e}
 
 

@@ -24,6 +24,7 @@ class Backend(str, Enum):
     AUTO = "auto"
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
+    LLAMACPP = "llamacpp"
 
 
 def _spec(model: dict) -> ModelSpec:
@@ -90,7 +91,30 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
     return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
 
 
-BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch}
+def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+    from .llamacpp_backend import LlamaCppSession, llamacpp_available
+
+    if not llamacpp_available():
+        raise MissingDependencyError("the llamacpp backend needs llama-cpp-python; install it with "
+                                     "`pip install 'vlmexport[llamacpp]'`")
+    m = bundle.section("model")
+    available = bundle.precisions("text_decoder", "gguf")
+    if not available:
+        raise BundleError(f"{bundle.root}: has no GGUF files; rebuild it with `vlmexport build --format gguf`")
+    if precision is None:
+        precision = next((p for p in ("f32", "f16", "q8_0", "q4_k_m") if p in available), available[0])
+    elif precision not in available:
+        raise BundleError(f"{bundle.root}: has no {precision} GGUF (it has {available}); pick one of those or "
+                          f"rebuild with `--format gguf --precision {precision}`")
+    text = bundle.file(bundle.find("text_decoder", "gguf", precision).file)
+    mmproj = bundle.file(bundle.find("mmproj", "gguf", precision).file)
+    session = LlamaCppSession(text, mmproj, n_ctx=m["max_length"], n_threads=threads,
+                              n_gpu_layers=-1 if device == "cuda" else 0, expected_arch=m["gguf_arch"])
+    return session, f"llamacpp-{precision}"
+
+
+BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch,
+                                     Backend.LLAMACPP: _llamacpp}
 
 
 def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
