@@ -260,6 +260,8 @@ def _csv(value: str, what: str) -> list[str]:
     "vlmexport build --out demo-bundle",
     "vlmexport build runs/demo/model --out bundle --format onnx,gguf --precision fp32,fp16",
     "vlmexport build big-model/ --out big-bundle --precision fp16 --no-validate --no-reference",
+    "vlmexport build runs/demo/model --out bundle --format gguf --precision f16,q8_0,q4_k_m",
+    "vlmexport build runs/demo/model --out bundle --format onnx --precision fp32,int8,int4 --recipe recipe.json",
 ))
 @friendly_errors
 def build(
@@ -267,22 +269,44 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically)."),
     format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (onnx and gguf), "
-                                  "bf16 (gguf); f32/f16 are accepted for gguf too."),
+                                  "int8, int4 (onnx, calibrated and gated), bf16, q8_0, q4_k_m, q4_0 (gguf); "
+                                  "f32/f16 are accepted for gguf too."),
     reference: bool = typer.Option(True, help="Include the PyTorch weights (for the torch backend)."),
     validate: bool = typer.Option(True, help="Check every artifact against PyTorch (skip only for models too big "
                                   "to hold in memory)."),
     e2e_prompts: int = typer.Option(50, help="Test-split prompts whose greedy answers must match PyTorch."),
+    imatrix_pairs: int = typer.Option(64, help="Image+prompt pairs (synthetic val split) for the importance "
+                                      "matrix of quantized GGUFs; 0 quantizes without one."),
+    recipe: Optional[Path] = typer.Option(None, help="JSON quantization recipe for int8/int4 ONNX parts: ordered "
+                                          "(pattern, precision or null) rules per part, first match wins."),
+    calib_images: int = typer.Option(512, help="Calibration images (synthetic val split) for int8 vision parts."),
+    calib_pairs: int = typer.Option(64, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
+    int4_algorithm: str = typer.Option("rtn", help="Weight-only algorithm for int4: rtn, hqq or gptq."),
+    quant_target: str = typer.Option("cpu", help="Device the int4/int8 decoder is tuned for: cpu (block 32, "
+                                     "int8 compute, accuracy_level 4) or gpu (block 128, accuracy_level unset)."),
+    gate_items: int = typer.Option(40, help="Test-split questions per category that score int8/int4 parts "
+                                   "against fp32 (accuracy gates)."),
+    allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep int8/int4 parts that fail their "
+                                        "accuracy gate (recorded in the manifest) instead of failing the build."),
     verbose: bool = typer.Option(False, help="Log details."),
 ):
     """Export a model into a bundle: split ONNX parts, validated against PyTorch."""
     _setup_logging(verbose)
     from .exporter.build import build as run_build
+    from .quant.api import QuantOptions
+    from .quant.calib import CalibrationSettings
+    from .quant.recipe import Recipe
 
+    quant = QuantOptions(calibration=CalibrationSettings(images=calib_images, pairs=calib_pairs),
+                         recipe=Recipe.load(recipe) if recipe is not None else None, algorithm=int4_algorithm,
+                         allow_degraded=allow_degraded, eval_per_category=gate_items,
+                         **QuantOptions.for_target(quant_target))
     progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
     with progress:
         task = progress.add_task("starting", total=None)
         result = run_build(model, out, formats=_csv(format, "format"), precisions=_csv(precision, "precision"),
                            reference=reference, validate=validate, e2e_prompts=e2e_prompts,
+                           imatrix_pairs=imatrix_pairs, quant=quant,
                            progress=lambda step: progress.update(task, description=step))
         progress.update(task, description="done")
     _print_validation(result.validation)

@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "gguf")
 ONNX_PRECISIONS = ("fp32", "fp16")
-GGUF_PRECISIONS = ("f32", "f16", "bf16")
+ONNX_QUANT_PRECISIONS = ("int8", "int4")  # vlmexport/quant: calibrated from fp32, gated against it
+GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0")
+GGUF_QUANTIZED = ("q8_0", "q4_k_m", "q4_0")  # llama.cpp's quantizer on the f16 file (exporter/gguf_quant.py)
 # one spelling for the user, the format's own name in the bundle
-PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16"},
-                   "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16"}}
+PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16",
+                             "int8": "int8", "int4": "int4"},
+                   "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
+                            "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"}}
+IMATRIX_FILE = "gguf/model.imatrix.gguf"
 
 
 def precisions_for(formats: Sequence[str], precisions: Sequence[str]) -> dict[str, list[str]]:
@@ -125,9 +130,10 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
     """The four ONNX-format parts per precision, streamed from the checkpoint."""
     out: list[ExportedPart] = []
     s = src.specs
-    for p in precisions:
+    for p in [p for p in precisions if p not in ONNX_QUANT_PRECISIONS]:  # quantized ones: quantize_onnx_parts
         if p not in ONNX_PRECISIONS:
-            raise ConfigError(f"ONNX precision {p!r} is not supported here; choose from {list(ONNX_PRECISIONS)}")
+            raise ConfigError(f"ONNX precision {p!r} is not supported here; choose from "
+                              f"{list(ONNX_PRECISIONS + ONNX_QUANT_PRECISIONS)}")
         jobs = [
             ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
             ("connector", lambda f: export_connector(src.tensors, s.connector, _vision_width(s), s.decoder.hidden_size,
@@ -144,6 +150,34 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
             g = fn(target)
             out.append(_exported(part, p, rel, g, root, time.perf_counter() - t0))
     return out
+
+
+def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str], exported: Sequence[ExportedPart],
+                        options=None, progress: Progress = lambda s: None) -> tuple[list[ExportedPart], dict]:
+    """INT8/INT4 ONNX parts quantized from the fp32 ones, scored against fp32 and gated
+    (vlmexport/quant); and the manifest's ``calibration`` entry for them. A build that did not
+    ask for fp32 gets it too: it is the source, and the runtime's per-part fallback (an int4
+    bundle has no int4 vision encoder)."""
+    from ..quant.api import QuantOptions, quantize_onnx
+
+    options = options or QuantOptions()
+    new: list[ExportedPart] = []
+    fp32 = [e for e in exported if e.format == "onnx" and e.precision == "fp32"]
+    if not fp32:
+        progress("export fp32 parts (the quantization source and fallback)")
+        fp32 = new = export_onnx(src, root, ["fp32"], progress)
+    t0 = time.perf_counter()
+    r = quantize_onnx({e.part: root / e.file for e in fp32}, root, precisions, tokenizer_path=src.path / TOKENIZER,
+                      template=src.template, preprocess=src.preprocess, model=src.model_section(), arch=src.arch,
+                      options=options, progress=progress)
+    dt = time.perf_counter() - t0
+    io = {e.part: e for e in fp32}
+    parts = [ExportedPart(q.part, "onnx", q.precision, str(q.path.relative_to(root)),
+                          tuple(str(f.relative_to(root)) for f in q.data_files), io[q.part].inputs, io[q.part].outputs,
+                          dt, {"quantization": q.settings, "quantized_nodes": len(q.quantized_nodes),
+                               "scores": {k: v for k, v in r.scores[q.precision].items() if k != "parts"}})
+             for q in r.parts]
+    return new + parts, {"onnx": {**r.calibration, "scores": r.scores}}
 
 
 def _vision_width(s: PartSpecs) -> int:
@@ -169,7 +203,8 @@ def _exported(part: str, precision: str, rel: str, g, root: Path, seconds: float
 
 
 def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
-                      progress: Progress = lambda s: None) -> tuple[list[ExportedPart], list[str]]:
+                      progress: Progress = lambda s: None, imatrix_pairs: int = 64
+                      ) -> tuple[list[ExportedPart], list[str]]:
     """Text GGUF + mmproj GGUF per precision (our own writer, streamed), and the
     semantics deviations llama.cpp introduces for this model."""
     from .gguf import export_gguf
@@ -177,6 +212,8 @@ def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
     parts: list[ExportedPart] = []
     deviations: list[str] = []
     for p in precisions:
+        if p in GGUF_QUANTIZED:
+            continue
         progress(f"export gguf ({p})")
         t0 = time.perf_counter()
         e = export_gguf(src.path, root / "gguf", outtype=p, name="model", tensors=src.tensors)
@@ -187,7 +224,84 @@ def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
                 raise RuntimeError(f"the GGUF writer wrote {path}, not {rel}")
             parts.append(ExportedPart(part, "gguf", p, rel, (), (), (), dt, {"gguf_arch": e.gguf_arch}))
         deviations += [d for d in e.deviations if d not in deviations]
+    quantized = [p for p in precisions if p in GGUF_QUANTIZED]
+    if quantized:
+        q_parts, q_dev = quantize_gguf_parts(src, root, quantized, imatrix_pairs, progress)
+        parts += q_parts
+        deviations += [d for d in q_dev if d not in deviations]
     return parts, deviations
+
+
+def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str], imatrix_pairs: int = 64,
+                        progress: Progress = lambda s: None) -> tuple[list[ExportedPart], list[str]]:
+    """q8_0 / q4_k_m / q4_0 text GGUFs from the f16 one (llama.cpp's quantizer, with an importance
+    matrix from ``imatrix_pairs`` image+prompt pairs of the synthetic val split; 0: none) and the
+    q8_0 mmproj they pair with (the same quantizer). The f16 GGUFs come from the bundle if it has
+    them, else they are written to a temporary directory."""
+    import tempfile
+
+    from .gguf import GGUFSource, export_gguf
+    from .gguf_quant import MMPROJ_FOR, quantize_mmproj_gguf, quantize_text_gguf
+
+    parts: list[ExportedPart] = []
+    deviations: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="vlmexport-gguf-") as tmp:
+        f16 = root / artifact_file("text_decoder", "gguf", "f16")
+        mm16 = root / artifact_file("mmproj", "gguf", "f16")
+        if not (f16.is_file() and mm16.is_file()):
+            progress("export gguf (f16, the quantizer's input)")
+            e = export_gguf(src.path, tmp, outtype="f16", name="model", tensors=src.tensors)
+            f16, mm16 = e.text, e.mmproj
+            deviations += list(e.deviations)
+        means = None
+        extra_im: dict = {"imatrix": None}
+        if imatrix_pairs > 0:
+            progress(f"imatrix ({imatrix_pairs} image+prompt pairs)")
+            im, im_seconds = compute_bundle_imatrix(src, imatrix_pairs)
+            from .gguf_imatrix import write_imatrix
+
+            write_imatrix(root / IMATRIX_FILE, im)
+            means = im.means()
+            extra_im = {"imatrix": IMATRIX_FILE, "imatrix_pairs": im.chunks, "imatrix_dataset": list(im.datasets),
+                        "imatrix_seconds": round(im_seconds, 3)}
+        gsrc = GGUFSource.open(src.path, src.tensors)
+        written_mmproj: set[str] = set()
+        for p in precisions:
+            mm_type = MMPROJ_FOR[p]
+            mm_rel = artifact_file("mmproj", "gguf", mm_type)
+            if mm_type not in written_mmproj and not (root / mm_rel).is_file():
+                progress(f"quantize gguf mmproj ({mm_type})")
+                quantize_mmproj_gguf(mm16, root / mm_rel, mm_type)
+            written_mmproj.add(mm_type)
+            progress(f"quantize gguf ({p})")
+            rel = artifact_file("text_decoder", "gguf", p)
+            r = quantize_text_gguf(f16, root / rel, p, imatrix=means)
+            counts: dict[str, int] = {}
+            for t in r.types.values():
+                counts[t] = counts.get(t, 0) + 1
+            extra = {"gguf_arch": gsrc.gguf_arch, "quantizer": "llama.cpp llama_model_quantize", "mmproj": mm_rel,
+                     "tensor_types": dict(sorted(counts.items())), "experts_pinned": r.pinned, **extra_im}
+            parts.append(ExportedPart("text_decoder", "gguf", p, rel, (), (), (), r.seconds, extra))
+            parts.append(ExportedPart("mmproj", "gguf", p, mm_rel, (), (), (), 0.0,
+                                      {"gguf_arch": "clip", "outtype": mm_type}))
+    return parts, deviations
+
+
+def compute_bundle_imatrix(src: SourceModel, pairs: int):
+    """The multimodal importance matrix of ``src`` (see exporter/gguf_imatrix.py)."""
+    import torch
+
+    from ..models.checkpoint import load_pretrained
+    from .gguf import GGUFSource, plan_text
+    from .gguf_imatrix import calibration_runs, compute_imatrix, synthetic_items
+
+    t0 = time.perf_counter()
+    loaded = load_pretrained(src.path, dtype=torch.float32)
+    items = synthetic_items(src.preprocess.image_size, pairs, split="val")
+    plan = plan_text(GGUFSource.open(src.path, src.tensors), "f16")
+    runs = calibration_runs(loaded.model, loaded.tokenizer, src.preprocess, src.template, items)
+    im = compute_imatrix(loaded.model, plan, runs, dataset=f"synthetic-vqa:val:{len(items)}")
+    return im, time.perf_counter() - t0
 
 
 def copy_reference(src: SourceModel, root: Path) -> ExportedPart:
@@ -241,8 +355,11 @@ class BuildResult:
 
 def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] = ("onnx",),
           precisions: Sequence[str] = ("fp32", "fp16"), reference: bool = True, validate: bool = True,
-          e2e_prompts: int = 50, progress: Progress = lambda s: None) -> BuildResult:
-    """Build a bundle from a model directory (default: the shipped demo model)."""
+          e2e_prompts: int = 50, progress: Progress = lambda s: None, imatrix_pairs: int = 64,
+          quant=None) -> BuildResult:
+    """Build a bundle from a model directory (default: the shipped demo model).
+
+    ``quant`` (a :class:`vlmexport.quant.api.QuantOptions`) configures the int8/int4 ONNX parts."""
     from ..assets import demo_model_dir
 
     t0 = time.perf_counter()
@@ -260,8 +377,13 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             parts.append(copy_reference(src, w.root))
         if "onnx" in plan:
             parts += export_onnx(src, w.root, plan["onnx"], progress)
+            quantized = [p for p in plan["onnx"] if p in ONNX_QUANT_PRECISIONS]
+            if quantized:
+                q_parts, q_section = quantize_onnx_parts(src, w.root, quantized, parts, quant, progress)
+                parts += q_parts
+                w.set_section("calibration", q_section)
         if "gguf" in plan:
-            gguf_parts, deviations = export_gguf_parts(src, w.root, plan["gguf"], progress)
+            gguf_parts, deviations = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
             parts += gguf_parts
             for d in deviations:
                 w.add_semantics_deviation(d)
@@ -270,7 +392,9 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
         if validate:
             from .validate_bundle import validate_exports
 
-            report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf")], e2e_prompts,
+            # quantized ONNX parts are scored against fp32 by their own gates (quantize_onnx_parts)
+            report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (
+                p.format == "onnx" and p.precision in ONNX_QUANT_PRECISIONS)], e2e_prompts,
                                       progress)
         w.set_section("validation", report)
         progress("package")

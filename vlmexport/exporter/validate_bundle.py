@@ -28,7 +28,18 @@ E2E_THRESHOLDS = {"fp32": 1.0, "fp16": 0.98, "f32": 1.0, "f16": 0.98, "bf16": 0.
 # llama.cpp against PyTorch, relative to max|reference|: its ViT runs the patch conv in f16
 # and GELU through an f16 table, and its CPU attention defaults to flash attention with an
 # f16 KV cache; measured on jittered tiny models: embeddings <= 1.9e-3, logits <= 2.3e-3
-GGUF_TOLERANCE = {"f32": 5e-3, "f16": 2e-2, "bf16": 5e-2}
+GGUF_TOLERANCE = {"f32": 5e-3, "f16": 2e-2, "bf16": 5e-2,
+                  # llama.cpp-quantized text GGUFs: a guard against broken files, not a parity claim.
+                  # Worst prompt-logit error measured on jittered tiny cogvlms (tests/exporter/
+                  # test_gguf_quant.py, 3 images): q8_0 0.20, q4_k_m 0.78, q4_0 0.87 of max|ref|; on a
+                  # trained 4-layer checkpoint (56 test prompts) 0.011, 0.033, 0.039.
+                  "q8_0": 0.3, "q4_k_m": 1.0, "q4_0": 1.0}
+# the mmproj paired with a quantized text GGUF (llama.cpp's q8_0): measured 1.6e-2..2.0e-2
+GGUF_MMPROJ_TOLERANCE = {"q8_0": 3e-2}
+# quantized GGUFs: greedy agreement with PyTorch is reported, not required (one flipped token
+# changes the rest of a generation); their task accuracy (`vlmexport eval`) is the measure
+for _q in ("q8_0", "q4_k_m", "q4_0"):
+    E2E_THRESHOLDS[_q] = 0.0
 
 
 def _images(src, n: int) -> np.ndarray:
@@ -108,7 +119,7 @@ def end_to_end(src, torch_pipe: Pipeline, ort_pipe: Pipeline, n_prompts: int, pr
     rate = same / len(items)
     threshold = E2E_THRESHOLDS.get(precision, 0.98)
     row = {"precision": precision, "prompts": len(items), "identical": same, "rate": rate, "threshold": threshold,
-           "passed": rate >= threshold, "mismatches": mismatches}
+           "passed": rate >= threshold, "required": threshold > 0, "mismatches": mismatches}
     if not row["passed"]:
         raise ValidationError(f"end to end ({precision}): {same}/{len(items)} greedy generations equal PyTorch "
                               f"({rate:.1%}, needs {threshold:.0%}); first mismatch: {mismatches[:1]}")
@@ -128,6 +139,8 @@ def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torc
     sess = LlamaCppSession(root / parts["text_decoder"].file, root / parts["mmproj"].file, n_ctx=m["max_length"],
                            expected_arch=m["gguf_arch"])
     rel = GGUF_TOLERANCE.get(precision, 5e-2)
+    mm_type = (getattr(parts["mmproj"], "extra", None) or {}).get("outtype", precision)
+    mm_rel = GGUF_MMPROJ_TOLERANCE.get(mm_type, GGUF_TOLERANCE.get(mm_type, rel))
     pixels = _images(src, 2)
     ref = TorchSession(model)
     rows = []
@@ -143,9 +156,12 @@ def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torc
             raise ValidationError(f"{part} (gguf {precision}): shape {list(a.shape)} differs from PyTorch "
                                   f"{list(b.shape)}")
         diff = np.abs(a.astype(np.float32) - b)
-        bound = rel * float(np.abs(b).max())
+        bound = (mm_rel if part == "mmproj" else rel) * float(np.abs(b).max())
         row = {"part": part, "precision": precision, "check": "values", "max_abs_diff": float(diff.max()),
                "tolerance": bound, "passed": bool(diff.max() <= bound), "format": "gguf"}
+        if part == "text_decoder":  # what a quantized file keeps: the ranking of the logits
+            row["correlation"] = float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
+            row["top1_agrees"] = bool(int(a.argmax()) == int(b.argmax()))
         rows.append(row)
         if not row["passed"]:
             idx = np.unravel_index(int(diff.argmax()), diff.shape)

@@ -190,6 +190,58 @@ _SINK = _LogSink()
 _BACKEND_READY = False
 
 
+EXTRA_BUFTS_ENV = "VLMEXPORT_LLAMACPP_EXTRA_BUFTS"
+
+
+_AMX_PROBE: dict[str, bool] = {}  # per process: did a quantized matmul with AMX repacking survive?
+_PROBE = """
+import sys, llama_cpp.llama_cpp as L
+L.llama_log_set(L.llama_log_callback(lambda *a: None), None)
+L.llama_backend_init()
+m = L.llama_model_load_from_file(sys.argv[1].encode(), L.llama_model_default_params())
+cp = L.llama_context_default_params(); cp.n_ctx = cp.n_batch = cp.n_ubatch = 8; cp.n_threads = cp.n_threads_batch = 1
+c = L.llama_init_from_model(m, cp)
+t = (L.llama_token * 2)(1, 2)
+sys.exit(L.llama_decode(c, L.llama_batch_get_one(t, 2)))
+"""
+
+
+def extra_buffer_types(text_gguf: GGUFInfo | None = None) -> bool:
+    """Whether llama.cpp may repack weights into its CPU extra buffer types (AMX, AVX
+    repacking). ``VLMEXPORT_LLAMACPP_EXTRA_BUFTS=0``/``1`` decides; otherwise, where the CPU
+    reports AMX and the file holds quantized weights, a subprocess decodes two tokens with
+    repacking on, once per process: some virtual machines (Firecracker here) report AMX
+    but fault on its tile registers (SIGSEGV in ggml_backend_amx_mul_mat), and a crash
+    there must not take the caller's process down."""
+    env = os.environ.get(EXTRA_BUFTS_ENV, "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    if text_gguf is None or not _cpu_has_amx():
+        return True
+    if "amx" not in _AMX_PROBE:
+        import subprocess
+        import sys
+
+        try:
+            rc = subprocess.run([sys.executable, "-c", _PROBE, str(text_gguf.path)], capture_output=True,
+                                timeout=300).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+        _AMX_PROBE["amx"] = rc == 0
+        if rc != 0:
+            log.warning("llama.cpp's AMX kernels crash on this machine (probe exit %s); running without weight "
+                        "repacking (set %s=1 to force it)", rc, EXTRA_BUFTS_ENV)
+    return _AMX_PROBE["amx"]
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read(1 << 16)
+    except OSError:
+        return False
+
+
 def default_threads() -> int:
     try:
         n = len(os.sched_getaffinity(0))
@@ -238,6 +290,11 @@ class LlamaCppSession:
 
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        quantized = self.text_info.get("general.file_type", 1) not in (0, 1, 32)  # f32, f16, bf16
+        if not extra_buffer_types(self.text_info if quantized else None):
+            # ggml's CPU "extra" buffer types repack quantized weights for AMX / AVX kernels; see
+            # extra_buffer_types.
+            mp.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(self.text_info.path).encode(), mp)
         if not self.model:
             raise GGUFFileError(f"{self.text_info.path}: llama.cpp could not load this text GGUF "

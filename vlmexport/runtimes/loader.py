@@ -49,13 +49,36 @@ def _pick_precision(bundle: Bundle, part: str, fmt: str, precision: str | None, 
     return available[0]
 
 
+QUANTIZED = ("int8", "int4")  # per part: a part without that precision runs in fp32
+
+
+def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
+    """The precision ``part`` runs in when ``precision`` (a quantized one) was asked for."""
+    available = bundle.precisions(part, "onnx")
+    if precision in available:
+        return precision
+    if "fp32" in available:
+        return "fp32"
+    raise BundleError(f"{bundle.root}: has neither a {precision} nor an fp32 onnx {part} (it has {available}); "
+                      f"rebuild with `--precision fp32,{precision}`")
+
+
 def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None):
     if importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependencyError("onnxruntime is not installed; install it with `pip install 'vlmexport[onnx]'`")
     from .onnxruntime_backend import DecoderFacts, OrtModelSession, default_providers
 
     m = bundle.section("model")
-    p = _pick_precision(bundle, "text_decoder", "onnx", precision, device)
+    if precision in QUANTIZED:
+        parts = ("vision_encoder", "connector", "text_decoder", "token_embedding")
+        if not any(precision in bundle.precisions(part, "onnx") for part in parts):
+            raise BundleError(f"{bundle.root}: has no {precision} onnx part; rebuild it with "
+                              f"`vlmexport build --format onnx --precision fp32,{precision}`")
+        per_part = {part: _part_precision(bundle, part, precision) for part in parts}
+        p = precision
+    else:
+        p = _pick_precision(bundle, "text_decoder", "onnx", precision, device)
+        per_part = {}
     providers = default_providers()
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
@@ -64,7 +87,7 @@ def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: in
                                      "onnxruntime-gpu or use device='cpu'")
     facts = DecoderFacts(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
                          hidden_size=m["hidden_size"], vocab_size=m["vocab_size"], max_length=m["max_length"])
-    f = lambda part: bundle.file(bundle.find(part, "onnx", p).file)  # noqa: E731
+    f = lambda part: bundle.file(bundle.find(part, "onnx", per_part.get(part, p)).file)  # noqa: E731
     session = OrtModelSession(f("text_decoder"), f("token_embedding"), facts,
                               vision_encoder_path=f("vision_encoder"), connector_path=f("connector"),
                               providers=providers, intra_op_num_threads=threads)

@@ -1,0 +1,176 @@
+"""``calibrate -> quantize -> score`` for a bundle's ONNX parts (what ``vlmexport build
+--precision int8,int4`` runs after the fp32 export).
+
+Per precision:
+- ``int8``: vision_encoder + connector INT8 static QDQ, text_decoder INT8 weight-only;
+- ``int4``: text_decoder INT4 weight-only (the vision parts stay as they are: a runtime
+  asked for int4 falls back to fp32 for parts without an int4 file).
+Every set is then scored against the fp32 ONNX parts on test-split prompts and gated
+(:mod:`.gates`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ..bundle import artifact_file
+from ..core.errors import ConfigError
+from .calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
+from .gates import Gate, check_gates, score
+from .quantize import (CPU_BLOCK, DEFAULT_ALGORITHM, DEFAULT_CALIBRATION_METHOD, QuantizedPart, quantize_int8_static,
+                       quantize_weight_only)
+from .recipe import Recipe, default_recipe, for_precision
+
+log = logging.getLogger(__name__)
+
+QUANT_PRECISIONS = ("int8", "int4")
+PARTS_FOR = {"int8": ("vision_encoder", "connector", "text_decoder"), "int4": ("text_decoder",)}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    calibration: CalibrationSettings = CalibrationSettings()
+    recipe: Recipe | None = None  # None: the architecture's default
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD
+    algorithm: str = DEFAULT_ALGORITHM
+    block_size: int = CPU_BLOCK
+    accuracy_level: int | None = 4
+    gates: Mapping[str, Gate] = field(default_factory=dict)  # per precision; default gates.DEFAULT_GATES
+    allow_degraded: bool = False
+    # test-split items per category for the gates: 40 x 7 categories = 280 prompts, so one flipped
+    # answer moves accuracy by 0.36 points, below the int8 gate (0.5); fewer items make it a coin toss
+    eval_per_category: int = 40
+    accuracy: bool = True
+    cache_dir: str | None = None
+
+    @staticmethod
+    def for_target(target: str) -> dict:
+        """Block size and accuracy level for the decoder on ``cpu`` (block 32, int8 compute:
+        accuracy_level 4) or ``gpu`` (block 128, the CUDA kernels' native size; level unset)."""
+        from .quantize import GPU_BLOCK
+
+        table = {"cpu": {"block_size": CPU_BLOCK, "accuracy_level": 4},
+                 "gpu": {"block_size": GPU_BLOCK, "accuracy_level": None}}
+        if target not in table:
+            raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
+        return table[target]
+
+    def __post_init__(self) -> None:
+        from .quantize import CALIBRATION_METHODS, WEIGHT_ONLY_ALGORITHMS
+
+        if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
+            raise ConfigError(f"int4 algorithm {self.algorithm!r}: choose one of {list(WEIGHT_ONLY_ALGORITHMS)}")
+        if self.eval_per_category < 2 or self.eval_per_category % 2:
+            raise ConfigError(f"gate items per category must be an even number >= 2 (yes/no questions come in "
+                              f"pairs), got {self.eval_per_category}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration method {self.calibration_method!r}: choose one of "
+                              f"{list(CALIBRATION_METHODS)}")
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    parts: list[QuantizedPart]
+    scores: dict  # precision -> scores + gate results
+    calibration: dict
+
+
+def prompt_pipeline(tokenizer_path, template, preprocess, model: dict, session=None):
+    """A :class:`Pipeline` for prompts/layouts (``prepare``); ``session`` may be None."""
+    from ..core.tokenizer import Tokenizer
+    from ..runtimes.pipeline import ModelSpec, Pipeline
+
+    spec = ModelSpec(image_tokens=model["image_tokens"], expert_routing=model["expert_routing"],
+                     position_ids=model["position_ids"], pad_token_id=model["pad_token_id"],
+                     max_length=model["max_length"])
+    return Pipeline(session, Tokenizer(tokenizer_path), template, preprocess, spec)
+
+
+def _facts(model: dict):
+    from ..runtimes.onnxruntime_backend import DecoderFacts
+
+    return DecoderFacts(num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"], head_dim=model["head_dim"],
+                        hidden_size=model["hidden_size"], vocab_size=model["vocab_size"],
+                        max_length=model["max_length"])
+
+
+def ort_session(files: Mapping[str, Path], model: dict, threads: int = 1):
+    from ..runtimes.onnxruntime_backend import OrtModelSession
+
+    return OrtModelSession(files["text_decoder"], files["token_embedding"], _facts(model),
+                           vision_encoder_path=files["vision_encoder"], connector_path=files["connector"],
+                           providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
+
+
+def gate_items(image_size: int, per_category: int, seed: int = 0) -> list:
+    from ..training.data import SyntheticVQA
+
+    return SyntheticVQA(image_size=image_size, seed=seed).eval_items("test", per_category)
+
+
+def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str], *, tokenizer_path, template,
+                  preprocess, model: dict, arch=None, options: QuantOptions = QuantOptions(),
+                  progress: Callable[[str], None] = lambda s: None) -> QuantResult:
+    """Quantize the fp32 ONNX parts ``fp32`` (part -> file) into ``root`` (bundle file names) and score them."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    bad = [p for p in precisions if p not in QUANT_PRECISIONS]
+    if bad:
+        raise ConfigError(f"not quantized precisions {bad}; choose from {list(QUANT_PRECISIONS)}")
+    recipe = options.recipe or default_recipe(arch)
+    prep = prompt_pipeline(tokenizer_path, template, preprocess, model)
+    progress("calibrate: build the calibration set")
+    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
+    calib = build_calibration(prep, options.calibration, options.cache_dir, identity={"tokenizer": tok_hash})
+    ref = ort_session(fp32, model)
+    facts = _facts(model)
+    parts: list[QuantizedPart] = []
+    for precision in precisions:
+        r = recipe
+        for part in PARTS_FOR[precision]:
+            r = for_precision(r, part, precision)
+            out = root / artifact_file(part, "onnx", precision)
+            progress(f"quantize {part} ({precision})")
+            if part == "vision_encoder":
+                parts.append(quantize_int8_static(part, fp32[part], out, pixel_reader(calib), r,
+                                                  options.calibration_method))
+            elif part == "connector":
+                enc = lambda px: ref.vision_encoder.run(["image_features"], {"pixel_values": px})[0]  # noqa: E731
+                parts.append(quantize_int8_static(part, fp32[part], out, feature_reader(enc, calib), r,
+                                                  options.calibration_method))
+            else:
+                reader = None
+                if options.algorithm == "gptq":
+                    emb = load_file(str(fp32["token_embedding"]))["weight"].astype(np.float32)
+                    reader = decoder_feeds(calib, emb, ref.encode_images, facts)
+                parts.append(quantize_weight_only(part, fp32[part], out, precision, r, options.algorithm,
+                                                  options.block_size, options.accuracy_level, reader))
+    scores: dict = {}
+    items = gate_items(preprocess.image_size, options.eval_per_category)
+    ref_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ref)
+    ref_acc = None
+    for precision in precisions:
+        progress(f"score {precision} against fp32 ({len(items)} test prompts)")
+        files = dict(fp32)
+        files.update({q.part: q.path for q in parts if q.precision == precision})
+        q_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ort_session(files, model))
+        s = score(ref_pipe, q_pipe, items, accuracy=options.accuracy, ref_accuracy=ref_acc)
+        ref_acc = s.get("accuracy_fp32", ref_acc)
+        s["parts"] = {q.part: {"quantized_nodes": len(q.quantized_nodes), "kept_nodes": list(q.kept_nodes),
+                               **q.settings} for q in parts if q.precision == precision}
+        scores[precision] = check_gates(s, precision, options.gates.get(precision), options.allow_degraded)
+    return QuantResult(parts, scores, {**calib.summary(), "recipe": recipe.to_dict()})
+
+
+
+
+def model_size(path: str | os.PathLike) -> int:
+    from .quantize import _model_bytes
+
+    return _model_bytes(Path(path))

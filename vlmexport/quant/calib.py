@@ -1,0 +1,267 @@
+"""Calibration data: real image+prompt pairs, deterministic for a seed, cached on disk.
+
+Sources (never the test split, which the accuracy gates score on):
+- the model's own synthetic set, ``SyntheticVQA(seed).sample("val", i)`` (the first
+  question of each validation image, prompted exactly as ``vlmexport eval`` does:
+  ``Pipeline.prepare([Turn(question, images=1)], [image])``);
+- a LLaVA-style JSONL (first question of each conversation).
+
+Defaults: 512 images for the INT8 vision parts (static activation ranges of a ViT need
+a few hundred images to stabilise; the usual ViT PTQ recipes use 500-1000) and 64
+image+prompt pairs for the decoder (GPTQ / AWQ-style weight-only INT4 converges at
+32-128 sequences in the literature; each pair holds ~image_tokens + 20 positions).
+
+A :class:`CalibrationSet` holds preprocessed pixels and the token layouts of the pairs
+(input ids, position ids, token types, image mask), stored as one ``.npz`` keyed by a
+hash of every setting that changes its content. :func:`activation_stats` keeps the
+statistics of the image-token path and the text-token path apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGES = 512  # INT8 vision encoder / connector
+DEFAULT_PAIRS = 64  # decoder weight-only INT4/INT8 (data-driven algorithms)
+CALIB_SPLIT = "val"
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VLMEXPORT_CACHE", Path.home() / ".cache" / "vlmexport")) / "calibration"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    images: int = DEFAULT_IMAGES
+    pairs: int = DEFAULT_PAIRS
+    seed: int = 0
+    data: str | None = None  # a LLaVA JSONL; None: the synthetic validation split
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.pairs < 0:
+            raise ConfigError(f"calibration needs at least one image (images={self.images}, pairs={self.pairs})")
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Preprocessed pixels [N, 3, S, S] and ``pairs`` token layouts (rows ``offsets[i]:offsets[i+1]``)."""
+
+    pixels: np.ndarray
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    token_type: np.ndarray
+    is_image: np.ndarray
+    offsets: np.ndarray
+    key: str
+    source: str
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.offsets) - 1
+
+    def pair(self, i: int) -> dict[str, np.ndarray]:
+        """Layout arrays of pair ``i``; its image is ``pixels[i]``."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.input_ids[a:b], "position_ids": self.position_ids[a:b],
+                "token_type": self.token_type[a:b], "is_image": self.is_image[a:b]}
+
+    def summary(self) -> dict:
+        n_img = int(self.is_image.sum())
+        return {"source": self.source, "images": int(self.pixels.shape[0]), "pairs": self.num_pairs,
+                "image_positions": n_img, "text_positions": int(self.is_image.size - n_img), "key": self.key}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, pixels=self.pixels, input_ids=self.input_ids, position_ids=self.position_ids,
+                 token_type=self.token_type, is_image=self.is_image, offsets=self.offsets,
+                 meta=np.frombuffer(json.dumps({"key": self.key, "source": self.source}).encode(), np.uint8))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationSet":
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return cls(z["pixels"], z["input_ids"], z["position_ids"], z["token_type"], z["is_image"].astype(bool),
+                       z["offsets"], meta["key"], meta["source"])
+
+
+def settings_key(settings: CalibrationSettings, identity: dict) -> str:
+    """Hash of everything that changes the set's content (settings, preprocessing, template, tokenizer)."""
+    blob = json.dumps({"v": FORMAT_VERSION, "split": CALIB_SPLIT, **settings.__dict__, **identity},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _questions(settings: CalibrationSettings, image_size: int, n: int) -> Iterator[tuple[np.ndarray, str]]:
+    """(image HxWx3 uint8, question) pairs, deterministic for (seed, data)."""
+    if settings.data is not None:
+        from ..training.data import read_llava_jsonl
+
+        recs = list(read_llava_jsonl(settings.data))
+        order = np.random.default_rng(settings.seed).permutation(len(recs))
+        for j in order[:n]:
+            yield recs[j].load_image(image_size), recs[j].turns[0][0]
+        return
+    from ..training.data import SyntheticVQA
+
+    gen = SyntheticVQA(image_size=image_size, seed=settings.seed)
+    for i in range(n):
+        s = gen.sample(CALIB_SPLIT, i)
+        qa = s.qas[i % len(s.qas)]
+        yield s.image, qa.question
+
+
+def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSettings(),
+                      cache_dir: str | os.PathLike | None = None, identity: dict | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> CalibrationSet:
+    """The calibration set for ``pipeline``'s tokenizer, template and preprocessing (cached).
+
+    Only ``pipeline.prepare`` (tokenize, template, layout, preprocess) is used; no model runs.
+    """
+    from ..core.prompt import Turn
+
+    pre = pipeline.preprocess_config
+    ident = {"preprocess": pre.as_dict(), "template": pipeline.template.to_dict(), "spec": pipeline.spec.__dict__,
+             "vocab": pipeline.tokenizer.vocab_size, **(identity or {})}
+    key = settings_key(settings, ident)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"calib-{key}.npz"
+    if path.is_file():
+        log.info("calibration set %s from cache", key)
+        return CalibrationSet.load(path)
+    n = max(settings.images, settings.pairs)
+    pixels, layouts = [], []
+    for i, (img, q) in enumerate(_questions(settings, pre.image_size, n)):
+        layout, px = pipeline.prepare([Turn(user=q, images=1)], [img])
+        pixels.append(px[0])
+        if i < settings.pairs:
+            layouts.append(layout)
+        if progress is not None:
+            progress(i + 1, n)
+    if len(pixels) < settings.images:
+        raise DataError(f"the calibration source holds {len(pixels)} images; {settings.images} were asked for")
+    cat = lambda f, dt: (np.concatenate([np.asarray(f(lo), dt) for lo in layouts])  # noqa: E731
+                         if layouts else np.zeros(0, dt))
+    offsets = np.cumsum([0] + [len(lo) for lo in layouts]).astype(np.int64)
+    source = settings.data or f"synthetic:{CALIB_SPLIT}:seed{settings.seed}"
+    cs = CalibrationSet(np.stack(pixels[: settings.images]).astype(np.float32),
+                        cat(lambda lo: lo.input_ids, np.int64), cat(lambda lo: lo.position_ids, np.int64),
+                        cat(lambda lo: lo.token_type, np.int64), cat(lambda lo: lo.is_image, bool), offsets, key,
+                        source)
+    cs.save(path)
+    return cs
+
+
+# ------------------------------------------------------------------- readers
+class _Reader:
+    """An onnxruntime ``CalibrationDataReader`` over a list of feeds (re-iterable via ``rewind``)."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def pixel_reader(cs: CalibrationSet, batch: int = 8, dtype=np.float32) -> _Reader:
+    px = cs.pixels.astype(dtype)
+    return _Reader([{"pixel_values": px[i:i + batch]} for i in range(0, len(px), batch)])
+
+
+def feature_reader(encode: Callable[[np.ndarray], np.ndarray], cs: CalibrationSet, batch: int = 8) -> _Reader:
+    """Connector inputs: the (fp32) vision encoder's outputs on the calibration pixels."""
+    return _Reader([{"image_features": np.asarray(encode(cs.pixels[i:i + batch]), np.float32)}
+                    for i in range(0, len(cs.pixels), batch)])
+
+
+def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Callable[[np.ndarray], np.ndarray], facts,
+                  dtype=np.float32) -> _Reader:
+    """Full-graph feeds (empty past) of the text decoder for every calibration pair.
+
+    ``embedding`` is the token table; ``image_embeds(pixels)`` runs the
+    (fp32) vision parts. The decoder routes rows by ``token_type`` with Gathers, so a visual
+    expert's MatMul sees image-token rows only and a language expert's text-token rows only:
+    a data-driven algorithm fed these feeds calibrates each expert on its own modality.
+    """
+    feeds = []
+    for i in range(cs.num_pairs):
+        p = cs.pair(i)
+        emb = np.take(embedding, p["input_ids"], axis=0).astype(np.float32)
+        emb[p["is_image"]] = np.asarray(image_embeds(cs.pixels[i:i + 1])).reshape(-1, facts.hidden_size)
+        n = len(p["input_ids"])
+        f = {"inputs_embeds": emb[None].astype(dtype), "position_ids": p["position_ids"][None],
+             "token_type": p["token_type"][None], "attention_mask": np.ones((1, n), np.int64)}
+        for layer in range(facts.num_layers):
+            for kind in ("key", "value"):
+                f[f"past_key_values.{layer}.{kind}"] = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype)
+        feeds.append(f)
+    return _Reader(feeds)
+
+
+def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_of: Callable[[dict], np.ndarray]
+                     | None = None) -> dict[str, dict]:
+    """Per-MatMul input statistics of a routed decoder, split by modality.
+
+    Every MatMul input is added as a graph output and the calibration feeds are run; the
+    rows a MatMul sees are already one modality (routing gathers them), which is recorded
+    as ``"image"`` for ``.vision.`` nodes and ``"text"`` otherwise. Returns
+    ``{node: {"modality", "rows", "absmax" [in], "mean_sq" [in]}}`` (``mean_sq`` is the
+    per-input-channel second moment AWQ-style scaling uses).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    targets = {n.name: n.input[0] for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    have = {o.name for o in m.graph.output}
+    for name in dict.fromkeys(targets.values()):
+        if name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    tmp = Path(model_path).with_name(Path(model_path).stem + ".stats.onnx")
+    onnx.save(m, str(tmp))  # external data stays where it is (same directory, same relative location)
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+        outs = list(dict.fromkeys(targets.values()))
+        acc: dict[str, list] = {}
+        reader.rewind()
+        for feed in reader:
+            vals = dict(zip(outs, sess.run(outs, feed)))
+            for node, inp in targets.items():
+                v = vals[inp].reshape(-1, vals[inp].shape[-1]).astype(np.float64)
+                a = acc.setdefault(node, [0, np.zeros(v.shape[1]), np.zeros(v.shape[1])])
+                a[0] += v.shape[0]
+                if v.shape[0]:
+                    a[1] = np.maximum(a[1], np.abs(v).max(0))
+                    a[2] += (v * v).sum(0)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {node: {"modality": "image" if ".vision." in node else "text", "rows": int(r),
+                   "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}
+            for node, (r, mx, sq) in acc.items()}

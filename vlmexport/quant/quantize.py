@@ -1,0 +1,237 @@
+"""INT8 static QDQ for the vision parts, INT4/INT8 weight-only for the text decoder.
+
+Vision encoder / connector (``quantize_int8_static``): onnxruntime's ``quantize_static``,
+QDQ format, MatMul/Gemm/Conv, per-channel symmetric INT8 weights, symmetric INT8
+activations (``ActivationSymmetric``: zero points 0, the form TensorRT builds INT8
+engines from). Calibration method, measured with :func:`compare_calibration_methods` (max |int8 - fp32| /
+max |fp32| of the part's output on 32 test-split images; calibration from the val split):
+
+==========================================  ========  ========  ==========
+model, part (calibration images)            MinMax    Entropy   Percentile
+==========================================  ========  ========  ==========
+trained L1 snapshot, vision_encoder (512)   0.0812    0.0812    **0.0718**
+trained L1 snapshot, connector (512)        0.0322    0.0322    **0.0276**
+tiny seeded cogvlm, vision_encoder (64)     **0.0330**  0.0330    0.0403
+tiny seeded cogvlm, connector (64)          0.0402    0.0402    **0.0386**
+==========================================  ========  ========  ==========
+
+Entropy equals MinMax exactly: ``quantize_static`` builds its entropy calibrator with 128
+histogram bins and 128 quantized bins (not settable through ``extra_options`` in 1.31), so
+the KL search has one candidate, the full range. Percentile (99.999) wins on the trained
+model, which is what matters (a random tiny model has no outliers to clip), so it is the
+default.
+
+Text decoder (``quantize_weight_only``): ``MatMulNBitsQuantizer`` (``com.microsoft.MatMulNBits``),
+block 32, ``accuracy_level`` 4 (int8 compute on CPU; use 0/None on GPU with block 128).
+The decoder's projections are ``MatMul(x, W)`` with ``W`` an initializer, so every expert
+weight qualifies; the visual expert's MatMuls only ever see image-token rows (the graph
+routes rows by Gather), so a data-driven algorithm run on the calibration pairs fits the
+visual expert on image-token activations and the language expert on text tokens.
+Algorithms: ``rtn`` (``DefaultWeightOnlyQuantConfig``, the baseline), ``hqq``
+(``HQQWeightOnlyQuantConfig``, data-free), ``gptq`` (``GPTQWeightOnlyQuantConfig``, the
+Intel Neural Compressor code vendored in onnxruntime, fed the calibration pairs).
+INT8 weight-only is ``MatMulNBits`` with ``bits=8`` (runs on onnxruntime 1.31's CPU provider),
+always with rtn (see :func:`quantize_weight_only`).
+
+Measured on a trained cogvlm snapshot (docs/quantization.md; 280 test prompts, LM head fp32):
+int4 rtn top-1 agreement 0.993, logit cosine 0.9999976, 0.5 ms/token decode; hqq 0.993,
+0.9999984, but 10.5 ms/token (float zero points take onnxruntime's unpacked CPU path) and a
+15% larger file; gptq 0.964, 0.9999672. Hence rtn is the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from ..core.errors import ConfigError
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_METHOD = "percentile"  # see the measurement table in the module docstring
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq", "gptq")
+DEFAULT_ALGORITHM = "rtn"
+CPU_BLOCK, GPU_BLOCK = 32, 128
+EXTERNAL_DATA_ABOVE = 1 << 30  # write initializers to <file>.data above 1 GiB (protobuf's limit is 2 GiB)
+
+
+@dataclass(frozen=True)
+class QuantizedPart:
+    """What one quantization wrote."""
+
+    part: str
+    precision: str
+    path: Path
+    data_files: tuple[Path, ...]
+    quantized_nodes: tuple[str, ...]
+    kept_nodes: tuple[str, ...]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path, *self.data_files)
+
+
+def _weight_nodes(model: onnx.ModelProto, op_types: Sequence[str]) -> list[tuple[str, str]]:
+    """(node name, weight initializer name) of every node in op_types whose second input is an initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    return [(n.name, n.input[1]) for n in model.graph.node
+            if n.op_type in op_types and len(n.input) > 1 and n.input[1] in inits]
+
+
+def _data_files(path: Path) -> tuple[Path, ...]:
+    m = onnx.load(str(path), load_external_data=False)
+    locs = {e.value for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+    return tuple(path.parent / loc for loc in sorted(locs))
+
+
+def _model_bytes(path: Path) -> int:
+    return path.stat().st_size + sum(f.stat().st_size for f in _data_files(path))
+
+
+def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)
+    if external:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out))
+
+
+# --------------------------------------------------------------------- INT8 QDQ
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}
+    if name not in table:
+        raise ConfigError(f"calibration method {name!r}: choose one of {list(table)}")
+    return table[name]
+
+
+def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLike, reader,
+                         recipe: Recipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
+                         percentile: float = 99.999) -> QuantizedPart:
+    """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src, out = Path(src), Path(out)
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = _weight_nodes(model, INT8_OP_TYPES)
+    chosen = recipe.select(part, nodes) if recipe is not None else {n: "int8" for n, _ in nodes}
+    include = [n for n, p in chosen.items() if p == "int8"]
+    kept = [n for n, p in chosen.items() if p != "int8"]
+    if not include:
+        raise ConfigError(f"{part}: the recipe quantizes none of its {len(nodes)} MatMul/Gemm/Conv nodes to int8")
+    external = _model_bytes(src) > EXTERNAL_DATA_ABOVE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reader.rewind()
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
+             "CalibPercentile": percentile,
+             "CalibMovingAverage": False}
+    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OP_TYPES),
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_quantize=include or None, nodes_to_exclude=kept or None,
+                    use_external_data_format=external, calibrate_method=_method(method), extra_options=extra)
+    return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
+                         {"scheme": "qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric",
+                          "calibration_method": method, "calibration_batches": len(reader)})
+
+
+def compare_calibration_methods(part: str, src: str | os.PathLike, reader, eval_feeds: Sequence[dict],
+                                output: str, workdir: str | os.PathLike,
+                                methods: Sequence[str] = CALIBRATION_METHODS) -> dict[str, float]:
+    """max |int8 - fp32| / max |fp32| of ``output`` over ``eval_feeds`` for each calibration method."""
+    ref = _session(src)
+    refs = [ref.run([output], f)[0] for f in eval_feeds]
+    scale = max(float(np.abs(r).max()) for r in refs)
+    errs = {}
+    for m in methods:
+        q = quantize_int8_static(part, src, Path(workdir) / f"{part}.{m}.onnx", reader, method=m)
+        s = _session(q.path)
+        errs[m] = max(float(np.abs(s.run([output], f)[0] - r).max()) for f, r in zip(eval_feeds, refs)) / scale
+        del s
+    return errs
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------- weight-only INT4/8
+def _algo_config(algorithm: str, bits: int, block: int, accuracy_level: int | None, reader):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if algorithm == "rtn":
+        return mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
+                                                bits=bits)
+    if algorithm == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+    if algorithm == "gptq":
+        if bits != 4:
+            raise ValueError("gptq in onnxruntime writes 4-bit weights only; use rtn or hqq for int8")
+        if reader is None:
+            raise ValueError("gptq needs calibration data (a reader over the calibration pairs)")
+        return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=block, percdamp=0.01)
+    raise ConfigError(f"weight-only algorithm {algorithm!r}: choose one of {list(WEIGHT_ONLY_ALGORITHMS)}")
+
+
+def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLike, precision: str,
+                         recipe: Recipe | None = None, algorithm: str = DEFAULT_ALGORITHM, block_size: int = CPU_BLOCK,
+                         accuracy_level: int | None = 4, reader=None) -> QuantizedPart:
+    """Weight-only MatMulNBits of an fp32 ONNX part; the recipe may mix int4 and int8 per node."""
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    except ImportError as e:
+        from ..core.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"weight-only quantization needs onnxruntime's quantizer ({e}); install it "
+                                     "with `pip install 'vlmexport[quant]'`") from None
+
+    src, out = Path(src), Path(out)
+    model = onnx.load(str(src))  # with its external data
+    nodes = _weight_nodes(model, ("MatMul",))
+    chosen = recipe.select(part, nodes) if recipe is not None else {n: precision for n, _ in nodes}
+    done: list[str] = []
+    for p in ("int4", "int8"):
+        include = [n for n, q in chosen.items() if q == p]
+        if not include:
+            continue
+        bits = int(p[3:])
+        # int8 is always rtn: gptq writes 4-bit only, and hqq's 8-bit nodes (float zero points) hit
+        # onnxruntime 1.31's unpacked CPU path ("Only 2b and 4b quantization is supported")
+        algo = algorithm if bits == 4 else "rtn"
+        # nodes_to_include only adds to op_types_to_quantize in onnxruntime: exclude the rest explicitly
+        q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level,
+                                     nodes_to_exclude=[n for n, _ in nodes if n not in include],
+                                     algo_config=_algo_config(algo, bits, block_size, accuracy_level, reader))
+        if algo == "gptq":  # its node config ignores nodes_to_exclude (onnxruntime 1.31); "fp32" means skip
+            make = q._generate_q4_node_config
+            q._generate_q4_node_config = lambda: {**make(), **{n: "fp32" for n in q.nodes_to_exclude}}
+        q.process()
+        model = q.model.model
+        done += include
+    if not done:
+        raise ConfigError(f"{part}: the recipe quantizes none of its {len(nodes)} MatMul nodes")
+    _save(model, out, external=_model_bytes(src) > EXTERNAL_DATA_ABOVE)
+    kept = [n for n, q in chosen.items() if q is None]
+    return QuantizedPart(part, precision, out, _data_files(out), tuple(done), tuple(kept),
+                         {"scheme": "weight-only MatMulNBits", "algorithm": algorithm, "block_size": block_size,
+                          "accuracy_level": accuracy_level, "symmetric": True})
