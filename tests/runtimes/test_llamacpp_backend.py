@@ -63,9 +63,10 @@ def export(model, tmp_path_factory, tokenizer_path, name: str, outtype: str = "f
 def cog(tiny_model, tmp_path_factory, tokenizer_path):
     """(torch model, GGUFExport) of a tiny jittered cogvlm."""
     llama_cpp_or_skip()
-    # seed 24: along the greedy generations below, torch's top-1 / top-2 logit gap is never under
-    # 1.7e-2 of the largest logit, 7x the worst logit error measured: greedy tokens cannot flip
-    model = tiny_model("cogvlm", seed=24, jitter=True)
+    # seed 97 (searched over 20..199): along the greedy generations below, torch's top-1 / top-2
+    # logit gap is never under 1.7e-2 of the largest logit, 7x the worst logit error measured:
+    # greedy tokens cannot flip
+    model = tiny_model("cogvlm", seed=97, jitter=True)
     return model, export(model, tmp_path_factory, tokenizer_path, "cogvlm")
 
 

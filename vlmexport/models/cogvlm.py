@@ -18,7 +18,7 @@ from torch import nn
 from ..core.layout import ExpertRouting, PositionIds
 from .base import VLM, VisionConfig, VLMConfig, register
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
-from .layers import RMSNorm, SwiGLU, activation, apply_rope, attention, routed, vit_self_attention
+from .layers import RMSNorm, SwiGLU, activation, sincos_2d, apply_rope, attention, routed, vit_self_attention
 
 
 @dataclass
@@ -316,6 +316,13 @@ class CogVLM(VLM):
     def reset_special_parameters(self) -> None:
         v = self.model.vision
         nn.init.normal_(v.patch_embedding.cls_embedding, std=0.02)
+        # patch positions start as a 2-D sin-cos table (as in MAE): from-scratch training
+        # then gets the spatial layout the position questions need from step one
+        with torch.no_grad():
+            pos = v.patch_embedding.position_embedding.weight
+            grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
+            if pos.shape[1] % 4 == 0:
+                pos[1:] = sincos_2d(grid, pos.shape[1]).to(pos.dtype)
         nn.init.normal_(v.boi, std=0.02)
         nn.init.normal_(v.eoi, std=0.02)
 

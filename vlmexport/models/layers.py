@@ -176,6 +176,22 @@ def vit_self_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] 2-D sine-cosine position table, row-major (y, x); half the
+    channels encode y, half x (MAE's ``get_2d_sincos_pos_embed``). ``dim`` % 4 == 0."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position table needs a width divisible by 4, got {dim}")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coord = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coord, coord, indexing="ij")
+
+    def enc(c: torch.Tensor) -> torch.Tensor:
+        a = c.reshape(-1, 1) * freq
+        return torch.cat((a.sin(), a.cos()), dim=1)
+
+    return torch.cat((enc(ys), enc(xs)), dim=1).float()
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """Seeded-friendly initialisation used for models trained from scratch."""
     for m in module.modules():
