@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build llama.cpp's llama-quantize from the sources vendored in llama-cpp-python (see
 # scripts/llama_cpp_sources.sh) into .cache/llama-build and print the binary's path.
-# vlmexport does not need it (exporter/gguf_quant.py passes the importance matrix and the
-# tensor-type overrides through llama_model_quantize's C API); tests/exporter/test_gguf_quant.py
+# vlmexport does not need it (quant/gguf.py passes the importance matrix and the
+# tensor-type overrides through llama_model_quantize's C API); tests/quant/test_gguf_quant.py
 # uses it, when VLMEXPORT_LLAMA_QUANTIZE points at it, to check that llama.cpp's own imatrix
 # reader takes our imatrix file and gives the same quantized bytes.
 # One core: `taskset -c 1 scripts/llama_quantize.sh` (about ten minutes).

@@ -80,6 +80,20 @@ def test_train_eval_build_inspect_run(tmp_path):
         answers[backend] = r.plain.strip()
     assert answers["torch"] == answers["onnxruntime"]
 
+    report = tmp_path / "bench.json"
+    r = invoke("bench", bundle, "--backend", "torch,onnxruntime", "--repeats", "1", "--decode-tokens", "3",
+               "--prompt-tokens", "4", "--accuracy", "2", "--json", report)
+    assert r.exit_code == 0, r.plain
+    data = json.loads(report.read_text())
+    rows = {(row["backend"].split("-")[0], row["precision"]): row for row in data["rows"]}
+    assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")}
+    onnx_fp16 = sum(f.stat().st_size for f in (bundle / "onnx").glob("*.fp16.*"))
+    assert abs(rows[("onnxruntime", "fp16")]["size_mb"] * 1e6 - onnx_fp16) < 1
+    for row in rows.values():
+        assert row["decode_tok_s"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+    assert len(data["ratios"]) == 2  # each onnxruntime precision against torch fp32
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
 
 def test_errors_are_one_line(tmp_path):
     r = invoke("eval", tmp_path / "missing")
@@ -89,6 +103,8 @@ def test_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown recipe" in r.plain
     r = invoke("inspect", tmp_path)
     assert r.exit_code == 2 and "not a vlmexport bundle" in r.plain
+    r = invoke("bench", tmp_path, "--accuracy", "3")
+    assert r.exit_code == 2 and "even number" in r.plain
 
 
 def test_bad_image_is_a_clear_error(tmp_path, tiny_model_dir):

@@ -177,6 +177,8 @@ class BenchRow:
     achieved_gbs: float
     bandwidth_fraction: float
     load_s: float
+    size_mb: float = 0.0  # the bundle files this backend x precision loads
+    accuracy: float | None = None  # exact match on the synthetic test split (--accuracy N)
 
 
 @dataclass
@@ -192,10 +194,12 @@ class BenchReport:
         return json.dumps(asdict(self), indent=2)
 
     def table(self) -> str:
-        head = ("backend", "precision", "encode ms", "TTFT ms", "decode tok/s", "GB/s", "% of bw", "peak MB")
-        rows = [head] + [(r.backend, r.precision, f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+        head = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "decode tok/s", "GB/s", "% of bw",
+                "peak MB", "accuracy")
+        rows = [head] + [(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
                           f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction * 100:.0f}%",
-                          f"{r.peak_rss_mb:.0f}") for r in self.rows]
+                          f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy * 100:.1f}%")
+                         for r in self.rows]
         w = [max(len(r[k]) for r in rows) for k in range(len(head))]
         return "\n".join("  ".join(c.rjust(w[k]) if k > 1 else c.ljust(w[k]) for k, c in enumerate(r)) for r in rows)
 
@@ -268,10 +272,27 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
                     bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s)
 
 
+def loaded_bytes(b, backend: str, precision: str) -> int:
+    """Bytes of the bundle files that ``vlmexport.load(backend=, precision=)`` reads (the
+    loader's per-part fallback to fp32 for quantized ONNX precisions included)."""
+    if backend == "torch":
+        return b.find("model", "torch").total_size_bytes
+    if backend == "llamacpp":
+        return sum(b.find(part, "gguf", precision).total_size_bytes for part in ("text_decoder", "mmproj"))
+    total = 0
+    for part in ("vision_encoder", "connector", "text_decoder", "token_embedding"):
+        have = b.precisions(part, "onnx")
+        total += b.find(part, "onnx", precision if precision in have else "fp32").total_size_bytes
+    return total
+
+
 def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
-              repeats: int = 3, threads: int | None = None,
+              repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
               progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+    """Every backend x precision of a bundle, side by side in this process. With
+    ``accuracy_per_category`` > 0 each is also scored (exact match) on that many synthetic
+    test-split items per category: meaningful for models trained on the synthetic task."""
     from .bundle import Bundle
     from .runtimes.loader import load
     from .runtimes.onnxruntime_backend import physical_cores
@@ -304,8 +325,12 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
         t0 = time.perf_counter()
         pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none")
         load_s = time.perf_counter() - t0
-        report.rows.append(bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth,
-                                          load_s))
+        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth, load_s)
+        row.size_mb = loaded_bytes(b, backend, precision) / 1e6
+        if accuracy_per_category > 0:
+            progress(f"accuracy {backend} {precision}")
+            row.accuracy = _accuracy(pipe, accuracy_per_category)
+        report.rows.append(row)
         del pipe
         gc.collect()
     base = next((r for r in report.rows if r.backend.startswith("torch")), None)
@@ -319,6 +344,15 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
     return report
 
 
+def _accuracy(pipe, n_per_category: int) -> float:
+    from .evaluation.runner import evaluate
+    from .training.data import SyntheticVQA
+
+    pipe.session.reset()
+    items = SyntheticVQA(image_size=pipe.preprocess_config.image_size, seed=0).eval_items("test", n_per_category)
+    return evaluate(pipe, items).overall
+
+
 def plot_report(report: BenchReport, path: str | Path) -> Path:
     try:
         import matplotlib
@@ -328,7 +362,7 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     except ImportError:
         raise VlmexportError("the PNG chart needs matplotlib; install it with `pip install 'vlmexport[plot]'`") from None
     labels = [f"{r.backend}" for r in report.rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
                            (axes[1], "ttft_ms", "time to first token, ms"),
                            (axes[2], "peak_rss_mb", "peak RSS, MB")):
@@ -338,6 +372,15 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         for k, v in enumerate(vals):
             ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax = axes[3]  # every artifact set: size against decode speed, accuracy where measured
+    for r in report.rows:
+        ax.scatter(r.size_mb, r.decode_tok_s, color="#888" if "torch" in r.backend else "#2a6")
+        acc = "" if r.accuracy is None else f" {r.accuracy * 100:.1f}%"
+        ax.annotate(f"{r.backend.split('-')[0]} {r.precision}{acc}", (r.size_mb, r.decode_tok_s), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("size, MB", fontsize=8)
+    ax.set_ylabel("decode tokens/s", fontsize=8)
+    ax.set_title("size vs speed (label: exact match)", fontsize=10)
     fig.suptitle(f"{Path(report.bundle).name}: {report.machine.get('cpu', '')}, {report.threads} threads, "
                  f"read bandwidth {report.bandwidth_gbs:.1f} GB/s", fontsize=10)
     fig.tight_layout()

@@ -379,10 +379,16 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: next to "
                                             "the bundle as bench.json)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
+    accuracy: int = typer.Option(0, help="Also score each backend x precision on this many synthetic test items "
+                                 "per category (exact match; for models trained on the synthetic task)."),
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
     from .benchmark import plot_report, run_bench, write_synthetic_checkpoint
+
+    if accuracy < 0 or accuracy % 2:
+        raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
+                             "questions come in yes/no pairs), e.g. --accuracy 40")
 
     progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
     with progress:
@@ -408,15 +414,16 @@ def bench(
         report = run_bench(bundle, backends=_csv(backend, "backend"),
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
-                           threads=threads, progress=step)
+                           threads=threads, accuracy_per_category=accuracy, progress=step)
     t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
                     f"{report.bandwidth_gbs:.1f} GB/s")
-    for col in ("backend", "precision", "encode ms", "TTFT ms", "decode tok/s", "GB/s read", "of bandwidth",
-                "peak RSS MB"):
+    for col in ("backend", "precision", "size MB", "encode ms", "TTFT ms", "decode tok/s", "GB/s read",
+                "of bandwidth", "peak RSS MB", "exact match"):
         t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
     for r in report.rows:
-        t.add_row(r.backend, r.precision, f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}", f"{r.decode_tok_s:.1f}",
-                  f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}", f"{r.peak_rss_mb:.0f}")
+        t.add_row(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+                  f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}",
+                  f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy:.1%}")
     out.print(t)
     for name, ratio in report.ratios.items():
         out.print(f"{name}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "

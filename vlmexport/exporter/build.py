@@ -31,7 +31,7 @@ FORMATS = ("onnx", "gguf")
 ONNX_PRECISIONS = ("fp32", "fp16")
 ONNX_QUANT_PRECISIONS = ("int8", "int4")  # vlmexport/quant: calibrated from fp32, gated against it
 GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0")
-GGUF_QUANTIZED = ("q8_0", "q4_k_m", "q4_0")  # llama.cpp's quantizer on the f16 file (exporter/gguf_quant.py)
+GGUF_QUANTIZED = ("q8_0", "q4_k_m", "q4_0")  # llama.cpp's quantizer on the f16 file (quant/gguf.py)
 # one spelling for the user, the format's own name in the bundle
 PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16",
                              "int8": "int8", "int4": "int4"},
@@ -241,7 +241,7 @@ def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
     import tempfile
 
     from .gguf import GGUFSource, export_gguf
-    from .gguf_quant import MMPROJ_FOR, quantize_mmproj_gguf, quantize_text_gguf
+    from ..quant.gguf import MMPROJ_FOR, quantize_mmproj_gguf, quantize_text_gguf
 
     parts: list[ExportedPart] = []
     deviations: list[str] = []
@@ -258,7 +258,7 @@ def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
         if imatrix_pairs > 0:
             progress(f"imatrix ({imatrix_pairs} image+prompt pairs)")
             im, im_seconds = compute_bundle_imatrix(src, imatrix_pairs)
-            from .gguf_imatrix import write_imatrix
+            from ..quant.imatrix import write_imatrix
 
             write_imatrix(root / IMATRIX_FILE, im)
             means = im.means()
@@ -288,12 +288,12 @@ def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
 
 
 def compute_bundle_imatrix(src: SourceModel, pairs: int):
-    """The multimodal importance matrix of ``src`` (see exporter/gguf_imatrix.py)."""
+    """The multimodal importance matrix of ``src`` (see quant/imatrix.py)."""
     import torch
 
     from ..models.checkpoint import load_pretrained
     from .gguf import GGUFSource, plan_text
-    from .gguf_imatrix import calibration_runs, compute_imatrix, synthetic_items
+    from ..quant.imatrix import calibration_runs, compute_imatrix, synthetic_items
 
     t0 = time.perf_counter()
     loaded = load_pretrained(src.path, dtype=torch.float32)

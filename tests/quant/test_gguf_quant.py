@@ -1,5 +1,5 @@
-"""Quantized GGUF files (exporter/gguf_quant.py) and the multimodal importance matrix
-(exporter/gguf_imatrix.py).
+"""Quantized GGUF files (quant/gguf.py) and the multimodal importance matrix
+(quant/imatrix.py).
 
 The quantization tests use a tiny cogvlm whose rows are whole K-quant super-blocks
 (hidden 256, intermediate 512) and 8 layers, so that llama.cpp's q4_k_m mixture really
@@ -17,8 +17,8 @@ gguf = pytest.importorskip("gguf")
 from vlmexport.core.errors import ConfigError  # noqa: E402
 from vlmexport.core.preprocess import PreprocessConfig  # noqa: E402
 from vlmexport.exporter import gguf as gw  # noqa: E402
-from vlmexport.exporter import gguf_imatrix as gi  # noqa: E402
-from vlmexport.exporter import gguf_quant as gq  # noqa: E402
+from vlmexport.quant import imatrix as gi  # noqa: E402
+from vlmexport.quant import gguf as gq  # noqa: E402
 from vlmexport.runtimes import llamacpp_backend as lb  # noqa: E402
 
 BIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4)

@@ -12,7 +12,7 @@ Text GGUF (q8_0, q4_k_m, q4_0)
     is built. (Older llama.cpp took C++ ``std::unordered_map`` / ``std::vector`` pointers
     there (``void *``), which Python cannot build; with such a version ``llama-quantize
     --imatrix FILE --tensor-type REGEX=TYPE`` is the route: scripts/llama_quantize.sh builds it
-    and :func:`vlmexport.exporter.gguf_imatrix.write_imatrix` writes the file it reads.) The quantizer is handed the *mean* squared activation per
+    and :func:`vlmexport.quant.imatrix.write_imatrix` writes the file it reads.) The quantizer is handed the *mean* squared activation per
     column, which is what ``llama-quantize`` derives from a file (in_sum2 / counts).
 
 Visual experts get the language experts' types
@@ -36,7 +36,7 @@ mmproj (q8_0)
     quantizes an mmproj GGUF without building a model; libmtmd loads the result. Rows
     that are not whole blocks (e.g. a 48-wide ViT) fall back to F16, the patch
     convolution stays F16 and norms / biases / position embeddings stay F32.
-    ``tests/exporter/test_gguf_quant.py`` checks the types and that libmtmd's image
+    ``tests/quant/test_gguf_quant.py`` checks the types and that libmtmd's image
     embeddings stay within 3e-2 of PyTorch's. Every quantized text GGUF is paired with
     the q8_0 mmproj (:data:`MMPROJ_FOR`; a 4-bit ViT has not been measured).
 """
@@ -164,7 +164,7 @@ def quantize_text_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: st
     """Quantize a text GGUF (f16 or f32) with llama.cpp's quantizer.
 
     ``imatrix`` maps GGUF tensor names to mean squared input activations per column
-    (:meth:`vlmexport.exporter.gguf_imatrix.Imatrix.means`). With ``match_experts`` every
+    (:meth:`vlmexport.quant.imatrix.Imatrix.means`). With ``match_experts`` every
     visual-expert tensor ends up with its language twin's type (see the module docstring).
     """
     t0 = time.perf_counter()
