@@ -18,7 +18,7 @@ from torch import nn
 from ..core.layout import ExpertRouting, PositionIds
 from .base import VLM, VisionConfig, VLMConfig, register
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
-from .layers import RMSNorm, SwiGLU, activation, sincos_2d, apply_rope, attention, routed, vit_self_attention
+from .layers import RMSNorm, SwiGLU, ViTMLP, apply_rope, attention, routed, sincos_2d, vit_self_attention
 
 
 @dataclass
@@ -65,17 +65,6 @@ class EVAAttention(nn.Module):
         return self.dense(vit_self_attention(x, q, k, v, self.num_heads))
 
 
-class EVAMLP(nn.Module):
-    def __init__(self, vc: VisionConfig):
-        super().__init__()
-        self.act = activation(vc.hidden_act)
-        self.fc1 = nn.Linear(vc.hidden_size, vc.intermediate_size)
-        self.fc2 = nn.Linear(vc.intermediate_size, vc.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EVALayer(nn.Module):
     """Post-norm block: x + LN(attn(x)), then x + LN(mlp(x))."""
 
@@ -83,7 +72,7 @@ class EVALayer(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.attention = EVAAttention(vc)
-        self.mlp = EVAMLP(vc)
+        self.mlp = ViTMLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
         self.post_attention_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,19 @@ def vit_self_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
+class ViTMLP(nn.Module):
+    """The ViT block's MLP (EVA and CLIP alike): fc1 -> activation -> fc2."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """[grid*grid, dim] 2-D sine-cosine position table, row-major (y, x); half the
     channels encode y, half x (MAE's ``get_2d_sincos_pos_embed``). ``dim`` % 4 == 0."""

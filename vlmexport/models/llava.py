@@ -19,7 +19,7 @@ from ..core.layout import ExpertRouting, PositionIds
 from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
-from .layers import RMSNorm, SwiGLU, activation, apply_rope, attention, vit_self_attention
+from .layers import RMSNorm, SwiGLU, ViTMLP, activation, apply_rope, attention, vit_self_attention
 
 
 @dataclass
@@ -82,17 +82,6 @@ class CLIPAttention(nn.Module):
         return self.out_proj(vit_self_attention(x, self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads))
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, vc: VisionConfig):
-        super().__init__()
-        self.act = activation(vc.hidden_act)
-        self.fc1 = nn.Linear(vc.hidden_size, vc.intermediate_size)
-        self.fc2 = nn.Linear(vc.intermediate_size, vc.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CLIPLayer(nn.Module):
     """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
@@ -100,7 +89,7 @@ class CLIPLayer(nn.Module):
         super().__init__()
         self.self_attn = CLIPAttention(vc)
         self.layer_norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
-        self.mlp = CLIPMLP(vc)
+        self.mlp = ViTMLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
         self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
