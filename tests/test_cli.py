@@ -94,6 +94,17 @@ def test_train_eval_build_inspect_run(tmp_path):
     assert len(data["ratios"]) == 2  # each onnxruntime precision against torch fp32
     assert (tmp_path / "bench.png").stat().st_size > 0
 
+    # a tampered artifact: one line naming the file, for the runtime and for inspect --verify full
+    p = bundle / "onnx" / "connector.fp32.onnx"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+    for args in (("run", bundle, "--backend", "onnxruntime", "--image", img, "--prompt", "hi"),
+                 ("inspect", bundle, "--verify", "full")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and r.plain.startswith("error:") and "connector.fp32.onnx" in r.plain, r.plain
+        assert "sha256 mismatch" in r.plain and "Traceback" not in r.plain
+
 
 def test_errors_are_one_line(tmp_path):
     r = invoke("eval", tmp_path / "missing")
