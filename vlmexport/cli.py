@@ -407,8 +407,12 @@ def bench(
             if not (bundle / "manifest.json").is_file():
                 from .exporter.build import build as run_build
 
-                run_build(ckpt, bundle, precisions=_csv(precision or "fp32,fp16", "precision"), e2e_prompts=4,
-                          progress=step)
+                import importlib.util
+
+                # GGUF too where llama.cpp is installed, so the llamacpp backend is timed beside the others
+                formats = ("onnx", "gguf") if importlib.util.find_spec("llama_cpp") else ("onnx",)
+                run_build(ckpt, bundle, formats=formats, precisions=_csv(precision or "fp32,fp16", "precision"),
+                          e2e_prompts=4, progress=step)
         if bundle is None:
             raise VlmexportError("pass a bundle directory or --synthetic bench-s")
         report = run_bench(bundle, backends=_csv(backend, "backend"),
