@@ -284,7 +284,7 @@ def build(
     int4_algorithm: str = typer.Option("rtn", help="Weight-only algorithm for int4: rtn, hqq or gptq."),
     quant_target: str = typer.Option("cpu", help="Device the int4/int8 decoder is tuned for: cpu (block 32, "
                                      "int8 compute, accuracy_level 4) or gpu (block 128, accuracy_level unset)."),
-    gate_items: int = typer.Option(40, help="Test-split questions per category that score int8/int4 parts "
+    gate_items: int = typer.Option(200, help="Test-split questions per category that score int8/int4 parts "
                                    "against fp32 (accuracy gates)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep int8/int4 parts that fail their "
                                         "accuracy gate (recorded in the manifest) instead of failing the build."),
