@@ -49,6 +49,23 @@ def jitter_parameters(model: torch.nn.Module, seed: int, scale: float = 0.1) -> 
     return model
 
 
+def accepts_semantics(arch: str, routing: str, positions: str) -> bool:
+    """Whether ``arch``'s tiny config accepts these routing / position semantics."""
+    from vlmexport.core.errors import ConfigError
+
+    try:
+        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
+    except ConfigError:
+        return False
+    return True
+
+
+def arch_semantics(semantics: list[tuple[str, str]]) -> list:
+    """pytest params for every (architecture, routing, positions) its tiny config accepts."""
+    return [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in sorted(architectures()) for r, p in semantics
+            if accepts_semantics(a, r, p)]
+
+
 def build_tiny_model(arch: str, seed: int = 0, jitter: bool = False, **overrides) -> VLM:
     """A tiny seeded model of architecture ``arch`` (``tiny_config(**overrides)``), in eval mode."""
     A = get_architecture(arch)

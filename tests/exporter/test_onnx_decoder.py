@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import arch_semantics
 import torch
 
-from vlmexport.core.errors import ConfigError
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import IOSpec, export_text_decoder, export_token_embedding
@@ -39,15 +39,8 @@ ATOL = 1e-4
 FP16_RTOL = 1e-2  # of the fp32 logit scale (max |logit|)
 
 
-def _accepts(arch: str, routing: str, positions: str) -> bool:
-    try:
-        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
-    except ConfigError:
-        return False
-    return True
-
-
-ARCH_SEMANTICS = [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in ARCHS for r, p in SEMANTICS if _accepts(a, r, p)]
+# every (architecture, semantics) pair that the architecture's config accepts
+ARCH_SEMANTICS = arch_semantics(SEMANTICS)
 
 
 def spec_of(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import accepts_semantics, arch_semantics
 import torch
 from torch import nn
 
@@ -28,16 +29,8 @@ SEMANTICS = [("image_chunk", "sequential"), ("hf_cogvlm", "hf_cogvlm"), ("hf_cog
 ATOL = 1e-5
 
 
-def _accepts(arch: str, routing: str, positions: str) -> bool:
-    try:
-        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
-    except ConfigError:
-        return False
-    return True
-
-
 # every (architecture, semantics) pair that the architecture's config accepts
-ARCH_SEMANTICS = [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in ARCHS for r, p in SEMANTICS if _accepts(a, r, p)]
+ARCH_SEMANTICS = arch_semantics(SEMANTICS)
 
 
 def pixels(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -70,7 +63,7 @@ def test_semantics_claims():
     assert ARCH_SEMANTICS, "the registry is empty"
     assert EXPERT_ARCHS, "no architecture with visual experts is registered"
     for arch in ARCHS:  # every architecture runs the defaults
-        assert _accepts(arch, "image_chunk", "sequential")
+        assert accepts_semantics(arch, "image_chunk", "sequential")
 
 
 @pytest.mark.parametrize("arch, routing, positions", ARCH_SEMANTICS)

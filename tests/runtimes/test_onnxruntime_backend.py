@@ -19,10 +19,10 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from conftest import arch_semantics
 import torch
 from onnx import TensorProto, helper
 
-from vlmexport.core.errors import ConfigError
 from vlmexport.core.generation import GenerationConfig, generate_tokens
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.core.prompt import Turn
@@ -41,15 +41,8 @@ ATOL = 1e-4
 MAX_LEN = 96
 
 
-def _accepts(arch: str, routing: str, positions: str) -> bool:
-    try:
-        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
-    except ConfigError:
-        return False
-    return True
-
-
-ARCH_SEMANTICS = [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in ARCHS for r, p in SEMANTICS if _accepts(a, r, p)]
+# every (architecture, semantics) pair that the architecture's config accepts
+ARCH_SEMANTICS = arch_semantics(SEMANTICS)
 
 
 def export_session(model, out_dir, precision="fp32", decode_model=True, **kw) -> OrtModelSession:
