@@ -95,13 +95,28 @@ def test_visual_experts_get_their_language_twins_types(quantized, qtype, use_im)
 @pytest.mark.llamacpp
 def test_q4_k_m_bumps_reach_the_visual_ffn_down(quantized):
     """llama.cpp bumps ffn_down by name (use_more_bits layers -> Q6_K); vis_down has no
-    ``ffn_`` in its name, so without pinning it stays Q4_K: the first pass shows that."""
+    ``ffn_`` in its name, so without pinning it stays Q4_K: llama.cpp's plan shows that."""
     r = quantized["q4_k_m", False]
     downs = [r.types[f"blk.{i}.ffn_down.weight"] for i in range(BIG["num_hidden_layers"])]
     assert "Q6_K" in downs and "Q4_K" in downs  # the mixture really mixes on this model
     assert [r.types[f"blk.{i}.vis_down.weight"] for i in range(BIG["num_hidden_layers"])] == downs
     assert any(m.startswith("blk.") and ".vis_down." in m for m in r.mismatched_first_pass)
     assert r.pinned > 0
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype,use_im", [("q4_k_m", False), ("q4_0", True)])
+def test_dry_run_plan_is_what_an_unpinned_quantize_writes(quant_model, tmp_path, qtype, use_im):
+    """The single pass relies on llama.cpp's dry-run plan: it must equal the types a plain
+    (unpinned) quantize writes, and show the mismatch the pinning then removes."""
+    _, _, e, im = quant_model
+    imatrix = im.means() if use_im else None
+    plan = gq._run_quantize(e.text, None, qtype, imatrix, {}, 1)
+    assert not list(tmp_path.iterdir()) and not list(e.text.parent.glob(".*dry-run*"))
+    plain = gq.quantize_text_gguf(e.text, tmp_path / "plain.gguf", qtype, imatrix=imatrix, nthread=1,
+                                  match_experts=False)
+    assert plan == plain.types
+    assert gq.expert_type_mismatches(plan)
 
 
 @pytest.mark.llamacpp
@@ -255,6 +270,22 @@ def test_imatrix_visual_stats_come_only_from_image_tokens(tiny_model, tmp_path_f
     assert all(e.count > 0 for e in im.entries.values())
     assert im.entries["blk.1.vis_down.weight"].count == n_img
     assert im.entries["blk.1.vis_down.weight"].sum2.shape == (model.config.intermediate_size,)
+
+
+def test_imatrix_names_the_layer_with_nonfinite_activations(tiny_model, tmp_path_factory, tokenizer_path):
+    from vlmexport.core.errors import DataError
+    from vlmexport.models.checkpoint import load_pretrained
+
+    model = tiny_model("cogvlm", seed=5, jitter=True)
+    d = save(model, tmp_path_factory, tokenizer_path, "nan-cogvlm")
+    loaded = load_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.language_mlp.up_proj.weight[0, 0] = float("inf")
+    plan = gw.plan_text(gw.GGUFSource.open(d), "f16")
+    runs = gi.calibration_runs(loaded.model, loaded.tokenizer, PreprocessConfig(image_size=32),
+                               type(loaded.model).default_chat_template(), gi.synthetic_items(32, 2, seed=3))
+    with pytest.raises(DataError, match=r"NaN/inf activations at the input of blk\.1\.ffn_down\.weight"):
+        gi.compute_imatrix(loaded.model, plan, runs)
 
 
 def test_imatrix_file_is_llama_cpps_gguf_format(tmp_path):

@@ -24,11 +24,14 @@ Visual experts get the language experts' types
     ``use_more_bits`` layers (and under q4_0 with an imatrix the Q4_1 of the first layers).
     The fused QKV bump counts ``attn_qkv`` and ``vis_attn_qkv`` together (one counter over
     2 x n_layer tensors), so the two experts' QKV of one layer can also differ. Rather than
-    re-implementing those rules, the file is quantized once, the language tensors' types
-    are read back, and if any visual-expert type differs it is quantized again with every
-    expert tensor (both experts) pinned to its language tensor's type through
+    re-implementing those rules, llama.cpp is asked for its plan first: a ``dry_run``
+    quantize (same ftype, same imatrix) reads only the metadata and logs the type it would
+    give every tensor. If any visual-expert type differs from its twin's, the one real pass
+    pins every expert tensor (both experts) to the language tensor's planned type through
     ``tt_overrides`` (pinning both keeps llama.cpp's running counters out of it). The
-    result: ``vis_X`` of layer N has exactly the type of its language twin.
+    result: ``vis_X`` of layer N has exactly the type of its language twin, for the cost of
+    one quantization (an earlier version quantized, read the types back and quantized
+    again, which doubled the time on a 17B checkpoint).
 
 mmproj (q8_0)
     The same ``llama_model_quantize``: this llama.cpp registers a dummy ``clip``
@@ -104,7 +107,7 @@ class QuantizeResult:
     qtype: str
     types: dict[str, str]  # tensor -> ggml type
     imatrix: bool
-    pinned: int  # expert tensors pinned to their language twin's type (0: one pass sufficed)
+    pinned: int  # tensors pinned to a language twin's planned type (0: llama.cpp's plan already matched)
     seconds: float
     mismatched_first_pass: tuple[str, ...] = field(default=())
 
@@ -120,12 +123,15 @@ def _lib():
     return lib, _SINK
 
 
-def _run_quantize(src: Path, dst: Path, qtype: str, imatrix: Mapping[str, np.ndarray] | None,
-                  overrides: Mapping[str, str], nthread: int) -> None:
+def _run_quantize(src: Path, dst: Path | None, qtype: str, imatrix: Mapping[str, np.ndarray] | None,
+                  overrides: Mapping[str, str], nthread: int) -> dict[str, str] | None:
+    """One ``llama_model_quantize`` call; ``dst=None`` is a dry run that returns llama.cpp's
+    planned type per tensor (parsed from its per-tensor log lines) and writes nothing."""
     lib, sink = _lib()
     params = lib.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = getattr(lib, QUANT_TYPES[qtype])
+    params.dry_run = dst is None
     keep: list = []  # everything the C side points at stays alive until the call returns
     if imatrix:
         arr = (lib.llama_model_imatrix_data * (len(imatrix) + 1))()
@@ -148,14 +154,37 @@ def _run_quantize(src: Path, dst: Path, qtype: str, imatrix: Mapping[str, np.nda
         tt[len(overrides)].pattern = None
         keep.append(tt)
         params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(lib.llama_model_tensor_override))
-    tmp = dst.with_name(f".{dst.name}.partial")
+    tmp = dst.with_name(f".{dst.name}.partial") if dst is not None else src.with_name(f".{src.name}.dry-run")
     sink.take()
-    rc = lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with sink.capture() as lines:
+        rc = lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
         why = sink.take() or "see llama.cpp's log"
         raise ConfigError(f"llama.cpp could not quantize {src.name} to {qtype} ({why})")
+    if dst is None:
+        return _planned_types(lines, src)
     os.replace(tmp, dst)
+    return None
+
+
+# "[  12/ 345] blk.0.ffn_down.weight - [  768,   256,     1,     1], type =    f16, size =  0.375 MiB -> 0.105 MiB (q4_K)"
+# (no "(type)" at the end when the tensor keeps its type); src/llama-quant.cpp's dry-run lines
+_PLAN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),"
+                        r"\s+size\s*=[^(]*(?:\((\w+)\))?\s*$")
+
+
+def _planned_types(lines: list[str], src: Path) -> dict[str, str]:
+    plan = {}
+    for line in lines:
+        m = _PLAN_LINE.search(line)
+        if m:
+            plan[m[1]] = (m[3] or m[2]).upper()
+    n = len(gguf.GGUFReader(src).tensors)
+    if len(plan) != n:  # a llama.cpp whose log format changed: better an error than silent mismatches
+        raise ConfigError(f"could not read llama.cpp's quantization plan for {src.name} "
+                          f"({len(plan)} of {n} tensors); this vlmexport expects llama-cpp-python 0.3.36's log lines")
+    return plan
 
 
 def quantize_text_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str,
@@ -176,25 +205,24 @@ def quantize_text_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: st
         raise ConfigError(f"{src} is an mmproj; quantize it with quantize_mmproj_gguf")
     dst.parent.mkdir(parents=True, exist_ok=True)
     nthread = nthread or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    _run_quantize(src, dst, qtype, imatrix, {}, nthread)
-    types = tensor_types(dst)
     pins: dict[str, str] = {}
     mismatched: list[str] = []
     if match_experts:
-        for name in types:
+        plan = _run_quantize(src, None, qtype, imatrix, {}, nthread)
+        for name in plan:
             twin = language_twin(name)
-            if twin is not None and twin in types:
-                pins[twin] = types[twin]
-                pins[name] = types[twin]
-                if types[name] != types[twin]:
-                    mismatched.append(f"{name}:{types[name]}!={types[twin]}")
+            if twin is not None and twin in plan:
+                pins[twin] = plan[twin]
+                pins[name] = plan[twin]
+                if plan[name] != plan[twin]:
+                    mismatched.append(f"{name}:{plan[name]}!={plan[twin]}")
         if mismatched:
-            log.info("gguf %s: %d visual-expert tensors got another type than their language twin; pinning them",
-                     qtype, len(mismatched))
-            _run_quantize(src, dst, qtype, imatrix, pins, nthread)
-            types = tensor_types(dst)
+            log.info("gguf %s: llama.cpp plans %d visual-expert tensors with another type than their language "
+                     "twin; pinning them", qtype, len(mismatched))
         else:
             pins = {}
+    _run_quantize(src, dst, qtype, imatrix, pins, nthread)
+    types = tensor_types(dst)
     return QuantizeResult(dst, qtype, types, bool(imatrix), len(pins), time.perf_counter() - t0, tuple(mismatched))
 
 

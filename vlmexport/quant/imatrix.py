@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, require
+from ..core.errors import ConfigError, DataError, require
 
 gguf = require("gguf", "gguf")
 
@@ -98,6 +98,10 @@ class ImatrixCollector:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             if x.shape[0] == 0:
                 return
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(f"imatrix: NaN/inf activations at the input of {name} during calibration; the model "
+                                "overflows or holds NaN/inf weights on this data: check the checkpoint's weights, or "
+                                "build without an imatrix (--imatrix-pairs 0)")
             entry.sum2 += (x * x).sum(0).cpu().numpy()
             entry.count += int(x.shape[0])
 

@@ -31,6 +31,7 @@ Errors about files are :class:`GGUFFileError` (one line naming the file and what
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -159,6 +160,7 @@ class _LogSink:
         self.errors: list[str] = []
         self._partial = ""
         self.callback = None
+        self.captured: list[str] | None = None  # every complete line while capturing
 
     def install(self, lib, mtmd) -> None:
         if self.callback is not None:
@@ -171,6 +173,8 @@ class _LogSink:
             if not self._partial.endswith("\n"):
                 return
             line, self._partial = self._partial.strip(), ""
+            if self.captured is not None:
+                self.captured.append(line)
             if level == 2:  # GGML_LOG_LEVEL_ERROR
                 self.errors = (self.errors + [line])[-8:]
             log.debug("llama.cpp: %s", line)
@@ -184,6 +188,15 @@ class _LogSink:
     def take(self) -> str:
         out, self.errors = "; ".join(self.errors), []
         return out
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Collect every complete log line written inside the block (a list, filled in place)."""
+        self.captured, self._partial = [], ""
+        try:
+            yield self.captured
+        finally:
+            self.captured = None
 
 
 _SINK = _LogSink()
