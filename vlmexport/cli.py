@@ -262,6 +262,7 @@ def _csv(value: str, what: str) -> list[str]:
     "vlmexport build big-model/ --out big-bundle --precision fp16 --no-validate --no-reference",
     "vlmexport build runs/demo/model --out bundle --format gguf --precision f16,q8_0,q4_k_m",
     "vlmexport build runs/demo/model --out bundle --format onnx --precision fp32,int8,int4 --recipe recipe.json",
+    "vlmexport build runs/demo/model --out bundle --precision fp32,int8 --calib my_images/ --calib-images 256",
 ))
 @friendly_errors
 def build(
@@ -279,7 +280,11 @@ def build(
                                       "matrix of quantized GGUFs; 0 quantizes without one."),
     recipe: Optional[Path] = typer.Option(None, help="JSON quantization recipe for int8/int4 ONNX parts: ordered "
                                           "(pattern, precision or null) rules per part, first match wins."),
-    calib_images: int = typer.Option(512, help="Calibration images (synthetic val split) for int8 vision parts."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration data for int8/int4: a LLaVA-style .jsonl or a "
+                                         "directory of images (prompt from NAME.txt beside each image). Default: "
+                                         "the model's synthetic validation split (never the test split)."),
+    calib_images: int = typer.Option(512, help="Calibration images for int8 vision parts (unreadable ones are "
+                                     "skipped and counted)."),
     calib_pairs: int = typer.Option(64, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
     int4_algorithm: str = typer.Option("rtn", help="Weight-only algorithm for int4: rtn, hqq or gptq."),
     quant_target: str = typer.Option("cpu", help="Device the int4/int8 decoder is tuned for: cpu (block 32, "
@@ -297,7 +302,8 @@ def build(
     from .quant.calib import CalibrationSettings
     from .quant.recipe import Recipe
 
-    quant = QuantOptions(calibration=CalibrationSettings(images=calib_images, pairs=calib_pairs),
+    quant = QuantOptions(calibration=CalibrationSettings(images=calib_images, pairs=calib_pairs,
+                                                         data=str(calib) if calib is not None else None),
                          recipe=Recipe.load(recipe) if recipe is not None else None, algorithm=int4_algorithm,
                          allow_degraded=allow_degraded, eval_per_category=gate_items,
                          **QuantOptions.for_target(quant_target))

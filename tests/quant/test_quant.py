@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBits quantizer needs it
 
-from vlmexport.core.errors import ConfigError  # noqa: E402
+from vlmexport.core.errors import ConfigError, DataError  # noqa: E402
 from vlmexport.quant import calib as calib_mod  # noqa: E402
 from vlmexport.quant.api import QuantOptions, ort_session, prompt_pipeline, quantize_onnx, gate_items  # noqa: E402
 from vlmexport.quant.calib import CalibrationSettings, activation_stats, build_calibration, decoder_feeds  # noqa: E402
@@ -112,6 +112,110 @@ def test_visual_expert_statistics_come_from_image_tokens_only(fp32_bundle, tmp_p
     assert vision and language
     assert all(v["modality"] == "image" and v["rows"] == s["image_positions"] for v in vision.values())
     assert all(v["modality"] == "text" and v["rows"] == s["text_positions"] for v in language.values())
+
+
+def _write_images(d: Path, n: int, size: int = 40) -> None:
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+
+
+def test_calibration_from_a_directory_skips_unreadable_images_and_counts_them(fp32_bundle, tmp_path, caplog):
+    d = tmp_path / "imgs"
+    _write_images(d, 6)
+    (d / "img00.txt").write_text("What colour is the star?")
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    (d / "empty.jpg").write_bytes(b"")
+    prep = _prep(fp32_bundle)
+    cs = build_calibration(prep, CalibrationSettings(images=6, pairs=2, data=str(d)), tmp_path / "c")
+    assert cs.pixels.shape == (6, 3, 32, 32) and cs.num_pairs == 2
+    # seed 0 draws both broken files before the sixth readable one (the order is deterministic)
+    assert cs.skipped == 2 and cs.summary()["skipped_unreadable_images"] == 2
+    assert "2 unreadable images skipped" in caplog.text
+    again = build_calibration(prep, CalibrationSettings(images=6, pairs=2, data=str(d)), tmp_path / "c")
+    assert again.key == cs.key and again.skipped == 2  # the count survives the cache
+    (d / "img05.png").touch()  # changed data: a new key, not the cached set
+    assert build_calibration(prep, CalibrationSettings(images=6, pairs=2, data=str(d)), tmp_path / "c").key != cs.key
+    with pytest.raises(DataError, match=r"only 6 readable calibration images .*\(2 unreadable skipped\), 7 needed"):
+        build_calibration(prep, CalibrationSettings(images=7, pairs=2, data=str(d)), tmp_path / "c")
+
+
+def test_calibration_from_jsonl_skips_missing_images(fp32_bundle, tmp_path):
+    d = tmp_path / "data"
+    _write_images(d / "images", 3)
+    recs = [{"image": f"images/img{i:02d}.png", "conversations": [
+        {"from": "human", "value": "<image>\nHow many circles are there?"}, {"from": "gpt", "value": "2"}]}
+        for i in range(3)]
+    recs.append({"image": "images/gone.png", "conversations": recs[0]["conversations"]})
+    (d / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    data = str(d / "calib.jsonl")
+    cs = build_calibration(_prep(fp32_bundle), CalibrationSettings(images=3, pairs=3, data=data), tmp_path / "c")
+    # drawing stops at 3 readable images: the missing one counts if it came up before them
+    assert cs.pixels.shape[0] == 3 and cs.num_pairs == 3 and cs.skipped in (0, 1)
+    with pytest.raises(DataError, match=r"only 3 readable .*\(1 unreadable skipped\), 4 needed"):
+        build_calibration(_prep(fp32_bundle), CalibrationSettings(images=4, pairs=3, data=data), tmp_path / "c")
+
+
+def test_empty_or_unusable_calibration_sources_are_clear_errors(fp32_bundle, tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"nope")
+    prep = _prep(fp32_bundle)
+    for d, skipped in ((tmp_path / "empty", 0), (bad, 1)):
+        with pytest.raises(DataError, match=rf"calibration set from {d} is empty \({skipped} unreadable"):
+            build_calibration(prep, CalibrationSettings(images=4, pairs=1, data=str(d)), tmp_path / "c")
+    with pytest.raises(ConfigError, match="directory of images or a LLaVA-style .jsonl"):
+        CalibrationSettings(data=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="at least one image"):
+        CalibrationSettings(images=0)
+
+
+def _poison(src: Path, dst: Path, node_index: int = 1) -> tuple[str, str]:
+    """A copy of ``src`` whose ``node_index``-th weight MatMul has an inf weight; (node, weight) names."""
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    node = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits][node_index]
+    w = onnx.numpy_helper.to_array(inits[node.input[1]]).copy()
+    w.flat[0] = np.inf
+    inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(w, node.input[1]))
+    onnx.save(m, str(dst))
+    return node.name, node.input[1]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # onnxruntime's calibrators on the poisoned model
+@pytest.mark.parametrize("method", ["percentile", "minmax"])
+def test_nonfinite_activations_in_int8_calibration_name_the_layer(fp32_bundle, tmp_path, method):
+    from vlmexport.quant.calib import pixel_reader
+    from vlmexport.quant.quantize import quantize_int8_static
+
+    src = tmp_path / "vision_encoder.fp32.onnx"
+    name, weight = _poison(fp32_bundle["files"]["vision_encoder"], src)
+    cs = build_calibration(_prep(fp32_bundle), SMALL, tmp_path / "c")
+    out = tmp_path / "q" / "vision_encoder.int8.onnx"
+    with pytest.raises(DataError, match=r"NaN/inf activations during calibration at the output \S+ of node") as e:
+        quantize_int8_static("vision_encoder", src, out, pixel_reader(cs), method=method)
+    assert f"node '{name}' (MatMul on {weight})" in str(e.value)  # the weight names the layer
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_nonfinite_decoder_activations_name_the_layer(fp32_bundle, tmp_path):
+    from safetensors.numpy import load_file
+
+    src = tmp_path / "text_decoder.fp32.onnx"
+    name, weight = _poison(fp32_bundle["files"]["text_decoder"], src, node_index=0)
+    cs = build_calibration(_prep(fp32_bundle), SMALL, tmp_path / "c")
+    ref = ort_session(fp32_bundle["files"], fp32_bundle["model"])
+    emb = load_file(str(fp32_bundle["files"]["token_embedding"]))["weight"]
+    feeds = decoder_feeds(cs, emb, ref.encode_images, ref.facts)
+    with pytest.raises(DataError, match=r"NaN/inf activations during calibration at the input \S+ of node '"):
+        activation_stats(src, feeds)
+    from vlmexport.quant.calib import first_nonfinite
+
+    assert f"node '{name}' (MatMul on {weight})" in first_nonfinite(src, feeds)[0]
 
 
 # ------------------------------------------------------------------ quantize
@@ -272,3 +376,25 @@ def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeyp
     assert load(out, backend="onnxruntime", precision="int4").session.decoder._model_path.endswith("int4.onnx")
     bad = CliRunner().invoke(app, args[:-3] + ["--recipe", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0 and "cannot read the recipe" in bad.output
+
+
+def test_cli_build_calibrates_on_a_user_directory_and_records_skipped_images(fp32_bundle, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmexport.cli import app
+
+    monkeypatch.setenv("VLMEXPORT_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "imgs"
+    _write_images(d, 8)
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "bundle"
+    args = ["build", str(fp32_bundle["model_dir"]), "--out", str(out), "--format", "onnx", "--precision", "int8",
+            "--no-validate", "--no-reference", "--calib", str(d), "--calib-images", "8", "--calib-pairs", "2",
+            "--gate-items", "2", "--allow-degraded"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cal = json.loads((out / "manifest.json").read_text())["calibration"]["onnx"]
+    assert cal["source"] == str(d) and cal["images"] == 8 and cal["skipped_unreadable_images"] == 1
+    bad = CliRunner().invoke(app, args[:10] + ["--calib", str(tmp_path / "nowhere")])
+    assert bad.exit_code != 0 and "pass a directory of images or a LLaVA-style .jsonl file" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1

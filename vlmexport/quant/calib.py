@@ -4,7 +4,14 @@ Sources (never the test split, which the accuracy gates score on):
 - the model's own synthetic set, ``SyntheticVQA(seed).sample("val", i)`` (the first
   question of each validation image, prompted exactly as ``vlmexport eval`` does:
   ``Pipeline.prepare([Turn(question, images=1)], [image])``);
-- a LLaVA-style JSONL (first question of each conversation).
+- a LLaVA-style JSONL (first question of each conversation), ``--calib data.jsonl``;
+- a directory of images (``--calib DIR``): each image's prompt is the text of a sidecar
+  ``NAME.txt`` if there is one, else :data:`DEFAULT_PROMPT`.
+
+User data is drawn in a seeded random order. Images that cannot be read (missing,
+undecodable, too large) are skipped and counted (the count is logged and stored in the
+set's summary, which goes into the manifest); drawing goes on until enough readable
+images are found, and if the source runs out first the build stops with the counts.
 
 Defaults: 512 images for the INT8 vision parts (static activation ranges of a ViT need
 a few hundred images to stabilise; the usual ViT PTQ recipes use 500-1000) and 64
@@ -19,6 +26,7 @@ statistics of the image-token path and the text-token path apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,14 +37,16 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGES = 512  # INT8 vision encoder / connector
 DEFAULT_PAIRS = 64  # decoder weight-only INT4/INT8 (data-driven algorithms)
 CALIB_SPLIT = "val"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DEFAULT_PROMPT = "Describe the image."  # directory sources without a NAME.txt beside the image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def default_cache_dir() -> Path:
@@ -48,11 +58,16 @@ class CalibrationSettings:
     images: int = DEFAULT_IMAGES
     pairs: int = DEFAULT_PAIRS
     seed: int = 0
-    data: str | None = None  # a LLaVA JSONL; None: the synthetic validation split
+    data: str | None = None  # a LLaVA JSONL or a directory of images; None: the synthetic validation split
 
     def __post_init__(self) -> None:
         if self.images < 1 or self.pairs < 0:
-            raise ConfigError(f"calibration needs at least one image (images={self.images}, pairs={self.pairs})")
+            raise ConfigError(f"calibration needs at least one image (images={self.images}, pairs={self.pairs}); "
+                              "pass --calib-images 1 or more")
+        if self.data is not None:
+            p = Path(self.data)
+            if not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".jsonl")):
+                raise ConfigError(f"--calib {self.data}: pass a directory of images or a LLaVA-style .jsonl file")
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class CalibrationSet:
     offsets: np.ndarray
     key: str
     source: str
+    skipped: int = 0  # unreadable images passed over while drawing the set
 
     @property
     def num_pairs(self) -> int:
@@ -81,14 +97,16 @@ class CalibrationSet:
     def summary(self) -> dict:
         n_img = int(self.is_image.sum())
         return {"source": self.source, "images": int(self.pixels.shape[0]), "pairs": self.num_pairs,
-                "image_positions": n_img, "text_positions": int(self.is_image.size - n_img), "key": self.key}
+                "image_positions": n_img, "text_positions": int(self.is_image.size - n_img),
+                "skipped_unreadable_images": self.skipped, "key": self.key}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, pixels=self.pixels, input_ids=self.input_ids, position_ids=self.position_ids,
                  token_type=self.token_type, is_image=self.is_image, offsets=self.offsets,
-                 meta=np.frombuffer(json.dumps({"key": self.key, "source": self.source}).encode(), np.uint8))
+                 meta=np.frombuffer(json.dumps({"key": self.key, "source": self.source,
+                                                "skipped": self.skipped}).encode(), np.uint8))
         os.replace(tmp, path)
 
     @classmethod
@@ -96,7 +114,7 @@ class CalibrationSet:
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             return cls(z["pixels"], z["input_ids"], z["position_ids"], z["token_type"], z["is_image"].astype(bool),
-                       z["offsets"], meta["key"], meta["source"])
+                       z["offsets"], meta["key"], meta["source"], int(meta.get("skipped", 0)))
 
 
 def settings_key(settings: CalibrationSettings, identity: dict) -> str:
@@ -106,23 +124,55 @@ def settings_key(settings: CalibrationSettings, identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _questions(settings: CalibrationSettings, image_size: int, n: int) -> Iterator[tuple[np.ndarray, str]]:
-    """(image HxWx3 uint8, question) pairs, deterministic for (seed, data)."""
+def _data_identity(data: str | None) -> dict:
+    """What makes user data different from before (names, sizes, mtimes), for the cache key."""
+    if data is None:
+        return {}
+    p = Path(data)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"data": str(p.resolve()), "data_files": h.hexdigest()[:16]}
+
+
+def _questions(settings: CalibrationSettings, image_size: int) -> Iterator[tuple[Callable[[], np.ndarray], str]]:
+    """(load image -> HxWx3 uint8, question) candidates in a deterministic order for (seed, data).
+
+    The loaders of user data raise :class:`ImageError` for an unreadable image; the
+    synthetic source never runs out.
+    """
+    if settings.data is not None and Path(settings.data).is_dir():
+        files = sorted(f for f in Path(settings.data).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for j in np.random.default_rng(settings.seed).permutation(len(files)):
+            f = files[j]
+            side = f.with_suffix(".txt")
+            q = side.read_text(encoding="utf-8").strip() if side.is_file() else ""
+            yield (lambda f=f: _load_image(f, image_size)), q or DEFAULT_PROMPT
+        return
     if settings.data is not None:
         from ..training.data import read_llava_jsonl
 
-        recs = list(read_llava_jsonl(settings.data))
-        order = np.random.default_rng(settings.seed).permutation(len(recs))
-        for j in order[:n]:
-            yield recs[j].load_image(image_size), recs[j].turns[0][0]
+        recs = list(read_llava_jsonl(settings.data, check_images=False, require_images=False))
+        for j in np.random.default_rng(settings.seed).permutation(len(recs)):
+            yield (lambda r=recs[j]: r.load_image(image_size)), recs[j].turns[0][0]
         return
     from ..training.data import SyntheticVQA
 
     gen = SyntheticVQA(image_size=image_size, seed=settings.seed)
-    for i in range(n):
+    i = 0
+    while True:
         s = gen.sample(CALIB_SPLIT, i)
         qa = s.qas[i % len(s.qas)]
-        yield s.image, qa.question
+        yield (lambda img=s.image: img), qa.question
+        i += 1
+
+
+def _load_image(path: Path, image_size: int) -> np.ndarray:
+    from ..training.data import load_image
+
+    return load_image(path, image_size, source=str(path))
 
 
 def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSettings(),
@@ -137,7 +187,7 @@ def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSetti
     pre = pipeline.preprocess_config
     ident = {"preprocess": pre.as_dict(), "template": pipeline.template.to_dict(), "spec": pipeline.spec.__dict__,
              "vocab": pipeline.tokenizer.vocab_size, **(identity or {})}
-    key = settings_key(settings, ident)
+    key = settings_key(settings, {**ident, **_data_identity(settings.data)})
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"calib-{key}.npz"
     if path.is_file():
@@ -145,15 +195,31 @@ def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSetti
         return CalibrationSet.load(path)
     n = max(settings.images, settings.pairs)
     pixels, layouts = [], []
-    for i, (img, q) in enumerate(_questions(settings, pre.image_size, n)):
+    skipped = 0
+    for load, q in _questions(settings, pre.image_size):
+        if len(pixels) == n:
+            break
+        try:
+            img = load()
+        except ImageError as e:
+            skipped += 1
+            log.warning("calibration: skipping an unreadable image (%s)", e)
+            continue
         layout, px = pipeline.prepare([Turn(user=q, images=1)], [img])
         pixels.append(px[0])
-        if i < settings.pairs:
+        if len(layouts) < settings.pairs:
             layouts.append(layout)
         if progress is not None:
-            progress(i + 1, n)
-    if len(pixels) < settings.images:
-        raise DataError(f"the calibration source holds {len(pixels)} images; {settings.images} were asked for")
+            progress(len(pixels), n)
+    where = settings.data or "the synthetic validation split"
+    if not pixels:
+        raise DataError(f"the calibration set from {where} is empty ({skipped} unreadable images skipped); "
+                        "pass --calib a directory or JSONL with readable images")
+    if len(pixels) < n:
+        raise DataError(f"only {len(pixels)} readable calibration images in {where} ({skipped} unreadable skipped), "
+                        f"{n} needed; add images or lower --calib-images/--calib-pairs to {len(pixels)} or fewer")
+    if skipped:
+        log.warning("calibration: %d unreadable images skipped in %s; %d used", skipped, where, len(pixels))
     cat = lambda f, dt: (np.concatenate([np.asarray(f(lo), dt) for lo in layouts])  # noqa: E731
                          if layouts else np.zeros(0, dt))
     offsets = np.cumsum([0] + [len(lo) for lo in layouts]).astype(np.int64)
@@ -161,7 +227,7 @@ def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSetti
     cs = CalibrationSet(np.stack(pixels[: settings.images]).astype(np.float32),
                         cat(lambda lo: lo.input_ids, np.int64), cat(lambda lo: lo.position_ids, np.int64),
                         cat(lambda lo: lo.token_type, np.int64), cat(lambda lo: lo.is_image, bool), offsets, key,
-                        source)
+                        source, skipped)
     cs.save(path)
     return cs
 
@@ -222,6 +288,59 @@ def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Calla
     return _Reader(feeds)
 
 
+def nonfinite_error(part: str, where: str, batch: int) -> DataError:
+    """``where``: e.g. "the output of node 'n_MatMul_65' (MatMul on ...fc1.weight)"."""
+    return DataError(f"{part}: NaN/inf activations during calibration at {where} (calibration batch {batch}); "
+                     "the fp32 model overflows or holds NaN/inf weights on this data: check the checkpoint's "
+                     "weights, or calibrate on other data (--calib)")
+
+
+@contextlib.contextmanager
+def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable):
+    """An onnxruntime CPU session of ``model_path`` that also returns ``names_of(model)`` as
+    outputs (a sibling file, so external data resolves; removed afterwards)."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    names = list(dict.fromkeys(names_of(m)))
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    tmp = Path(model_path).with_name(Path(model_path).stem + ".stats.onnx")
+    onnx.save(m, str(tmp))  # external data stays where it is (same directory, same relative location)
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        yield ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"]), names, m
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def first_nonfinite(model_path: str | os.PathLike, reader: _Reader) -> tuple[str, int] | None:
+    """(where, batch) for the first node, in graph order, whose output holds NaN/inf on the
+    calibration feeds (``where`` names the node, its weight and the tensor); None if every
+    activation is finite. Used to name the layer when a quantizer meets non-finite ranges
+    (it runs every node's output once)."""
+    with _session_with_outputs(model_path, lambda m: [o for n in m.graph.node for o in n.output if o]) as (
+            sess, names, m):
+        inits = {i.name for i in m.graph.initializer}
+
+        def label(n):  # the weight names the layer where exporters number their nodes (n_MatMul_65)
+            w = next((i for i in n.input if i in inits and "weight" in i), None)
+            return f"node '{n.name or n.op_type}' ({n.op_type}{f' on {w}' if w else ''})"
+
+        producer = {o: label(n) for n in m.graph.node for o in n.output}
+        reader.rewind()
+        for b, feed in enumerate(reader):
+            for name, v in zip(names, sess.run(names, feed)):
+                v = np.asarray(v)
+                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+                    return f"the output {name} of {producer[name]}", b
+    return None
+
+
 def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_of: Callable[[dict], np.ndarray]
                      | None = None) -> dict[str, dict]:
     """Per-MatMul input statistics of a routed decoder, split by modality.
@@ -230,38 +349,30 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
     rows a MatMul sees are already one modality (routing gathers them), which is recorded
     as ``"image"`` for ``.vision.`` nodes and ``"text"`` otherwise. Returns
     ``{node: {"modality", "rows", "absmax" [in], "mean_sq" [in]}}`` (``mean_sq`` is the
-    per-input-channel second moment AWQ-style scaling uses).
+    per-input-channel second moment AWQ-style scaling uses). NaN/inf inputs raise
+    :class:`DataError` naming the node.
     """
-    import onnx
-    import onnxruntime as ort
+    targets: dict[str, str] = {}
 
-    m = onnx.load(str(model_path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    targets = {n.name: n.input[0] for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    have = {o.name for o in m.graph.output}
-    for name in dict.fromkeys(targets.values()):
-        if name not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=name))
-    tmp = Path(model_path).with_name(Path(model_path).stem + ".stats.onnx")
-    onnx.save(m, str(tmp))  # external data stays where it is (same directory, same relative location)
-    try:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
-        outs = list(dict.fromkeys(targets.values()))
-        acc: dict[str, list] = {}
+    def names_of(m):
+        inits = {i.name for i in m.graph.initializer}
+        targets.update({n.name: n.input[0] for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits})
+        return list(targets.values())
+
+    acc: dict[str, list] = {}
+    with _session_with_outputs(model_path, names_of) as (sess, outs, _):
         reader.rewind()
-        for feed in reader:
+        for b, feed in enumerate(reader):
             vals = dict(zip(outs, sess.run(outs, feed)))
             for node, inp in targets.items():
                 v = vals[inp].reshape(-1, vals[inp].shape[-1]).astype(np.float64)
+                if not np.all(np.isfinite(v)):
+                    raise nonfinite_error(Path(model_path).stem, f"the input {inp} of node '{node}'", b)
                 a = acc.setdefault(node, [0, np.zeros(v.shape[1]), np.zeros(v.shape[1])])
                 a[0] += v.shape[0]
                 if v.shape[0]:
                     a[1] = np.maximum(a[1], np.abs(v).max(0))
                     a[2] += (v * v).sum(0)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {node: {"modality": "image" if ".vision." in node else "text", "rows": int(r),
                    "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}
             for node, (r, mx, sq) in acc.items()}

@@ -50,7 +50,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DataError
+from .calib import first_nonfinite, nonfinite_error
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,30 @@ def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
         onnx.save_model(model, str(out))
 
 
+def _nonfinite_scales(model: onnx.ModelProto | Path) -> list[str]:
+    """What got a NaN/inf scale: the activation a QuantizeLinear quantizes, or a MatMulNBits node."""
+    base = None
+    if isinstance(model, Path):
+        base = str(model.parent)
+        model = onnx.load(str(model), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "MatMulNBits"):
+            t = inits.get(n.input[1] if n.op_type == "QuantizeLinear" else n.input[2])
+            if t is not None and not np.all(np.isfinite(onnx.numpy_helper.to_array(t, base_dir=base or ""))):
+                out.append(f"activation {n.input[0]}" if n.op_type == "QuantizeLinear" else f"node {n.name}")
+    return out
+
+
+def _raise_nonfinite(part: str, src: Path, reader, detail: str):
+    """Name the layer whose fp32 activations are NaN/inf on the calibration data, and raise."""
+    hit = first_nonfinite(src, reader)
+    if hit is not None:
+        raise nonfinite_error(part, *hit)
+    raise DataError(f"{part}: calibration produced non-finite quantization ranges ({detail}); check the checkpoint")
+
+
 # --------------------------------------------------------------------- INT8 QDQ
 def _method(name: str):
     from onnxruntime.quantization import CalibrationMethod
@@ -141,10 +166,25 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
              "CalibPercentile": percentile,
              "CalibMovingAverage": False}
-    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OP_TYPES),
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=include or None, nodes_to_exclude=kept or None,
-                    use_external_data_format=external, calibrate_method=_method(method), extra_options=extra)
+    try:
+        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=include or None,
+                        nodes_to_exclude=kept or None, use_external_data_format=external,
+                        calibrate_method=_method(method), extra_options=extra)
+    except (ValueError, AssertionError) as e:
+        # non-finite activations make onnxruntime fail without naming the tensor (the histogram
+        # calibrators: "range ... is not finite"; MinMax with symmetric ranges: "scale issue"):
+        # name the layer if that is the cause, else let the original error through
+        hit = first_nonfinite(src, reader)
+        if hit is not None:
+            raise nonfinite_error(part, *hit) from None
+        raise
+    bad = _nonfinite_scales(out)
+    if bad:  # MinMax takes inf ranges silently and writes inf scales
+        for f in (out, *_data_files(out)):
+            f.unlink(missing_ok=True)
+        _raise_nonfinite(part, src, reader, f"non-finite scale for {bad[0]}")
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
                          {"scheme": "qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric",
                           "calibration_method": method, "calibration_batches": len(reader)})
@@ -230,6 +270,12 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
         done += include
     if not done:
         raise ConfigError(f"{part}: the recipe quantizes none of its {len(nodes)} MatMul nodes")
+    bad = _nonfinite_scales(model)
+    if bad:
+        if reader is not None and algorithm == "gptq":
+            _raise_nonfinite(part, src, reader, f"non-finite scale for {bad[0]}")
+        raise DataError(f"{part}: {bad[0]} got a NaN/inf quantization scale: the fp32 weights of that node hold "
+                        "NaN/inf; check the checkpoint")
     _save(model, out, external=_model_bytes(src) > EXTERNAL_DATA_ABOVE)
     kept = [n for n, q in chosen.items() if q is None]
     return QuantizedPart(part, precision, out, _data_files(out), tuple(done), tuple(kept),

@@ -141,13 +141,15 @@ def _parse_turns(conv: object, where: str) -> tuple[tuple[str, str], ...]:
 
 
 def read_llava_jsonl(path: PathLike, image_root: Optional[PathLike] = None,
-                     check_images: bool = True) -> Iterator[ConversationRecord]:
+                     check_images: bool = True, require_images: bool = True) -> Iterator[ConversationRecord]:
     """Yield the records of a LLaVA-style JSONL file, validating each line.
 
     Relative image paths resolve against ``image_root`` (default: the JSONL's
-    directory). Missing images always raise; with ``check_images`` each image header
-    is also opened, so undecodable files and decompression bombs are reported with
-    the line that references them (full decoding happens in :func:`load_image`).
+    directory). Missing images raise unless ``require_images`` is False (then the
+    record is yielded and :meth:`ConversationRecord.load_image` raises, which lets a
+    caller skip and count them, as calibration does); with ``check_images`` each image
+    header is also opened, so undecodable files and decompression bombs are reported
+    with the line that references them (full decoding happens in :func:`load_image`).
     Blank lines are skipped.
     """
     path = Path(path)
@@ -182,10 +184,10 @@ def read_llava_jsonl(path: PathLike, image_root: Optional[PathLike] = None,
             image_path = Path(image)
             if not image_path.is_absolute():
                 image_path = root / image_path
-            if not image_path.is_file():
+            if not image_path.is_file() and require_images:
                 raise ImageError(f"{where}: image {image_path} not found; fix the path or pass "
                                  f"image_root (relative paths resolve against {root}).")
-            if check_images:
+            if check_images and require_images:
                 _probe_image(image_path, where)
             categories = record.get("category", ())
             if isinstance(categories, str):
