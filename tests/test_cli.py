@@ -91,6 +91,16 @@ def test_train_eval_build_inspect_run(tmp_path):
     assert abs(rows[("onnxruntime", "fp16")]["size_mb"] * 1e6 - onnx_fp16) < 1
     for row in rows.values():
         assert row["decode_tok_s"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["prefill_gflops"] > 0 and row["prefill_fraction_of_peak"] > 0
+    assert data["gemm_gflops"] > 0
+    # bytes per decode token counted from the fp32 file agree with the analytic count (torch's row)
+    from vlmexport.benchmark import decode_weight_bytes
+
+    model = json.loads((bundle / "manifest.json").read_text())["model"]
+    assert rows[("onnxruntime", "fp32")]["weights_gb_per_token"] * 1e9 == pytest.approx(
+        decode_weight_bytes(model, 4), rel=1e-3)
+    assert rows[("onnxruntime", "fp16")]["weights_gb_per_token"] < 0.6 * rows[("onnxruntime", "fp32")][
+        "weights_gb_per_token"]
     assert len(data["ratios"]) == 2  # each onnxruntime precision against torch fp32
     assert (tmp_path / "bench.png").stat().st_size > 0
 

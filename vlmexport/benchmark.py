@@ -1,7 +1,10 @@
 """``vlmexport bench``: image-encode latency, time to first token, decode tokens/s and
 peak memory for every backend x precision of a bundle, side by side in one process,
-plus the machine's memory read bandwidth measured in the same run (decode is
-memory-bound: its distance from the bandwidth limit is reported).
+plus the machine's memory read bandwidth and fp32 GEMM throughput measured in the same
+run: decode is memory-bound (bytes of weights one token reads, counted from the artifact's
+own tensors, x tokens/s over the bandwidth) and prefill compute-bound (its FLOPs over
+TTFT minus image encode, against the GEMM throughput), so each row says how far it is
+from the machine's limit.
 
 ``--synthetic bench-s`` / ``bench-l`` write random-weight checkpoints of realistic
 CogVLM shapes, streamed shard by shard (bench-l is larger than this machine's RAM).
@@ -154,13 +157,81 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _layer_weights(model: dict) -> int:
+    """Weights of one layer's expert (QKV, attention output, SwiGLU MLP)."""
+    h, i, hd = model["hidden_size"], model["intermediate_size"], model["head_dim"]
+    nh, kv = model["num_heads"], model["num_kv_heads"]
+    return h * (nh + 2 * kv) * hd + nh * hd * h + 3 * h * i
+
+
 def decode_weight_bytes(model: dict, bytes_per_weight: float) -> float:
     """Weights one decode token reads: the language expert of every layer, norms, LM head
     (the visual expert is never read at decode: its tokens are all text)."""
-    h, i, hd = model["hidden_size"], model["intermediate_size"], model["head_dim"]
-    nh, kv, L, v = model["num_heads"], model["num_kv_heads"], model["num_layers"], model["vocab_size"]
-    per_layer = h * (nh + 2 * kv) * hd + nh * hd * h + 3 * h * i
-    return (L * per_layer + v * h) * bytes_per_weight + (2 * L + 1) * h * 4
+    h, L, v = model["hidden_size"], model["num_layers"], model["vocab_size"]
+    return (L * _layer_weights(model) + v * h) * bytes_per_weight + (2 * L + 1) * h * 4
+
+
+def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
+    """Bytes one decode token reads, from the artifact itself: every text-decoder weight but
+    the visual expert's, the token table and the RoPE tables (one row each per token).
+    Counts what quantization really left (an fp32 LM head beside int4 layers, llama.cpp's
+    per-tensor mixture); None where the backend has no such file (torch)."""
+    if backend == "onnxruntime":
+        import onnx
+
+        a = b.find("text_decoder", "onnx", precision)
+        m = onnx.load(str(b.root / a.file), load_external_data=False)
+        total = 0
+        for t in m.graph.initializer:
+            if ".vision." in t.name or t.name.startswith("rope."):
+                continue
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+            else:
+                total += len(t.raw_data) or int(np.prod(t.dims)) * 4
+        return float(total)
+    if backend == "llamacpp":
+        import gguf
+
+        a = b.find("text_decoder", "gguf", precision)
+        return float(sum(int(t.n_bytes) for t in gguf.GGUFReader(b.root / a.file).tensors
+                         if ".vis_" not in t.name and not t.name.startswith(("token_embd", "rope"))))
+    return None
+
+
+def prefill_flops(model: dict, tokens: int) -> float:
+    """Multiply-adds x 2 of one prefill: every position through one expert's projections,
+    causal attention scores and values, the LM head at the last position."""
+    L, h, v = model["num_layers"], model["hidden_size"], model["vocab_size"]
+    attn = 2 * 2 * L * model["num_heads"] * model["head_dim"] * tokens * (tokens + 1) / 2
+    return 2.0 * L * _layer_weights(model) * tokens + attn + 2.0 * v * h
+
+
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matrix-multiply throughput with ``threads`` threads (torch's GEMM
+    on n x n matrices, best of ``repeats``): the ceiling of a compute-bound prefill."""
+    try:
+        import torch
+    except ImportError:  # a runtime-only install: numpy's BLAS (its own thread setting)
+        torch = None
+    if torch is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        a, bm = torch.randn(n, n), torch.randn(n, n)
+    else:
+        rng = np.random.default_rng(0)
+        a, bm = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    try:
+        a @ bm  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ bm
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(before)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 @dataclass
@@ -179,6 +250,9 @@ class BenchRow:
     load_s: float
     size_mb: float = 0.0  # the bundle files this backend x precision loads
     accuracy: float | None = None  # exact match on the synthetic test split (--accuracy N)
+    prefill_ms: float = 0.0  # TTFT minus image encode: connector, embedding lookup and the decoder prefill
+    prefill_gflops: float = 0.0  # prefill_flops / prefill_ms
+    prefill_fraction_of_peak: float = 0.0  # prefill_gflops / the run's measured fp32 GEMM throughput
 
 
 @dataclass
@@ -187,6 +261,7 @@ class BenchReport:
     machine: dict
     bandwidth_gbs: float
     threads: int
+    gemm_gflops: float = 0.0  # fp32 GEMM throughput measured in the same run
     rows: list[BenchRow] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
 
@@ -194,9 +269,10 @@ class BenchReport:
         return json.dumps(asdict(self), indent=2)
 
     def table(self) -> str:
-        head = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "decode tok/s", "GB/s", "% of bw",
-                "peak MB", "accuracy")
+        head = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GF/s", "% of GEMM", "decode tok/s",
+                "GB/s", "% of bw", "peak MB", "accuracy")
         rows = [head] + [(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+                          f"{r.prefill_gflops:.0f}", f"{r.prefill_fraction_of_peak * 100:.0f}%",
                           f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction * 100:.0f}%",
                           f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy * 100:.1f}%")
                          for r in self.rows]
@@ -234,7 +310,7 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
-                   bandwidth: float, load_s: float) -> BenchRow:
+                   bandwidth: float, load_s: float, decode_bytes: float | None = None, gemm: float = 0.0) -> BenchRow:
     """Time one loaded pipeline (its session does the work; the loop is the shared one)."""
     session = pipe.session
     size = pipe.preprocess_config.image_size
@@ -265,11 +341,14 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
     tok_s = 1000.0 / ms
     bpw = {"fp32": 4, "f32": 4, "fp16": 2, "f16": 2, "bf16": 2, "int8": 1, "q8_0": 34 / 32, "int4": 0.5,
            "q4_0": 18 / 32, "q4_k_m": 4.85 / 8}.get(precision, 4)
-    gb = decode_weight_bytes(model, bpw) / 1e9
+    gb = (decode_bytes if decode_bytes is not None else decode_weight_bytes(model, bpw)) / 1e9
+    prefill_ms = max(ttft_ms - encode_ms, 1e-6)
+    gflops = prefill_flops(model, len(layout)) / prefill_ms / 1e6
     return BenchRow(backend=pipe.backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,
                     prefill_tokens=len(layout), decode_tok_s=tok_s, decode_ms_per_token=ms,
                     peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
-                    bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s)
+                    bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s, prefill_ms=prefill_ms,
+                    prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
 
 
 def loaded_bytes(b, backend: str, precision: str) -> int:
@@ -300,9 +379,11 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
     threads = threads or physical_cores()
     b = Bundle.open(bundle, verify="size")
     model = b.section("model")
-    progress("measure memory bandwidth")
+    progress("measure memory bandwidth and GEMM throughput")
     bandwidth = read_bandwidth_gbs(threads)
-    report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads)
+    gemm = gemm_gflops(threads)
+    report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
+                         gemm_gflops=gemm)
     plan = []
     for backend in backends:
         if backend == "torch":
@@ -325,7 +406,8 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
         t0 = time.perf_counter()
         pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none")
         load_s = time.perf_counter() - t0
-        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth, load_s)
+        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth, load_s,
+                             decode_bytes_from_files(b, backend, precision), gemm)
         row.size_mb = loaded_bytes(b, backend, precision) / 1e6
         if accuracy_per_category > 0:
             progress(f"accuracy {backend} {precision}")

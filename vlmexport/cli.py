@@ -426,12 +426,13 @@ def bench(
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
                            threads=threads, accuracy_per_category=accuracy, progress=step)
     t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
-                    f"{report.bandwidth_gbs:.1f} GB/s")
-    for col in ("backend", "precision", "size MB", "encode ms", "TTFT ms", "decode tok/s", "GB/s read",
-                "of bandwidth", "peak RSS MB", "exact match"):
+                    f"{report.bandwidth_gbs:.1f} GB/s, fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
+    for col in ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM",
+                "decode tok/s", "GB/s read", "of bandwidth", "peak RSS MB", "exact match"):
         t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
     for r in report.rows:
         t.add_row(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+                  f"{r.prefill_gflops:.0f}", f"{r.prefill_fraction_of_peak:.0%}",
                   f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}",
                   f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy:.1%}")
     out.print(t)

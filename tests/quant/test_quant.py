@@ -247,6 +247,40 @@ def test_files_and_node_types(quantized, fp32_bundle):
         f.stat().st_size for f in fp32_bundle["files"]["text_decoder"].parent.glob("text_decoder.fp32.onnx*"))
 
 
+@pytest.mark.parametrize("part", ["vision_encoder", "connector"])
+def test_int8_parts_fuse_into_integer_kernels(quantized, part, tmp_path):
+    """Quantized weight MatMuls/Convs must become integer kernels in onnxruntime's CPU graph
+    (QLinearMatMul / QLinearConv) as the runtime opens it: one left as DequantizeLinear +
+    float MatMul is slower than fp32. The ViT's residual stream feeds both the next MatMul
+    and the residual Add; the Add must read the float tensor (not a quantized copy), which
+    is also what lets the fusion happen. (The cogvlm connector's gate projection, whose
+    output feeds SiLU's Sigmoid and Mul, stays unfused in onnxruntime 1.31.)"""
+    import onnxruntime as ort
+
+    from vlmexport.runtimes.onnxruntime_backend import QDQ_DISABLED_OPTIMIZERS
+
+    r, out = quantized
+    q = next(p for p in r.parts if p.part == part)
+    src = out / f"onnx/{part}.int8.onnx"
+    m = onnx.load(str(src))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type == "Add":
+            for i in n.input:  # no residual Add reads a DequantizeLinear fed by an input-side QuantizeLinear
+                p = prod.get(i)
+                if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in prod:
+                    src_q = prod[p.input[0]]
+                    assert src_q.op_type != "QuantizeLinear" or prod.get(src_q.input[0]) is None or prod[
+                        src_q.input[0]].name in q.quantized_nodes, n.name
+    o = ort.SessionOptions()
+    o.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(src), o, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(QDQ_DISABLED_OPTIMIZERS))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
+    fused = ops.count("QLinearMatMul") + ops.count("QLinearConv")
+    assert fused == len(q.quantized_nodes) - (part == "connector"), ops
+
+
 def test_outputs_close_to_fp32(quantized, fp32_bundle):
     r, out = quantized
     ref = ort_session(fp32_bundle["files"], fp32_bundle["model"])
