@@ -80,6 +80,12 @@ def test_train_eval_build_inspect_run(tmp_path):
         answers[backend] = r.plain.strip()
     assert answers["torch"] == answers["onnxruntime"]
 
+    from vlmexport.runtimes.loader import load
+
+    key = "session.intra_op.allow_spinning"
+    assert load(bundle, backend="onnxruntime").session._opts().get_session_config_entry(key) == "0"
+    assert load(bundle, backend="onnxruntime", spin=True).session._opts().get_session_config_entry(key) == "1"
+
     report = tmp_path / "bench.json"
     r = invoke("bench", bundle, "--backend", "torch,onnxruntime", "--repeats", "1", "--decode-tokens", "3",
                "--prompt-tokens", "4", "--accuracy", "2", "--json", report)

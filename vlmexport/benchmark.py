@@ -262,6 +262,7 @@ class BenchReport:
     bandwidth_gbs: float
     threads: int
     gemm_gflops: float = 0.0  # fp32 GEMM throughput measured in the same run
+    spin: bool = False  # onnxruntime threads busy-wait between operators (load(spin=True))
     rows: list[BenchRow] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
 
@@ -368,7 +369,7 @@ def loaded_bytes(b, backend: str, precision: str) -> int:
 def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
-              progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+              spin: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Every backend x precision of a bundle, side by side in this process. With
     ``accuracy_per_category`` > 0 each is also scored (exact match) on that many synthetic
     test-split items per category: meaningful for models trained on the synthetic task."""
@@ -383,7 +384,7 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
     bandwidth = read_bandwidth_gbs(threads)
     gemm = gemm_gflops(threads)
     report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
-                         gemm_gflops=gemm)
+                         gemm_gflops=gemm, spin=spin)
     plan = []
     for backend in backends:
         if backend == "torch":
@@ -404,7 +405,7 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
         gc.collect()
         _reset_peak_rss()
         t0 = time.perf_counter()
-        pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none")
+        pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
         load_s = time.perf_counter() - t0
         row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth, load_s,
                              decode_bytes_from_files(b, backend, precision), gemm)

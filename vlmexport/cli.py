@@ -382,6 +382,8 @@ def bench(
     decode_tokens: int = typer.Option(32, help="Decode steps timed per repeat."),
     repeats: int = typer.Option(3, help="Repeats; medians are reported."),
     threads: Optional[int] = typer.Option(None, help="Threads for every backend (default: physical cores)."),
+    spin: bool = typer.Option(False, "--spin", help="Let onnxruntime's threads busy-wait between operators: "
+                              "faster when the model has the machine to itself, much slower when it does not."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: next to "
                                             "the bundle as bench.json)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
@@ -424,7 +426,7 @@ def bench(
         report = run_bench(bundle, backends=_csv(backend, "backend"),
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
-                           threads=threads, accuracy_per_category=accuracy, progress=step)
+                           threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
     t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
                     f"{report.bandwidth_gbs:.1f} GB/s, fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
     for col in ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM",

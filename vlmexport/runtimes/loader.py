@@ -63,7 +63,7 @@ def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
                       f"rebuild with `--precision fp32,{precision}`")
 
 
-def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
     if importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependencyError("onnxruntime is not installed; install it with `pip install 'vlmexport[onnx]'`")
     from .onnxruntime_backend import DecoderFacts, OrtModelSession, default_providers
@@ -90,11 +90,11 @@ def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: in
     f = lambda part: bundle.file(bundle.find(part, "onnx", per_part.get(part, p)).file)  # noqa: E731
     session = OrtModelSession(f("text_decoder"), f("token_embedding"), facts,
                               vision_encoder_path=f("vision_encoder"), connector_path=f("connector"),
-                              providers=providers, intra_op_num_threads=threads)
+                              providers=providers, intra_op_num_threads=threads, allow_spinning=spin)
     return session, f"onnxruntime-{p}"
 
 
-def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
     if importlib.util.find_spec("torch") is None:
         raise MissingDependencyError("the torch backend needs PyTorch; install it with `pip install 'vlmexport[torch]'`")
     import torch
@@ -114,7 +114,7 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
     return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
 
 
-def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None):
+def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
     from .llamacpp_backend import LlamaCppSession, llamacpp_available
 
     if not llamacpp_available():
@@ -141,8 +141,13 @@ BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.
 
 
 def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
-         threads: int | None = None, verify: str = "full") -> Pipeline:
-    """Open a bundle and return a pipeline (``generate``, ``stream``, ``chat``) on one backend."""
+         threads: int | None = None, verify: str = "full", spin: bool = False) -> Pipeline:
+    """Open a bundle and return a pipeline (``generate``, ``stream``, ``chat``) on one backend.
+
+    ``spin`` lets onnxruntime's worker threads busy-wait between operators: faster on a
+    machine the model has to itself (bench-s, 2 cores: fp32 decode +11%, int4 +24%), about
+    half the speed as soon as another process wants the cores. Off by default.
+    """
     try:
         choice = Backend(backend)
     except ValueError:
@@ -160,7 +165,7 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
         else:
             raise BundleError(f"{b.root}: no artifact this installation can run (formats {sorted(formats)}); "
                               "install `vlmexport[onnx]`")
-    session, name = BACKENDS[choice](b, precision, device, threads)
+    session, name = BACKENDS[choice](b, precision, device, threads, spin)
     tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
     pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
     template = ChatTemplate.from_dict(b.section("chat_template"))
