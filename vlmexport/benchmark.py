@@ -359,10 +359,12 @@ def loaded_bytes(b, backend: str, precision: str) -> int:
         return b.find("model", "torch").total_size_bytes
     if backend == "llamacpp":
         return sum(b.find(part, "gguf", precision).total_size_bytes for part in ("text_decoder", "mmproj"))
+    from .bundle import part_precision
+
     total = 0
     for part in ("vision_encoder", "connector", "text_decoder", "token_embedding"):
         have = b.precisions(part, "onnx")
-        total += b.find(part, "onnx", precision if precision in have else "fp32").total_size_bytes
+        total += b.find(part, "onnx", part_precision(have, precision) or "fp32").total_size_bytes
     return total
 
 

@@ -86,6 +86,21 @@ def artifact_file(part: str, fmt: str, precision: str) -> str:
     raise ValueError(f"no file name rule for format {fmt!r}")
 
 
+# A quantized ONNX precision runs each part in the first of these the bundle holds: int4
+# quantizes only the text decoder, so its vision parts run int8 where an int8 build wrote
+# them (the int8-vision + int4-decoder combination), else fp32. The build's accuracy gates
+# score exactly this combination; the runtime and `bench` load it.
+PART_PRECISION_FALLBACK = {"int4": ("int4", "int8", "fp32"), "int8": ("int8", "fp32")}
+
+
+def part_precision(available, precision: str) -> str | None:
+    """The precision a part with ``available`` ONNX precisions runs in when ``precision`` is asked for."""
+    for p in PART_PRECISION_FALLBACK.get(precision, (precision,)):
+        if p in available:
+            return p
+    return None
+
+
 class BundleError(VlmexportError):
     """A bundle is missing, malformed, from a newer vlmexport, unsafe or corrupt."""
 

@@ -350,7 +350,11 @@ def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp
     s = pipe.session
     assert pipe.backend == "onnxruntime-int4"
     assert s.decoder._model_path.endswith("text_decoder.int4.onnx")
-    assert s.vision_encoder._model_path.endswith("vision_encoder.fp32.onnx")  # no int4 vision: fp32
+    # no int4 vision parts: int4 runs them in int8, the combination its gate scored
+    assert s.vision_encoder._model_path.endswith("vision_encoder.int8.onnx")
+    assert s.connector._model_path.endswith("connector.int8.onnx")
+    assert {p: v["precision"] for p, v in cal["scores"]["int4"]["parts"].items()} == {
+        "vision_encoder": "int8", "connector": "int8", "text_decoder": "int4"}
     assert load(out, backend="onnxruntime", precision="int8").session.connector._model_path.endswith(
         "connector.int8.onnx")
     assert isinstance(pipe.generate("what is shown?", [np.zeros((32, 32, 3), np.uint8)], max_new_tokens=3), str)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..bundle import artifact_file
+from ..bundle import artifact_file, part_precision
 from ..core.errors import ConfigError
 from .calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
 from .gates import Gate, check_gates, score
@@ -157,13 +157,19 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     ref_acc = None
     for precision in precisions:
         progress(f"score {precision} against fp32 ({len(items)} test prompts)")
-        files = dict(fp32)
-        files.update({q.part: q.path for q in parts if q.precision == precision})
+        # the combination the runtime loads for this precision (bundle.PART_PRECISION_FALLBACK):
+        # int4 scores the int4 decoder with the int8 vision parts when those were built too
+        built = {part: {"fp32": path} for part, path in fp32.items()}
+        for q in parts:
+            built[q.part][q.precision] = q.path
+        chosen = {part: part_precision(have, precision) for part, have in built.items()}
+        files = {part: built[part][p] for part, p in chosen.items()}
         q_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ort_session(files, model))
         s = score(ref_pipe, q_pipe, items, accuracy=options.accuracy, ref_accuracy=ref_acc)
         ref_acc = s.get("accuracy_fp32", ref_acc)
-        s["parts"] = {q.part: {"quantized_nodes": len(q.quantized_nodes), "kept_nodes": list(q.kept_nodes),
-                               **q.settings} for q in parts if q.precision == precision}
+        s["parts"] = {q.part: {"precision": q.precision, "quantized_nodes": len(q.quantized_nodes),
+                               "kept_nodes": list(q.kept_nodes), **q.settings}
+                      for q in parts if chosen[q.part] == q.precision}
         scores[precision] = check_gates(s, precision, options.gates.get(precision), options.allow_degraded)
     return QuantResult(parts, scores, {**calib.summary(), "recipe": recipe.to_dict()})
 

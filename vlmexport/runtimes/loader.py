@@ -12,7 +12,7 @@ import os
 from enum import Enum
 from typing import Callable
 
-from ..bundle import Bundle, BundleError
+from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
@@ -49,18 +49,17 @@ def _pick_precision(bundle: Bundle, part: str, fmt: str, precision: str | None, 
     return available[0]
 
 
-QUANTIZED = ("int8", "int4")  # per part: a part without that precision runs in fp32
+QUANTIZED = tuple(PART_PRECISION_FALLBACK)  # per part: see bundle.PART_PRECISION_FALLBACK
 
 
 def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
     """The precision ``part`` runs in when ``precision`` (a quantized one) was asked for."""
     available = bundle.precisions(part, "onnx")
-    if precision in available:
-        return precision
-    if "fp32" in available:
-        return "fp32"
-    raise BundleError(f"{bundle.root}: has neither a {precision} nor an fp32 onnx {part} (it has {available}); "
-                      f"rebuild with `--precision fp32,{precision}`")
+    chosen = part_precision(available, precision)
+    if chosen is None:
+        raise BundleError(f"{bundle.root}: has neither a {precision} nor an fp32 onnx {part} (it has {available}); "
+                          f"rebuild with `--precision fp32,{precision}`")
+    return chosen
 
 
 def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
