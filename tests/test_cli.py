@@ -140,3 +140,33 @@ def test_bad_image_is_a_clear_error(tmp_path, tiny_model_dir):
     bad.write_bytes(b"this is not a png")
     r = invoke("run", model, "--image", bad, "--prompt", "hi")
     assert r.exit_code == 2 and "not a readable image" in r.plain
+
+
+@pytest.mark.slow
+def test_sigterm_during_build_removes_partial_output_and_keeps_the_previous_bundle(tmp_path):
+    """A scheduler's timeout (SIGTERM) mid-build: no hidden work directory is left behind,
+    what was at --out before is untouched, and the exit status says terminated (143)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bundle"
+    first = invoke("build", "--out", out, "--format", "onnx", "--precision", "fp32")
+    assert first.exit_code == 0, first.plain
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    proc = subprocess.Popen([sys.executable, "-c", "from vlmexport.cli import app; app()", "build", "--out", str(out),
+                             "--format", "onnx"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".bundle.tmp-*")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".bundle.tmp-*")), proc.communicate()[0].decode()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143, text
+    assert "terminated" in text
+    assert not list(tmp_path.glob(".bundle.*"))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,9 +34,22 @@ def _examples(*lines: str) -> str:
     return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's timeout, ``kill``): raised in the main thread so that every
+    ``atomic_directory`` / ``atomic_file`` on the way out removes its temporary output, as
+    for Ctrl-C. (A C call in progress, e.g. llama.cpp's quantizer, finishes first.)"""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
 def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except VlmexportError as exc:
@@ -43,6 +58,12 @@ def friendly_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]; rerun the same command to resume")
             raise typer.Exit(130) from None
+        except Terminated:
+            console.print("[yellow]terminated[/yellow]; partial output removed, earlier output kept")
+            raise typer.Exit(143) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
