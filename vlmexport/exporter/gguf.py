@@ -69,6 +69,17 @@ _OUTTYPE_ALIASES = {"fp32": "f32", "fp16": "f16", "float32": "f32", "float16": "
 # (llama_model_rope_type in src/llama-model.cpp) and needs no permutation.
 _INTERLEAVED_ROPE_ARCHS = frozenset({"llama"})
 
+# Expert projections -> (language tensor, visual-expert tensor) in llama.cpp's names
+# (gguf-py MODEL_TENSOR; cogvlm's graph reads blk.N.vis_*). The one table of these names:
+# the writer plans with it and vlmexport.quant.gguf pins each vis_* to its language twin.
+EXPERT_TENSORS = {
+    "qkv": (MT.ATTN_QKV, MT.VISEXP_ATTN_QKV),
+    "o": (MT.ATTN_OUT, MT.VISEXP_ATTN_OUT),
+    "gate": (MT.FFN_GATE, MT.VISEXP_GATE),
+    "up": (MT.FFN_UP, MT.VISEXP_UP),
+    "down": (MT.FFN_DOWN, MT.VISEXP_DOWN),
+}
+
 
 @dataclass(frozen=True)
 class _Projector:
@@ -255,11 +266,7 @@ def plan_text(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
 
 def _plan_expert(p: _Planner, d: DecoderSpec, e: ExpertNames, i: int, interleaved: bool, vision: bool) -> None:
     f = lambda s: s.format(i=i)  # noqa: E731
-    if vision:
-        keys = dict(qkv=MT.VISEXP_ATTN_QKV, o=MT.VISEXP_ATTN_OUT, gate=MT.VISEXP_GATE, up=MT.VISEXP_UP,
-                    down=MT.VISEXP_DOWN)
-    else:
-        keys = dict(qkv=MT.ATTN_QKV, o=MT.ATTN_OUT, gate=MT.FFN_GATE, up=MT.FFN_UP, down=MT.FFN_DOWN)
+    keys = {role: pair[1 if vision else 0] for role, pair in EXPERT_TENSORS.items()}
     if isinstance(e.qkv, str):
         if interleaved:
             raise ConfigError(f"a fused QKV weight cannot be written for llama.cpp's {p.src.gguf_arch} "

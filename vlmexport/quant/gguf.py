@@ -58,9 +58,9 @@ from typing import Mapping
 import numpy as np
 
 from ..core.errors import ConfigError, require
+from ..exporter.gguf import EXPERT_TENSORS
 
 gguf = require("gguf", "gguf")
-MT = gguf.MODEL_TENSOR
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,8 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 MMPROJ_FOR = {"q8_0": "q8_0", "q4_k_m": "q8_0", "q4_0": "q8_0"}
 _ALIASES = {"q4_k": "q4_k_m", "q4km": "q4_k_m", "q8": "q8_0", "q4": "q4_0"}
 
-# (visual expert, language twin) as gguf-py names them (llama.cpp's cogvlm tensors)
-EXPERT_TWINS = tuple((gguf.TENSOR_NAMES[v], gguf.TENSOR_NAMES[lang]) for v, lang in (
-    (MT.VISEXP_ATTN_QKV, MT.ATTN_QKV), (MT.VISEXP_ATTN_OUT, MT.ATTN_OUT), (MT.VISEXP_GATE, MT.FFN_GATE),
-    (MT.VISEXP_UP, MT.FFN_UP), (MT.VISEXP_DOWN, MT.FFN_DOWN)))
+# (visual expert, language twin) name formats, from the GGUF writer's one table
+EXPERT_TWINS = tuple((gguf.TENSOR_NAMES[v], gguf.TENSOR_NAMES[lang]) for lang, v in EXPERT_TENSORS.values())
 
 
 def normalize_quant_type(qtype: str) -> str:
