@@ -72,6 +72,10 @@ def test_recipe_first_match_wins_and_none_keeps_full_precision(tmp_path):
     assert Recipe.load(p) == r
     assert for_precision(r, "text_decoder", "int8").precision_of("text_decoder", "layers.1.o") == "int8"
     assert default_recipe().precision_of("text_decoder", "lm_head") is None
+    # a user recipe that names only the decoder keeps the default rules of the other parts
+    user = Recipe.from_dict({"text_decoder": [["lm_head", "int8"], ["*", "int4"]]}).over(default_recipe())
+    assert user.precision_of("text_decoder", "lm_head") == "int8"
+    assert user.precision_of("vision_encoder", "n_MatMul_20") == "int8"
     with pytest.raises(ConfigError, match="int3"):
         Recipe.from_dict({"text_decoder": [["*", "int3"]]})
     with pytest.raises(ConfigError, match="unknown part"):

@@ -123,7 +123,7 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     bad = [p for p in precisions if p not in QUANT_PRECISIONS]
     if bad:
         raise ConfigError(f"not quantized precisions {bad}; choose from {list(QUANT_PRECISIONS)}")
-    recipe = options.recipe or default_recipe(arch)
+    recipe = options.recipe.over(default_recipe(arch)) if options.recipe is not None else default_recipe(arch)
     prep = prompt_pipeline(tokenizer_path, template, preprocess, model)
     progress("calibrate: build the calibration set")
     tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]

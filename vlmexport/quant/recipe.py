@@ -64,6 +64,11 @@ class Recipe:
     def to_dict(self) -> dict:
         return {part: [[r.pattern, r.precision] for r in rules] for part, rules in self.rules.items()}
 
+    def over(self, base: "Recipe") -> "Recipe":
+        """This recipe's parts, and ``base``'s rules for the parts it does not name (a user
+        recipe that only changes the decoder keeps the default INT8 vision parts)."""
+        return Recipe({**dict(base.rules), **dict(self.rules)})
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Sequence[Sequence]]) -> "Recipe":
         unknown = sorted(set(d) - set(PARTS))
