@@ -180,7 +180,7 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
         import onnx
 
         a = b.find("text_decoder", "onnx", precision)
-        m = onnx.load(str(b.root / a.file), load_external_data=False)
+        m = onnx.load(str(b.file(a.file)), load_external_data=False)
         total = 0
         for t in m.graph.initializer:
             if ".vision." in t.name or t.name.startswith("rope."):
@@ -194,7 +194,7 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
         import gguf
 
         a = b.find("text_decoder", "gguf", precision)
-        return float(sum(int(t.n_bytes) for t in gguf.GGUFReader(b.root / a.file).tensors
+        return float(sum(int(t.n_bytes) for t in gguf.GGUFReader(b.file(a.file)).tensors
                          if ".vis_" not in t.name and not t.name.startswith(("token_embd", "rope"))))
     return None
 
@@ -340,9 +340,9 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
         per_token.append((time.perf_counter() - t0) / decode_tokens)
     ms = statistics.median(per_token) * 1000
     tok_s = 1000.0 / ms
-    bpw = {"fp32": 4, "f32": 4, "fp16": 2, "f16": 2, "bf16": 2, "int8": 1, "q8_0": 34 / 32, "int4": 0.5,
-           "q4_0": 18 / 32, "q4_k_m": 4.85 / 8}.get(precision, 4)
-    gb = (decode_bytes if decode_bytes is not None else decode_weight_bytes(model, bpw)) / 1e9
+    if decode_bytes is None:  # no file to count from (torch runs the checkpoint in fp32 or bf16/fp16)
+        decode_bytes = decode_weight_bytes(model, 2 if precision in ("bf16", "fp16") else 4)
+    gb = decode_bytes / 1e9
     prefill_ms = max(ttft_ms - encode_ms, 1e-6)
     gflops = prefill_flops(model, len(layout)) / prefill_ms / 1e6
     return BenchRow(backend=pipe.backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,

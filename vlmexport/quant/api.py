@@ -155,13 +155,13 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     items = gate_items(preprocess.image_size, options.eval_per_category)
     ref_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ref)
     ref_acc = None
+    built = {part: {"fp32": path} for part, path in fp32.items()}
+    for q in parts:
+        built[q.part][q.precision] = q.path
     for precision in precisions:
         progress(f"score {precision} against fp32 ({len(items)} test prompts)")
         # the combination the runtime loads for this precision (bundle.PART_PRECISION_FALLBACK):
         # int4 scores the int4 decoder with the int8 vision parts when those were built too
-        built = {part: {"fp32": path} for part, path in fp32.items()}
-        for q in parts:
-            built[q.part][q.precision] = q.path
         chosen = {part: part_precision(have, precision) for part, have in built.items()}
         files = {part: built[part][p] for part, p in chosen.items()}
         q_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ort_session(files, model))

@@ -111,23 +111,20 @@ def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
         onnx.save_model(model, str(out))
 
 
-def _nonfinite_scales(model: onnx.ModelProto | Path) -> list[str]:
-    """What got a NaN/inf scale: the activation a QuantizeLinear quantizes, or a MatMulNBits node."""
-    base = None
-    if isinstance(model, Path):
-        base = str(model.parent)
-        model = onnx.load(str(model), load_external_data=False)
+def _nonfinite_scales(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
+    """What got a NaN/inf scale: the activation a QuantizeLinear quantizes, or a MatMulNBits node
+    (``base_dir``: where the model's external data lives, if it has any)."""
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "MatMulNBits"):
             t = inits.get(n.input[1] if n.op_type == "QuantizeLinear" else n.input[2])
-            if t is not None and not np.all(np.isfinite(onnx.numpy_helper.to_array(t, base_dir=base or ""))):
+            if t is not None and not np.all(np.isfinite(onnx.numpy_helper.to_array(t, base_dir=base_dir))):
                 out.append(f"activation {n.input[0]}" if n.op_type == "QuantizeLinear" else f"node {n.name}")
     return out
 
 
-def _dedicate_activation_dq(path: Path, quantized: set[str]) -> int:
+def _dedicate_activation_dq(m: onnx.ModelProto, quantized: set[str]) -> int:
     """Give every quantized node its own activation DequantizeLinear; float consumers read the float tensor.
 
     ``quantize_static`` puts one Q -> DQ pair on a tensor and lets every consumer read the DQ.
@@ -139,9 +136,8 @@ def _dedicate_activation_dq(path: Path, quantized: set[str]) -> int:
     quantized node, its other (float) consumers are pointed back at the Q's float input, and
     a pair shared by several quantized nodes (a SwiGLU's gate and up) is copied per node. A DQ read by float consumers
     only (a quantized MatMul's output pair, which onnxruntime folds into QLinearMatMul) is
-    left alone. Returns the number of rewired inputs.
+    left alone. Edits ``m`` in place; returns the number of rewired inputs.
     """
-    m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     prod = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -180,17 +176,13 @@ def _dedicate_activation_dq(path: Path, quantized: set[str]) -> int:
         at = list(g.node).index(dq) + 1
         for node in reversed(pair):
             g.node.insert(at, node)
-    if changed:
-        onnx.save(m, str(path))  # external data references are kept as they are
     return changed
 
 
-def _raise_nonfinite(part: str, src: Path, reader, detail: str):
-    """Name the layer whose fp32 activations are NaN/inf on the calibration data, and raise."""
+def _nonfinite_cause(part: str, src: Path, reader) -> DataError | None:
+    """The error naming the layer whose fp32 activations are NaN/inf on the calibration data, if any."""
     hit = first_nonfinite(src, reader)
-    if hit is not None:
-        raise nonfinite_error(part, *hit)
-    raise DataError(f"{part}: calibration produced non-finite quantization ranges ({detail}); check the checkpoint")
+    return nonfinite_error(part, *hit) if hit is not None else None
 
 
 # --------------------------------------------------------------------- INT8 QDQ
@@ -234,16 +226,20 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
         # non-finite activations make onnxruntime fail without naming the tensor (the histogram
         # calibrators: "range ... is not finite"; MinMax with symmetric ranges: "scale issue"):
         # name the layer if that is the cause, else let the original error through
-        hit = first_nonfinite(src, reader)
-        if hit is not None:
-            raise nonfinite_error(part, *hit) from None
+        cause = _nonfinite_cause(part, src, reader)
+        if cause is not None:
+            raise cause from None
         raise
-    rewired = _dedicate_activation_dq(out, set(include))
-    bad = _nonfinite_scales(out)
+    qdq = onnx.load(str(out), load_external_data=False)
+    bad = _nonfinite_scales(qdq, str(out.parent))
     if bad:  # MinMax takes inf ranges silently and writes inf scales
         for f in (out, *_data_files(out)):
             f.unlink(missing_ok=True)
-        _raise_nonfinite(part, src, reader, f"non-finite scale for {bad[0]}")
+        raise _nonfinite_cause(part, src, reader) or DataError(
+            f"{part}: calibration produced a non-finite scale for {bad[0]}; check the checkpoint")
+    rewired = _dedicate_activation_dq(qdq, set(include))
+    if rewired:
+        onnx.save(qdq, str(out))  # external data references are kept as they are
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
                          {"scheme": "qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric",
                           "calibration_method": method, "calibration_batches": len(reader),
@@ -332,10 +328,9 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
         raise ConfigError(f"{part}: the recipe quantizes none of its {len(nodes)} MatMul nodes")
     bad = _nonfinite_scales(model)
     if bad:
-        if reader is not None and algorithm == "gptq":
-            _raise_nonfinite(part, src, reader, f"non-finite scale for {bad[0]}")
-        raise DataError(f"{part}: {bad[0]} got a NaN/inf quantization scale: the fp32 weights of that node hold "
-                        "NaN/inf; check the checkpoint")
+        cause = _nonfinite_cause(part, src, reader) if reader is not None and algorithm == "gptq" else None
+        raise cause or DataError(f"{part}: {bad[0]} got a NaN/inf quantization scale: the fp32 weights of that node "
+                                 "hold NaN/inf; check the checkpoint")
     _save(model, out, external=_model_bytes(src) > EXTERNAL_DATA_ABOVE)
     kept = [n for n, q in chosen.items() if q is None]
     return QuantizedPart(part, precision, out, _data_files(out), tuple(done), tuple(kept),
