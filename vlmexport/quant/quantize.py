@@ -335,4 +335,7 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
     kept = [n for n, q in chosen.items() if q is None]
     return QuantizedPart(part, precision, out, _data_files(out), tuple(done), tuple(kept),
                          {"scheme": "weight-only MatMulNBits", "algorithm": algorithm, "block_size": block_size,
-                          "accuracy_level": accuracy_level, "symmetric": True})
+                          "accuracy_level": accuracy_level, "symmetric": True,
+                          "nodes_per_precision": {p: sum(q == p for q in chosen.values()) for p in ("int4", "int8")
+                                                  if p in chosen.values()},
+                          "int8_nodes": sorted(n for n, q in chosen.items() if q == "int8" and precision != "int8")})

@@ -9,9 +9,14 @@ they load from JSON (``--recipe FILE``)::
     {"text_decoder": [["lm_head", null], ["layers.0.*", "int8"], ["*", "int4"]],
      "vision_encoder": [["*", "int8"]]}
 
-Defaults: the LM head stays full precision (it decides every token and is one matrix:
-4-bit error there moves top-1 directly; llama.cpp and onnxruntime-genai keep it at
-higher precision by default as well); every other MatMul takes the requested precision.
+Defaults: the LM head is never 4-bit: it decides every token and is one matrix, so 4-bit
+error there moves top-1 directly. It is 8-bit weight-only instead (llama.cpp keeps its
+``output.weight`` at 6-8 bits in its 4-bit types; onnxruntime-genai's builder, 0.18, puts
+it in int4 unless told otherwise). Every other MatMul takes the requested precision. The
+LM head is read whole for every token, so its precision weighs on decode speed: on bench-s
+(2 cores) an fp32 head is 131 MB of the int4 decoder's 0.26 GB per token; with the int8
+head int4 decode went from 2.1-2.2x to 2.6x fp32 (docs/results.md), and no answer of the
+demo model changed (docs/quantization.md). ``["lm_head", null]`` keeps it fp32.
 An architecture may override with a ``default_quant_recipe`` class attribute (a dict in
 the JSON form above) in its registry file.
 """
@@ -94,13 +99,13 @@ class Recipe:
 
 
 def default_recipe(arch: type | None = None) -> Recipe:
-    """Vision parts INT8 everywhere; decoder: LM head full precision, int4 elsewhere (int8 builds
-    ask for int8 instead: see :func:`for_precision`)."""
+    """Vision parts INT8 everywhere; decoder: LM head int8, int4 elsewhere (int8 builds ask for
+    int8 instead: see :func:`for_precision`)."""
     custom = getattr(arch, "default_quant_recipe", None) if arch is not None else None
     if custom:
         return Recipe.from_dict(custom)
     return Recipe.from_dict({"vision_encoder": [["*", "int8"]], "connector": [["*", "int8"]],
-                             "text_decoder": [["lm_head", None], ["lm_head.*", None], ["*", "int4"]]})
+                             "text_decoder": [["lm_head", "int8"], ["lm_head.*", "int8"], ["*", "int4"]]})
 
 
 def for_precision(recipe: Recipe, part: str, precision: str) -> Recipe:
