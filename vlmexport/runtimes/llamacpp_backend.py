@@ -209,7 +209,8 @@ EXTRA_BUFTS_ENV = "VLMEXPORT_LLAMACPP_EXTRA_BUFTS"
 _AMX_PROBE: dict[str, bool] = {}  # per process: did a quantized matmul with AMX repacking survive?
 _PROBE = """
 import sys, llama_cpp.llama_cpp as L
-L.llama_log_set(L.llama_log_callback(lambda *a: None), None)
+quiet = L.llama_log_callback(lambda *a: None)  # kept referenced: a collected callback is a dangling pointer
+L.llama_log_set(quiet, None)
 L.llama_backend_init()
 m = L.llama_model_load_from_file(sys.argv[1].encode(), L.llama_model_default_params())
 cp = L.llama_context_default_params(); cp.n_ctx = cp.n_batch = cp.n_ubatch = 8; cp.n_threads = cp.n_threads_batch = 1
