@@ -358,3 +358,15 @@ def test_runtime_imports_neither_torch_nor_models():
             "sys.exit(repr(bad) if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.llamacpp
+def test_amx_probe_survives_a_file_without_quantized_weights(cog):
+    """The repacking probe must only fail where llama.cpp's kernels do: on an f32 file no AMX
+    code runs, so it has to exit 0 (it used to hand llama.cpp a log callback that Python then
+    freed, and crashed on any file)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", lb._PROBE, str(cog[1].text)], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
