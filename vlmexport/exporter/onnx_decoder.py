@@ -23,7 +23,11 @@ Graph (opset 17 + ``com.microsoft`` contrib ops, for onnxruntime)::
   SwiGLU MLP. A step without image positions runs the vision MatMuls on 0 rows.
 - RoPE (rotate-half) from the ``position_ids`` input with ``com.microsoft.RotaryEmbedding``
   (positions are not cache slots under ``hf_cogvlm``), then ``GroupQueryAttention`` with
-  ``do_rotary=0``; ``seqlens_k`` / ``total_sequence_length`` come from ``attention_mask``
+  ``do_rotary=0``. GQA's own rotary (packed QKV plus its ``position_ids`` input) honours
+  explicit positions on the CPU provider (checked in onnxruntime 1.31), but the CUDA
+  provider's fused kernels rotate keys at ``past_length + s`` (onnxruntime's GQA.md), which
+  is wrong after an image under ``hf_cogvlm``; the separate op costs ~0.3 ms of a bench-s
+  decode step on CPU; ``seqlens_k`` / ``total_sequence_length`` come from ``attention_mask``
   as onnxruntime-genai derives them. Bind each past and present to one preallocated
   ``[batch, kv_heads, max_length, head_dim]`` buffer (IO binding) and GQA writes the new
   keys/values in place (it detects past == present); unbound, it concatenates.
