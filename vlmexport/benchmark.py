@@ -179,11 +179,13 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
     if backend == "onnxruntime":
         import onnx
 
+        from .exporter.onnx_decoder import is_visual_expert
+
         a = b.find("text_decoder", "onnx", precision)
         m = onnx.load(str(b.file(a.file)), load_external_data=False)
         total = 0
         for t in m.graph.initializer:
-            if ".vision." in t.name or t.name.startswith("rope."):
+            if is_visual_expert(t.name) or t.name.startswith("rope."):
                 continue
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 total += int({e.key: e.value for e in t.external_data}.get("length", 0))
@@ -193,9 +195,11 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
     if backend == "llamacpp":
         import gguf
 
+        from .quant.gguf import language_twin  # not None: a visual-expert tensor
+
         a = b.find("text_decoder", "gguf", precision)
         return float(sum(int(t.n_bytes) for t in gguf.GGUFReader(b.file(a.file)).tensors
-                         if ".vis_" not in t.name and not t.name.startswith(("token_embd", "rope"))))
+                         if language_twin(t.name) is None and not t.name.startswith(("token_embd", "rope"))))
     return None
 
 
@@ -269,16 +273,17 @@ class BenchReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
-    def table(self) -> str:
-        head = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GF/s", "% of GEMM", "decode tok/s",
-                "GB/s", "% of bw", "peak MB", "accuracy")
-        rows = [head] + [(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
-                          f"{r.prefill_gflops:.0f}", f"{r.prefill_fraction_of_peak * 100:.0f}%",
-                          f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction * 100:.0f}%",
-                          f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy * 100:.1f}%")
-                         for r in self.rows]
-        w = [max(len(r[k]) for r in rows) for k in range(len(head))]
-        return "\n".join("  ".join(c.rjust(w[k]) if k > 1 else c.ljust(w[k]) for k, c in enumerate(r)) for r in rows)
+
+# the report's table (``vlmexport bench`` prints it): its columns and each row's cells
+COLUMNS = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM", "decode tok/s",
+           "GB/s read", "of bandwidth", "peak RSS MB", "exact match")
+
+
+def row_cells(r: BenchRow) -> tuple[str, ...]:
+    return (r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
+            f"{r.prefill_gflops:.0f}", f"{r.prefill_fraction_of_peak:.0%}", f"{r.decode_tok_s:.1f}",
+            f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}", f"{r.peak_rss_mb:.0f}",
+            "-" if r.accuracy is None else f"{r.accuracy:.1%}")
 
 
 def machine_info() -> dict:

@@ -413,7 +413,7 @@ def bench(
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
-    from .benchmark import plot_report, run_bench, write_synthetic_checkpoint
+    from .benchmark import COLUMNS, plot_report, row_cells, run_bench, write_synthetic_checkpoint
 
     if accuracy < 0 or accuracy % 2:
         raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
@@ -450,14 +450,10 @@ def bench(
                            threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
     t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
                     f"{report.bandwidth_gbs:.1f} GB/s, fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
-    for col in ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM",
-                "decode tok/s", "GB/s read", "of bandwidth", "peak RSS MB", "exact match"):
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
     for r in report.rows:
-        t.add_row(r.backend, r.precision, f"{r.size_mb:.1f}", f"{r.image_encode_ms:.1f}", f"{r.ttft_ms:.1f}",
-                  f"{r.prefill_gflops:.0f}", f"{r.prefill_fraction_of_peak:.0%}",
-                  f"{r.decode_tok_s:.1f}", f"{r.achieved_gbs:.1f}", f"{r.bandwidth_fraction:.0%}",
-                  f"{r.peak_rss_mb:.0f}", "-" if r.accuracy is None else f"{r.accuracy:.1%}")
+        t.add_row(*row_cells(r))
     out.print(t)
     for name, ratio in report.ratios.items():
         out.print(f"{name}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "

@@ -373,6 +373,8 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
                 if v.shape[0]:
                     a[1] = np.maximum(a[1], np.abs(v).max(0))
                     a[2] += (v * v).sum(0)
-    return {node: {"modality": "image" if ".vision." in node else "text", "rows": int(r),
+    from ..exporter.onnx_decoder import is_visual_expert
+
+    return {node: {"modality": "image" if is_visual_expert(node) else "text", "rows": int(r),
                    "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}
             for node, (r, mx, sq) in acc.items()}
