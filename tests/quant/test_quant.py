@@ -102,6 +102,27 @@ def test_calibration_is_deterministic_cached_and_from_val(fp32_bundle, tmp_path,
     assert s["image_positions"] == 4 * fp32_bundle["model"]["image_tokens"] and s["text_positions"] > 0
 
 
+def test_more_pairs_than_images_gives_every_pair_its_image(fp32_bundle, tmp_path):
+    """--calib-pairs above --calib-images: the vision parts see `images` pixels, each pair its own image."""
+    from safetensors.numpy import load_file
+
+    from vlmexport.quant.calib import pixel_reader
+
+    cs = build_calibration(_prep(fp32_bundle), CalibrationSettings(images=2, pairs=5), tmp_path)
+    assert cs.pixels.shape[0] == 5 and cs.vision_pixels.shape[0] == 2 and cs.summary()["images"] == 2
+    assert sum(len(f["pixel_values"]) for f in pixel_reader(cs)) == 2
+    again = build_calibration(_prep(fp32_bundle), CalibrationSettings(images=2, pairs=5), tmp_path)  # cached
+    assert again.vision_pixels.shape[0] == 2 and again.pixels.shape[0] == 5
+    ref = ort_session(fp32_bundle["files"], fp32_bundle["model"])
+    emb = load_file(str(fp32_bundle["files"]["token_embedding"]))["weight"]
+    feeds = list(decoder_feeds(cs, emb, ref.encode_images, ref.facts))
+    assert len(feeds) == 5
+    n_img = fp32_bundle["model"]["image_tokens"]
+    for i, f in enumerate(feeds):  # pair i's image rows are the embeddings of pixels[i]
+        rows = f["inputs_embeds"][0][cs.pair(i)["is_image"]]
+        np.testing.assert_allclose(rows, ref.encode_images(cs.pixels[i:i + 1]).reshape(n_img, -1), atol=1e-6)
+
+
 def test_visual_expert_statistics_come_from_image_tokens_only(fp32_bundle, tmp_path):
     prep = _prep(fp32_bundle)
     cs = build_calibration(prep, SMALL, tmp_path)

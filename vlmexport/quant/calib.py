@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGES = 512  # INT8 vision encoder / connector
 DEFAULT_PAIRS = 64  # decoder weight-only INT4/INT8 (data-driven algorithms)
 CALIB_SPLIT = "val"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: pixels for every pair when pairs > images
 DEFAULT_PROMPT = "Describe the image."  # directory sources without a NAME.txt beside the image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -72,7 +72,11 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Preprocessed pixels [N, 3, S, S] and ``pairs`` token layouts (rows ``offsets[i]:offsets[i+1]``)."""
+    """Preprocessed pixels [N, 3, S, S] and ``pairs`` token layouts (rows ``offsets[i]:offsets[i+1]``).
+
+    N = max(images, pairs): the vision parts calibrate on the first ``images`` pixels
+    (:attr:`vision_pixels`), pair ``i`` uses ``pixels[i]``.
+    """
 
     pixels: np.ndarray
     input_ids: np.ndarray
@@ -83,6 +87,11 @@ class CalibrationSet:
     key: str
     source: str
     skipped: int = 0  # unreadable images passed over while drawing the set
+    images: int = -1  # how many pixels the vision parts calibrate on; -1: all of them
+
+    @property
+    def vision_pixels(self) -> np.ndarray:
+        return self.pixels if self.images < 0 else self.pixels[: self.images]
 
     @property
     def num_pairs(self) -> int:
@@ -96,7 +105,7 @@ class CalibrationSet:
 
     def summary(self) -> dict:
         n_img = int(self.is_image.sum())
-        return {"source": self.source, "images": int(self.pixels.shape[0]), "pairs": self.num_pairs,
+        return {"source": self.source, "images": int(self.vision_pixels.shape[0]), "pairs": self.num_pairs,
                 "image_positions": n_img, "text_positions": int(self.is_image.size - n_img),
                 "skipped_unreadable_images": self.skipped, "key": self.key}
 
@@ -106,7 +115,7 @@ class CalibrationSet:
         np.savez(tmp, pixels=self.pixels, input_ids=self.input_ids, position_ids=self.position_ids,
                  token_type=self.token_type, is_image=self.is_image, offsets=self.offsets,
                  meta=np.frombuffer(json.dumps({"key": self.key, "source": self.source,
-                                                "skipped": self.skipped}).encode(), np.uint8))
+                                                "skipped": self.skipped, "images": self.images}).encode(), np.uint8))
         os.replace(tmp, path)
 
     @classmethod
@@ -114,7 +123,7 @@ class CalibrationSet:
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             return cls(z["pixels"], z["input_ids"], z["position_ids"], z["token_type"], z["is_image"].astype(bool),
-                       z["offsets"], meta["key"], meta["source"], int(meta.get("skipped", 0)))
+                       z["offsets"], meta["key"], meta["source"], int(meta.get("skipped", 0)), int(meta.get("images", -1)))
 
 
 def settings_key(settings: CalibrationSettings, identity: dict) -> str:
@@ -224,10 +233,10 @@ def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSetti
                          if layouts else np.zeros(0, dt))
     offsets = np.cumsum([0] + [len(lo) for lo in layouts]).astype(np.int64)
     source = settings.data or f"synthetic:{CALIB_SPLIT}:seed{settings.seed}"
-    cs = CalibrationSet(np.stack(pixels[: settings.images]).astype(np.float32),
+    cs = CalibrationSet(np.stack(pixels).astype(np.float32),  # max(images, pairs): every pair has its image
                         cat(lambda lo: lo.input_ids, np.int64), cat(lambda lo: lo.position_ids, np.int64),
                         cat(lambda lo: lo.token_type, np.int64), cat(lambda lo: lo.is_image, bool), offsets, key,
-                        source, skipped)
+                        source, skipped, settings.images)
     cs.save(path)
     return cs
 
@@ -254,14 +263,15 @@ class _Reader:
 
 
 def pixel_reader(cs: CalibrationSet, batch: int = 8, dtype=np.float32) -> _Reader:
-    px = cs.pixels.astype(dtype)
+    px = cs.vision_pixels.astype(dtype)
     return _Reader([{"pixel_values": px[i:i + batch]} for i in range(0, len(px), batch)])
 
 
 def feature_reader(encode: Callable[[np.ndarray], np.ndarray], cs: CalibrationSet, batch: int = 8) -> _Reader:
     """Connector inputs: the (fp32) vision encoder's outputs on the calibration pixels."""
-    return _Reader([{"image_features": np.asarray(encode(cs.pixels[i:i + batch]), np.float32)}
-                    for i in range(0, len(cs.pixels), batch)])
+    px = cs.vision_pixels
+    return _Reader([{"image_features": np.asarray(encode(px[i:i + batch]), np.float32)}
+                    for i in range(0, len(px), batch)])
 
 
 def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Callable[[np.ndarray], np.ndarray], facts,
@@ -378,3 +388,4 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
     return {node: {"modality": "image" if is_visual_expert(node) else "text", "rows": int(r),
                    "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}
             for node, (r, mx, sq) in acc.items()}
+
