@@ -307,7 +307,8 @@ def build(
     calib_images: int = typer.Option(512, help="Calibration images for int8 vision parts (unreadable ones are "
                                      "skipped and counted)."),
     calib_pairs: int = typer.Option(64, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
-    int4_algorithm: str = typer.Option("rtn", help="Weight-only algorithm for int4: rtn, hqq or gptq."),
+    int4_algorithm: str = typer.Option("gptq", help="Weight-only algorithm for int4: gptq (calibrated on the "
+                                       "calibration pairs, each expert on its own modality), rtn or hqq."),
     quant_target: str = typer.Option("cpu", help="Device the int4/int8 decoder is tuned for: cpu (block 32, "
                                      "int8 compute, accuracy_level 4) or gpu (block 128, accuracy_level unset)."),
     gate_items: int = typer.Option(200, help="Test-split questions per category that score int8/int4 parts "

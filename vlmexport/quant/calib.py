@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -45,6 +46,7 @@ DEFAULT_IMAGES = 512  # INT8 vision encoder / connector
 DEFAULT_PAIRS = 64  # decoder weight-only INT4/INT8 (data-driven algorithms)
 CALIB_SPLIT = "val"
 FORMAT_VERSION = 3  # 3: pixels for every pair when pairs > images
+HESSIAN_FLUSH_ELEMENTS = 4 << 20  # rows held per MatMul input before one x^T x (16 MB of float32)
 DEFAULT_PROMPT = "Describe the image."  # directory sources without a NAME.txt beside the image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -306,9 +308,10 @@ def nonfinite_error(part: str, where: str, batch: int) -> DataError:
 
 
 @contextlib.contextmanager
-def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable):
+def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable, threads: int = 1):
     """An onnxruntime CPU session of ``model_path`` that also returns ``names_of(model)`` as
-    outputs (a sibling file, so external data resolves; removed afterwards)."""
+    outputs (a sibling file, so external data resolves; removed afterwards); ``threads`` 0:
+    onnxruntime's default (one per core)."""
     import onnx
     import onnxruntime as ort
 
@@ -322,7 +325,7 @@ def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable):
     onnx.save(m, str(tmp))  # external data stays where it is (same directory, same relative location)
     try:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
+        opts.intra_op_num_threads = threads
         yield ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"]), names, m
     finally:
         tmp.unlink(missing_ok=True)
@@ -389,3 +392,68 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
                    "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}
             for node, (r, mx, sq) in acc.items()}
 
+
+def input_hessians(model_path: str | os.PathLike, reader: _Reader, nodes: Sequence[str],
+                   budget_bytes: int = 2 << 30) -> dict[str, np.ndarray]:
+    """``{node: sum x x^T}`` [in, in] (float32) over the rows each named MatMul sees on the
+    calibration feeds: what GPTQ weighs rounding errors with (:mod:`.gptq`, which lifts each
+    matrix to float64 for its Cholesky factors).
+
+    The decoder routes rows by expert, so a visual expert's Hessian comes from image-token
+    rows only and a language expert's from text-token rows only. MatMuls reading the same
+    tensor share one matrix. The feeds are run once per group of inputs whose matrices fit in
+    ``budget_bytes`` (a bench-s decoder's take 1.4 GB: one pass), so memory stays bounded for
+    large models. Rows are buffered and folded in by one float32 GEMM per
+    ``HESSIAN_FLUSH_ELEMENTS``; a float32 sum of that few terms is far below GPTQ's 1%
+    damping. NaN/inf inputs raise :class:`DataError` naming the node.
+    """
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in m.graph.initializer}
+    want = set(nodes)
+    input_of = {n.name: n.input[0] for n in m.graph.node
+                if n.name in want and n.op_type == "MatMul" and len(dims.get(n.input[1], ())) == 2}
+    missing = sorted(want - set(input_of))
+    if missing:
+        raise ConfigError(f"no MatMul with a 2-D weight named {missing[0]!r} in {Path(model_path).name}")
+    size = {n.input[0]: dims[n.input[1]][0] for n in m.graph.node if n.name in input_of}
+    del m
+    passes: list[list[str]] = [[]]
+    used = 0
+    for name in dict.fromkeys(input_of.values()):
+        b = size[name] ** 2 * 4
+        if passes[-1] and used + b > budget_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += b
+    node_of = {inp: node for node, inp in input_of.items()}  # one node per input, to name it in errors
+    acc: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for group in passes:
+        with _session_with_outputs(model_path, lambda _m: group, threads=0) as (sess, outs, _):
+            h = {name: np.zeros((size[name], size[name]), np.float32) for name in outs}
+            held: dict[str, list[np.ndarray]] = {name: [] for name in outs}  # rows not yet in h
+
+            def flush(name: str) -> None:  # one GEMM over several batches' rows
+                if held[name]:
+                    x = np.concatenate(held[name])
+                    h[name] += x.T @ x
+                    held[name].clear()
+
+            reader.rewind()
+            for b, feed in enumerate(reader):
+                for name, v in zip(outs, sess.run(outs, feed)):
+                    x = np.asarray(v, np.float32).reshape(-1, size[name])
+                    if not np.all(np.isfinite(x)):
+                        raise nonfinite_error(Path(model_path).stem, f"the input {name} of node '{node_of[name]}'", b)
+                    held[name].append(x)
+                    if sum(len(r) for r in held[name]) * size[name] >= HESSIAN_FLUSH_ELEMENTS:
+                        flush(name)
+            for name in outs:
+                flush(name)
+            acc.update(h)
+    log.info("GPTQ Hessians: %d MatMul inputs (%.2f GB) in %d pass(es) over the calibration feeds, %.0f s",
+             len(acc), sum(m.nbytes for m in acc.values()) / 1e9, len(passes), time.perf_counter() - t0)
+    return {node: acc[inp] for node, inp in input_of.items()}
