@@ -338,6 +338,7 @@ def build(
                            progress=lambda step: progress.update(task, description=step))
         progress.update(task, description="done")
     _print_validation(result.validation)
+    _print_gates(result.calibration)
     console.print(f"[green]bundle written to[/green] {result.out} in {result.seconds:.1f} s")
 
 
@@ -361,6 +362,30 @@ def _print_validation(v: dict) -> None:
         e.add_row(r.get("format", ""), r["precision"], str(r["prompts"]), str(r["identical"]), f"{r['rate']:.1%}",
                   f"{r['threshold']:.0%}")
     out.print(e)
+
+
+def _print_gates(calibration: dict) -> None:
+    """The int8/int4 ONNX scores against fp32 (the accuracy gates), one row per precision."""
+    scores = (calibration.get("onnx") or {}).get("scores") or {}
+    if not scores:
+        return
+    first = next(iter(scores.values()))
+    ref = [f"{first['prompts']} test prompts"]
+    if "accuracy_fp32" in first:
+        ref.append(f"fp32 {first['accuracy_fp32']:.2f}%")
+    if "mme_score_fp32" in first:
+        ref.append(f"MME {first['mme_score_fp32']:.1f}")
+    t = Table(title=f"int8/int4 ONNX against fp32 ({', '.join(ref)})")
+    for col in ("precision", "top-1", "cosine", "exact match", "drop", "MME", "gate"):
+        t.add_column(col, justify="right")
+    for precision, s in scores.items():
+        gates = "; ".join(f"{'<=' if g['gate'].startswith('max') else '>='} {g['limit']}" for g in s.get("gates", []))
+        verdict = "[green]passed[/green]" if s.get("passed", True) else "[red]DEGRADED[/red]"
+        t.add_row(precision, f"{s['top1_agreement']:.2%}", f"{s['mean_cosine']:.5f}",
+                  f"{s['accuracy']:.2f}%" if "accuracy" in s else "-",
+                  f"{s['accuracy_drop_points']:+.2f}" if "accuracy" in s else "-",
+                  f"{s['mme_score']:.1f}" if "mme_score" in s else "-", f"{verdict} {gates}".strip())
+    out.print(t)
 
 
 @app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify full"))

@@ -336,6 +336,25 @@ def test_outputs_close_to_fp32(quantized, fp32_bundle):
     assert {g["gate"] for s in r.scores.values() for g in s["gates"]} == {"max_accuracy_drop"}
 
 
+def test_scores_hold_eval_exact_match_per_category_and_mme(quantized, capsys):
+    """Each precision's scores carry ``vlmexport eval``'s exact match (overall and per category)
+    and MME-style score beside fp32's (computed once), and `vlmexport build` prints them."""
+    from vlmexport.cli import _print_gates
+
+    r, _ = quantized
+    cats = {it.category for it in gate_items(32, 2)}
+    fp32 = {k: r.scores["int8"][k] for k in ("accuracy_fp32", "mme_score_fp32", "per_category_fp32")}
+    for s in r.scores.values():
+        assert set(s["per_category"]) == set(s["per_category_fp32"]) == cats
+        assert {k: s[k] for k in fp32} == fp32
+        assert s["mme_drop"] == pytest.approx(s["mme_score_fp32"] - s["mme_score"])
+        assert 0 <= s["mme_score"] <= 200  # one MME category (existence): acc + acc+, x100
+    _print_gates({"onnx": {"scores": r.scores}})
+    text = capsys.readouterr().out
+    assert "int8/int4 ONNX against fp32 (14 test prompts, fp32 " in text
+    assert all(f"{r.scores[p]['mme_score']:.1f}" in text for p in ("int8", "int4"))
+
+
 def test_gates_fail_on_a_broken_quantization(quantized, fp32_bundle, tmp_path):
     _, out = quantized
     m = onnx.load(str(out / "onnx/text_decoder.int4.onnx"))

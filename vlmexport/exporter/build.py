@@ -351,6 +351,7 @@ class BuildResult:
     artifacts: list[ExportedPart]
     validation: dict = field(default_factory=dict)
     seconds: float = 0.0
+    calibration: dict = field(default_factory=dict)  # the manifest's section: int8/int4 scores and gates
 
 
 def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] = ("onnx",),
@@ -372,6 +373,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     with BundleWriter(out) as w:
         write_common_files(src, w)
         parts: list[ExportedPart] = []
+        q_section: dict = {}
         if reference:
             progress("copy the PyTorch reference")
             parts.append(copy_reference(src, w.root))
@@ -398,4 +400,4 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
                                       progress)
         w.set_section("validation", report)
         progress("package")
-    return BuildResult(Path(out), parts, report, time.perf_counter() - t0)
+    return BuildResult(Path(out), parts, report, time.perf_counter() - t0, q_section)

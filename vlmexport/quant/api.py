@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 from ..bundle import artifact_file, part_precision
 from ..core.errors import ConfigError
 from .calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
-from .gates import Gate, check_gates, score
+from .gates import Gate, check_gates, score, task_scores
 from .quantize import (CPU_BLOCK, DEFAULT_ALGORITHM, DEFAULT_CALIBRATION_METHOD, QuantizedPart, quantize_int8_static,
                        quantize_weight_only)
 from .recipe import Recipe, default_recipe, for_precision
@@ -154,7 +154,8 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     scores: dict = {}
     items = gate_items(preprocess.image_size, options.eval_per_category)
     ref_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ref)
-    ref_acc = None
+    progress(f"score fp32 ({len(items)} test prompts)")
+    ref_task = task_scores(ref_pipe, items) if options.accuracy else None  # once for every precision
     built = {part: {"fp32": path} for part, path in fp32.items()}
     for q in parts:
         built[q.part][q.precision] = q.path
@@ -165,8 +166,7 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
         chosen = {part: part_precision(have, precision) for part, have in built.items()}
         files = {part: built[part][p] for part, p in chosen.items()}
         q_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ort_session(files, model))
-        s = score(ref_pipe, q_pipe, items, accuracy=options.accuracy, ref_accuracy=ref_acc)
-        ref_acc = s.get("accuracy_fp32", ref_acc)
+        s = score(ref_pipe, q_pipe, items, accuracy=options.accuracy, reference=ref_task)
         s["parts"] = {q.part: {"precision": q.precision, "quantized_nodes": len(q.quantized_nodes),
                                "kept_nodes": list(q.kept_nodes), **q.settings}
                       for q in parts if chosen[q.part] == q.precision}

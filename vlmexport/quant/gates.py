@@ -5,7 +5,9 @@ Scores (test split, never used for calibration):
 - ``mean_cosine``: mean cosine similarity of the last-position logits;
 - ``accuracy`` / ``accuracy_fp32`` / ``accuracy_drop_points``: exact-match task accuracy
   of greedy answers through the evaluation API (``evaluation.runner.evaluate``), in
-  percentage points.
+  percentage points, also per category;
+- ``mme_score`` / ``mme_score_fp32`` / ``mme_drop``: ``vlmexport eval``'s MME-style score
+  (acc + acc+ of the yes/no pairs, x100, summed over categories), where the prompts hold pairs.
 
 Default gates: INT8 may lose at most 0.5 accuracy points, INT4 at most 1.5. Optional
 ``min_top1`` / ``min_cosine`` gates. A failing gate raises :class:`QuantizationGateError`
@@ -55,17 +57,34 @@ def logit_scores(ref_pipeline, q_pipeline, items: Sequence) -> dict:
             "min_cosine": float(np.min(cos)) if cos else 1.0}
 
 
-def score(ref_pipeline, q_pipeline, items: Sequence, accuracy: bool = True, ref_accuracy: float | None = None,
+def task_scores(pipeline, items: Sequence, max_new_tokens: int = 10) -> dict:
+    """``vlmexport eval``'s scores of greedy answers on ``items``: exact match overall and per
+    category (percent), and the MME-style score where the items hold yes/no pairs."""
+    from ..evaluation.runner import evaluate
+
+    r = evaluate(pipeline, items, max_new_tokens)
+    out = {"accuracy": 100.0 * r.overall,
+           "per_category": {c: round(100.0 * v["accuracy"], 2) for c, v in r.per_category.items()}}
+    if r.mme:
+        out["mme_score"] = r.mme_score
+    return out
+
+
+def score(ref_pipeline, q_pipeline, items: Sequence, accuracy: bool = True, reference: dict | None = None,
           max_new_tokens: int = 10) -> dict:
-    """Logit scores plus exact-match accuracy (percent) of both pipelines on ``items``."""
+    """Logit scores plus the task scores of both pipelines on ``items``: ``accuracy`` and
+    ``mme_score`` with their fp32 values and drops, exact match per category. ``reference``:
+    the fp32 pipeline's :func:`task_scores`, when already computed for another precision."""
     out = logit_scores(ref_pipeline, q_pipeline, items)
     if accuracy:
-        from ..evaluation.runner import evaluate
-
-        if ref_accuracy is None:
-            ref_accuracy = 100.0 * evaluate(ref_pipeline, items, max_new_tokens).overall
-        acc = 100.0 * evaluate(q_pipeline, items, max_new_tokens).overall
-        out.update(accuracy=acc, accuracy_fp32=ref_accuracy, accuracy_drop_points=ref_accuracy - acc)
+        ref = reference if reference is not None else task_scores(ref_pipeline, items, max_new_tokens)
+        mine = task_scores(q_pipeline, items, max_new_tokens)
+        out.update(accuracy=mine["accuracy"], accuracy_fp32=ref["accuracy"],
+                   accuracy_drop_points=ref["accuracy"] - mine["accuracy"])
+        if "mme_score" in mine and "mme_score" in ref:
+            out.update(mme_score=mine["mme_score"], mme_score_fp32=ref["mme_score"],
+                       mme_drop=ref["mme_score"] - mine["mme_score"])
+        out.update(per_category=mine["per_category"], per_category_fp32=ref["per_category"])
     return out
 
 
