@@ -23,12 +23,16 @@ def _activations(rng, rows: int, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_packing_matches_onnxruntime_bit_for_bit(bits):
+@pytest.mark.parametrize("values", ["float32", "bf16"])
+def test_packing_matches_onnxruntime_bit_for_bit(bits, values):
     from onnxruntime.capi import _pybind_state as C
 
     rng = np.random.default_rng(0)
-    k, n, block = 96, 10, 32
+    k, n, block = 96, 128, 32
     w = rng.standard_normal((k, n)).astype(np.float32)
+    if values == "bf16":  # a bf16-trained checkpoint exported to fp32: ties (x.5 codes, |min| == |max|) happen
+        w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32) * 0.25
+        w[:32, 1] = np.tile([1.0, -1.0], 16)  # |min| == |max| in one block
     w[:32, 0] = 0  # an all-zero block
     kpack = 8 // bits
     packed = np.zeros((n, k // block, block // kpack), np.uint8)
@@ -134,3 +138,40 @@ def test_hessians_are_per_expert_and_name_bad_layers(tmp_path):
     bad[0, 3] = np.nan
     with pytest.raises(Exception, match="NaN/inf activations.*'mm'"):
         input_hessians(src, _Reader([{"x": bad}]), ["mm"])
+
+
+def test_gptq_without_calibration_rows_is_an_error_not_silent_rtn(tmp_path):
+    from vlmexport.core.errors import ConfigError
+    from vlmexport.quant.quantize import quantize_weight_only
+
+    src = tmp_path / "mm.onnx"
+    _one_matmul(src, np.random.default_rng(6).standard_normal((32, 8)).astype(np.float32))
+    for reader in (_Reader([]), _Reader([{"x": np.zeros((0, 32), np.float32)}])):
+        with pytest.raises(ConfigError, match="'mm' saw no calibration rows.*--int4-algorithm rtn"):
+            quantize_weight_only("part", src, tmp_path / "q.onnx", "int4", algorithm="gptq", reader=reader)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_weight_shared_by_two_matmuls_is_rounded_to_nearest(tmp_path):
+    """onnxruntime writes one packed copy per weight name, so per-node GPTQ codes cannot both live there."""
+    import onnxruntime as ort
+
+    from vlmexport.quant.quantize import quantize_weight_only
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 16)) * 0.05).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["ya"], name="mA"),
+                           helper.make_node("MatMul", ["b", "w"], ["yb"], name="mB")], "g",
+                          [helper.make_tensor_value_info(i, TensorProto.FLOAT, ["n", 64]) for i in "ab"],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", 16]) for o in ("ya", "yb")],
+                          [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    x = {"a": _activations(rng, 256, 64), "b": _activations(rng, 256, 64)}
+    q = quantize_weight_only("part", src, tmp_path / "q.onnx", "int4", algorithm="gptq", accuracy_level=None,
+                             reader=_Reader([x]))
+    assert "output_error" not in q.settings  # no node was fitted
+    ya, yb = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"]).run(None, x)
+    deq = G.dequantize(*G.rtn(w, 4, 32), 64)
+    np.testing.assert_allclose(ya, x["a"] @ deq, atol=1e-4)
+    np.testing.assert_allclose(yb, x["b"] @ deq, atol=1e-4)

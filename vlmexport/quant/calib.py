@@ -402,8 +402,9 @@ def input_hessians(model_path: str | os.PathLike, reader: _Reader, nodes: Sequen
     The decoder routes rows by expert, so a visual expert's Hessian comes from image-token
     rows only and a language expert's from text-token rows only. MatMuls reading the same
     tensor share one matrix. The feeds are run once per group of inputs whose matrices fit in
-    ``budget_bytes`` (a bench-s decoder's take 1.4 GB: one pass), so memory stays bounded for
-    large models. Rows are buffered and folded in by one float32 GEMM per
+    ``budget_bytes`` (a bench-s decoder's take 1.4 GB: one pass), which bounds the
+    activations buffered per pass; every pass's matrices are returned together, so the
+    caller holds the sum of them all (~44 GB for a CogVLM-17B decoder: use rtn there). Rows are buffered and folded in by one float32 GEMM per
     ``HESSIAN_FLUSH_ELEMENTS``; a float32 sum of that few terms is far below GPTQ's 1%
     damping. NaN/inf inputs raise :class:`DataError` naming the node.
     """
@@ -454,6 +455,10 @@ def input_hessians(model_path: str | os.PathLike, reader: _Reader, nodes: Sequen
             for name in outs:
                 flush(name)
             acc.update(h)
+    for name, m in acc.items():
+        if not m.any():
+            raise ConfigError(f"GPTQ: the MatMul '{node_of[name]}' saw no calibration rows (or only zeros); give "
+                              "more --calib-pairs (with images for visual-expert layers) or use --int4-algorithm rtn")
     log.info("GPTQ Hessians: %d MatMul inputs (%.2f GB) in %d pass(es) over the calibration feeds, %.0f s",
              len(acc), sum(m.nbytes for m in acc.values()) / 1e9, len(passes), time.perf_counter() - t0)
     return {node: acc[inp] for node, inp in input_of.items()}

@@ -16,7 +16,7 @@ attributes) with the block quantization replaced by :func:`gptq` for the nodes t
 Hessian. :func:`gptq` is the algorithm of Frantar et al. (2022, lazy batch updates, Cholesky
 of H^-1) in torch, rounding onto exactly the grid onnxruntime's RTN packs (``MlasQuantizeBlockwise``,
 symmetric): per block of ``block`` inputs and per output column, scale = the block's
-largest-magnitude value / qmin (qmin = -8 for 4 bits, -128 for 8), codes clip(round(w / scale),
+largest-magnitude value / qmin (qmin = -8 for 4 bits, -128 for 8), codes clip(round-half-up(w / scale),
 qmin, qmax) stored as code - qmin, two 4-bit codes per byte, low nibble first.
 :func:`pack` is checked against onnxruntime's own packing in the tests (RTN codes, bit for bit).
 
@@ -48,9 +48,15 @@ def _grid(bits: int) -> tuple[int, int]:
 
 def block_scales(w: torch.Tensor, qmin: int) -> torch.Tensor:
     """MatMulNBits' symmetric scale of each row of ``w`` [N, block]: the signed value of
-    largest magnitude / qmin, rounded to float32 (the stored precision)."""
-    idx = w.abs().argmax(dim=1, keepdim=True)
-    return (w.gather(1, idx)[:, 0] / qmin).float().to(w.dtype)
+    largest magnitude / qmin (the minimum when |min| >= |max|, as onnxruntime picks it),
+    rounded to float32 (the stored precision)."""
+    lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    return (torch.where(lo.abs() >= hi.abs(), lo, hi) / qmin).float().to(w.dtype)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round half up, as onnxruntime does (it rounds in the unsigned domain): -1.5 -> -1, 0.5 -> 1."""
+    return torch.floor(x + 0.5)
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32,
@@ -106,7 +112,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32
                 scales[:, (i1 + i) // block] = s
                 safe = torch.where(s == 0, torch.ones_like(s), s)
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / safe), qmin, qmax)
+            q = torch.clamp(_round(w / safe), qmin, qmax)
             codes[:, i1 + i] = q.to(torch.int8)
             err = (w - q * s) / Hi[i, i]
             W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
@@ -125,7 +131,7 @@ def rtn(weight: np.ndarray, bits: int = 4, block: int = 32) -> tuple[np.ndarray,
     blocks = W.view(n, k_pad // block, block)
     s = block_scales(blocks.reshape(-1, block), qmin).view(n, -1)
     safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.clamp(torch.round(blocks / safe[..., None]), qmin, qmax).to(torch.int8)
+    q = torch.clamp(_round(blocks / safe[..., None]), qmin, qmax).to(torch.int8)
     return q.view(n, k_pad).numpy(), s.float().numpy()
 
 

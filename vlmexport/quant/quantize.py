@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -323,8 +324,16 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
             raise ValueError("gptq needs calibration data (a reader over the calibration pairs)")
         from .calib import input_hessians
 
+        # a weight read by several MatMuls is written once (onnxruntime names it after the weight), so
+        # it cannot hold each node's own GPTQ codes: such weights are rounded to nearest
+        uses = Counter(w for _, w in nodes)
+        shared = [n for n, w in nodes if uses[w] > 1 and chosen.get(n) == "int4"]
+        if shared:
+            log.warning("GPTQ: %d MatMuls share their weight with another (e.g. %s); rounded to nearest",
+                        len(shared), shared[0])
         # before the weights are loaded here, so onnxruntime's session and this copy never coexist
-        hessians = input_hessians(src, reader, [n for n, q in chosen.items() if q == "int4"])
+        fitted = [n for n, q in chosen.items() if q == "int4" and n not in shared]
+        hessians = input_hessians(src, reader, fitted) if fitted else {}
     model = onnx.load(str(src))  # with its external data
     done: list[str] = []
     errors: dict[str, tuple[float, float]] = {}  # gptq: node -> (rtn, gptq) relative output error
