@@ -146,7 +146,7 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
                                                   options.calibration_method))
             else:
                 reader = None
-                if options.algorithm == "gptq":
+                if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node
                     emb = load_file(str(fp32["token_embedding"]))["weight"].astype(np.float32)
                     reader = decoder_feeds(calib, emb, ref.encode_images, facts)
                 parts.append(quantize_weight_only(part, fp32[part], out, precision, r, options.algorithm,
@@ -154,8 +154,10 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     scores: dict = {}
     items = gate_items(preprocess.image_size, options.eval_per_category)
     ref_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, ref)
-    progress(f"score fp32 ({len(items)} test prompts)")
-    ref_task = task_scores(ref_pipe, items) if options.accuracy else None  # once for every precision
+    ref_task = None  # fp32's task scores, once for every precision
+    if options.accuracy:
+        progress(f"score fp32 ({len(items)} test prompts)")
+        ref_task = task_scores(ref_pipe, items)
     built = {part: {"fp32": path} for part, path in fp32.items()}
     for q in parts:
         built[q.part][q.precision] = q.path

@@ -402,11 +402,11 @@ def input_hessians(model_path: str | os.PathLike, reader: _Reader, nodes: Sequen
     The decoder routes rows by expert, so a visual expert's Hessian comes from image-token
     rows only and a language expert's from text-token rows only. MatMuls reading the same
     tensor share one matrix. The feeds are run once per group of inputs whose matrices fit in
-    ``budget_bytes`` (a bench-s decoder's take 1.4 GB: one pass), which bounds the
-    activations buffered per pass; every pass's matrices are returned together, so the
-    caller holds the sum of them all (~44 GB for a CogVLM-17B decoder: use rtn there). Rows are buffered and folded in by one float32 GEMM per
-    ``HESSIAN_FLUSH_ELEMENTS``; a float32 sum of that few terms is far below GPTQ's 1%
-    damping. NaN/inf inputs raise :class:`DataError` naming the node.
+    ``budget_bytes`` (a bench-s decoder's take 1.4 GB: one pass), which bounds each pass;
+    every pass's matrices are returned together, so the caller holds the sum of them all
+    (~44 GB for a CogVLM-17B decoder: use rtn there). Rows are buffered and folded in by one
+    float32 GEMM per ``HESSIAN_FLUSH_ELEMENTS``; a float32 sum of that few terms is far below
+    GPTQ's 1% damping. NaN/inf inputs raise :class:`DataError` naming the node.
     """
     import onnx
 

@@ -54,6 +54,14 @@ def block_scales(w: torch.Tensor, qmin: int) -> torch.Tensor:
     return (torch.where(lo.abs() >= hi.abs(), lo, hi) / qmin).float().to(w.dtype)
 
 
+def _padded_rows(weight: np.ndarray, block: int) -> torch.Tensor:
+    """A MatMul weight ``[K, N]`` as float64 rows ``[N, K_pad]``, zero-padded to whole blocks."""
+    k, n = weight.shape
+    W = torch.zeros(n, -(-k // block) * block, dtype=torch.float64)
+    W[:, :k] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))
+    return W
+
+
 def _round(x: torch.Tensor) -> torch.Tensor:
     """Round half up, as onnxruntime does (it rounds in the unsigned domain): -1.5 -> -1, 0.5 -> 1."""
     return torch.floor(x + 0.5)
@@ -72,9 +80,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32
     k, n = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"Hessian {hessian.shape} does not match a weight of {k} inputs")
-    k_pad = -(-k // block) * block
-    W = torch.zeros(n, k_pad, dtype=torch.float64)
-    W[:, :k] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))
+    W = _padded_rows(weight, block)
+    k_pad = W.shape[1]
     H = torch.zeros(k_pad, k_pad, dtype=torch.float64)
     H[:k, :k] = torch.from_numpy(np.asarray(hessian, dtype=np.float64))
     if not torch.isfinite(H).all():
@@ -124,10 +131,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32
 def rtn(weight: np.ndarray, bits: int = 4, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest codes and scales on the same grid (what onnxruntime's RTN writes)."""
     qmin, qmax = _grid(bits)
-    k, n = weight.shape
-    k_pad = -(-k // block) * block
-    W = torch.zeros(n, k_pad, dtype=torch.float64)
-    W[:, :k] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))
+    W = _padded_rows(weight, block)
+    n, k_pad = W.shape
     blocks = W.view(n, k_pad // block, block)
     s = block_scales(blocks.reshape(-1, block), qmin).view(n, -1)
     safe = torch.where(s == 0, torch.ones_like(s), s)

@@ -41,7 +41,7 @@ int8 vision parts and int8 LM head in every row):
 algorithm      block       accuracy     top-1 agree   mean cosine     min cosine
 =============  ==========  ===========  ============  ==============  ==============
 rtn            32 (cpu)    72.07%       99.64%        0.99859         0.955
-**gptq**       32 (cpu)    **72.21%**   99.57%        **0.99962**     **0.974**
+**gptq**       32 (cpu)    **72.21%**   **99.64%**    **0.99964**     **0.970**
 rtn            128 (gpu)   71.64%       99.14%        0.99926         0.925
 **gptq**       128 (gpu)   **72.21%**   **99.64%**    **0.99964**     **0.975**
 =============  ==========  ===========  ============  ==============  ==============
@@ -287,19 +287,15 @@ def _session(path):
 
 
 # ------------------------------------------------------------- weight-only INT4/8
-def _algo_config(algorithm: str, bits: int, block: int, accuracy_level: int | None, reader):
+def _algo_config(algorithm: str, bits: int, block: int, accuracy_level: int | None):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    if algorithm == "rtn":
+    # gptq: onnxruntime's RTN node rewrite with our rounding swapped in (.gptq: why not GPTQWeightOnlyQuantConfig)
+    if algorithm in ("rtn", "gptq"):
         return mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
                                                 bits=bits)
     if algorithm == "hqq":
         return mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
-    if algorithm == "gptq":  # onnxruntime's node rewrite, our rounding (.gptq: why not GPTQWeightOnlyQuantConfig)
-        if reader is None:
-            raise ValueError("gptq needs calibration data (a reader over the calibration pairs)")
-        return mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
-                                                bits=bits)
     raise ConfigError(f"weight-only algorithm {algorithm!r}: choose one of {list(WEIGHT_ONLY_ALGORITHMS)}")
 
 
@@ -350,7 +346,7 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
         q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level,
                                      nodes_to_exclude=[n for n, _ in nodes if n not in include],
-                                     algo_config=_algo_config(algo, bits, block_size, accuracy_level, reader))
+                                     algo_config=_algo_config(algo, bits, block_size, accuracy_level))
         if algo == "gptq":
             from .gptq import node_quantizer
 
