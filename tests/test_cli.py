@@ -84,7 +84,9 @@ def test_train_eval_build_inspect_run(tmp_path):
 
     key = "session.intra_op.allow_spinning"
     assert load(bundle, backend="onnxruntime").session._opts().get_session_config_entry(key) == "0"
-    assert load(bundle, backend="onnxruntime", spin=True).session._opts().get_session_config_entry(key) == "1"
+    spun = load(bundle, backend="onnxruntime", spin=True).session._opts()
+    assert spun.get_session_config_entry(key) == "1"
+    assert spun.get_session_config_entry("session.force_spinning_stop") == "1"  # no spinning between runs
 
     report = tmp_path / "bench.json"
     r = invoke("bench", bundle, "--backend", "torch,onnxruntime", "--repeats", "1", "--decode-tokens", "3",
@@ -99,6 +101,11 @@ def test_train_eval_build_inspect_run(tmp_path):
         assert row["decode_tok_s"] > 0 and 0.0 <= row["accuracy"] <= 1.0
         assert row["prefill_gflops"] > 0 and row["prefill_fraction_of_peak"] > 0
     assert data["gemm_gflops"] > 0
+    # the ceilings are measured before and after the backends, and fractions use the higher one
+    assert len(data["bandwidth_samples_gbs"]) == 2 and data["bandwidth_gbs"] == max(data["bandwidth_samples_gbs"])
+    assert data["gemm_gflops"] == max(data["gemm_samples_gflops"])
+    for row in rows.values():
+        assert row["bandwidth_fraction"] == pytest.approx(row["achieved_gbs"] / data["bandwidth_gbs"])
     # bytes per decode token counted from the fp32 file agree with the analytic count (torch's row)
     from vlmexport.benchmark import decode_weight_bytes
 

@@ -267,6 +267,8 @@ class BenchReport:
     threads: int
     gemm_gflops: float = 0.0  # fp32 GEMM throughput measured in the same run
     spin: bool = False  # onnxruntime threads busy-wait between operators (load(spin=True))
+    bandwidth_samples_gbs: list[float] = field(default_factory=list)  # before and after the backends ran
+    gemm_samples_gflops: list[float] = field(default_factory=list)  # bandwidth_gbs / gemm_gflops: their max
     rows: list[BenchRow] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
 
@@ -391,7 +393,7 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
     bandwidth = read_bandwidth_gbs(threads)
     gemm = gemm_gflops(threads)
     report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
-                         gemm_gflops=gemm, spin=spin)
+                         gemm_gflops=gemm, spin=spin, bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm])
     plan = []
     for backend in backends:
         if backend == "torch":
@@ -423,6 +425,7 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
         report.rows.append(row)
         del pipe
         gc.collect()
+    _remeasure_ceilings(report, threads)
     base = next((r for r in report.rows if r.backend.startswith("torch")), None)
     if base is not None:
         for r in report.rows:
@@ -432,6 +435,24 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
                 "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
                 "image_encode": r.image_encode_ms / base.image_encode_ms}
     return report
+
+
+def _remeasure_ceilings(report: BenchReport, threads: int) -> None:
+    """Measure bandwidth and GEMM again after the backends ran and keep the best of both runs.
+
+    On a shared VM the read bandwidth moves between runs (the same 2-vCPU machine: 33-47 GB/s
+    within minutes), and a ceiling caught at a low moment puts a backend above 100% of it.
+    Fractions are recomputed against the higher ceiling, so they are never flattering.
+    """
+    if not report.rows:
+        return
+    report.bandwidth_samples_gbs.append(read_bandwidth_gbs(threads))
+    report.gemm_samples_gflops.append(gemm_gflops(threads))
+    report.bandwidth_gbs = max(report.bandwidth_samples_gbs)
+    report.gemm_gflops = max(report.gemm_samples_gflops)
+    for r in report.rows:
+        r.bandwidth_fraction = r.achieved_gbs / report.bandwidth_gbs
+        r.prefill_fraction_of_peak = r.prefill_gflops / report.gemm_gflops if report.gemm_gflops else 0.0
 
 
 def _accuracy(pipe, n_per_category: int) -> float:

@@ -474,8 +474,10 @@ def bench(
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
                            threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
+    seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
     t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
-                    f"{report.bandwidth_gbs:.1f} GB/s, fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
+                    f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
+                    f"fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
     for col in COLUMNS:
         t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
     for r in report.rows:

@@ -143,9 +143,9 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
          threads: int | None = None, verify: str = "full", spin: bool = False) -> Pipeline:
     """Open a bundle and return a pipeline (``generate``, ``stream``, ``chat``) on one backend.
 
-    ``spin`` lets onnxruntime's worker threads busy-wait between operators: faster on a
-    machine the model has to itself (bench-s, 2 cores: fp32 decode +11%, int4 +24%), about
-    half the speed as soon as another process wants the cores. Off by default.
+    ``spin`` lets onnxruntime's worker threads busy-wait between operators while a part
+    runs: faster on a machine the model has to itself (bench-s, 2 vCPUs: int4 decode
+    +17-24%), 35-40% slower as soon as another process wants the cores. Off by default.
     """
     try:
         choice = Backend(backend)

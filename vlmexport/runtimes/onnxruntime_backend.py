@@ -85,6 +85,8 @@ def session_options(intra_op_num_threads: int | None = None, allow_spinning: boo
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = optimization
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if allow_spinning:  # spin only inside Run(): the idle sessions' pools must not spin while another part runs
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.enable_profiling = profile
     so.log_severity_level = 3
     return so
@@ -100,7 +102,10 @@ class OrtModelSession:
 
     ``allow_spinning`` is off by default: with spinning, onnxruntime's idle pool threads
     busy-wait between ops, which halved decode speed (bench-s, 2 cores: 7.8 vs 13.8 tok/s)
-    as soon as another process wanted the cores; on an idle machine it gains little.
+    as soon as another process wanted the cores; on an idle machine it gains 6-30%
+    (docs/results.md). When on, ``session.force_spinning_stop`` stops each session's pool
+    spinning when its Run() returns: without it the decoder's idle threads spin through the
+    image encode (bench-s int4 on a 2-vCPU EPYC: encode 131 vs 79 ms, TTFT 574 vs 491 ms).
     """
 
     def __init__(self, decoder_path: str | os.PathLike, embedding_path: str | os.PathLike, facts: DecoderFacts, *,
