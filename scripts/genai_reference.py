@@ -15,7 +15,7 @@ Not part of the package (it needs ``onnxruntime-genai`` and ``transformers``); r
 separate environment::
 
     python -m venv /tmp/genai && . /tmp/genai/bin/activate
-    pip install torch==2.13.0 transformers onnxruntime onnxruntime-genai tokenizers
+    pip install torch==2.13.0 transformers onnxruntime onnxruntime-genai tokenizers onnx onnx-ir
     python scripts/genai_reference.py --workdir runs/genai
 """
 
