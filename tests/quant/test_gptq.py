@@ -93,6 +93,16 @@ def _one_matmul(path, w: np.ndarray) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
+def _calibrated_matmul(tmp_path, seed: int, k: int, n: int):
+    """One MatMul [k, n] in mm.onnx and a reader over 512 correlated calibration rows (4 batches)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    x = _activations(rng, 512, k)
+    src = tmp_path / "mm.onnx"
+    _one_matmul(src, w)
+    return w, x, src, _Reader([{"x": x[i:i + 128]} for i in range(0, len(x), 128)])
+
+
 def test_gptq_file_runs_in_onnxruntime_as_computed(tmp_path):
     """The MatMulNBits node onnxruntime runs computes x @ dequantize(codes, scales) of our GPTQ, and is
     closer to the fp32 MatMul on the calibration rows than onnxruntime's RTN file."""
@@ -100,13 +110,8 @@ def test_gptq_file_runs_in_onnxruntime_as_computed(tmp_path):
 
     from vlmexport.quant.quantize import quantize_weight_only
 
-    rng = np.random.default_rng(4)
-    k, n = 96, 40
-    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
-    x = _activations(rng, 512, k)
-    src = tmp_path / "mm.onnx"
-    _one_matmul(src, w)
-    reader = _Reader([{"x": x[i:i + 128]} for i in range(0, len(x), 128)])
+    k = 96
+    w, x, src, reader = _calibrated_matmul(tmp_path, 4, k, 40)
     h = input_hessians(src, reader, ["mm"])["mm"]
     ref = x.astype(np.float64).T @ x
     assert np.allclose(h, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())  # float32 GEMMs and sums
@@ -124,6 +129,31 @@ def test_gptq_file_runs_in_onnxruntime_as_computed(tmp_path):
     assert err["gptq"] < err["rtn"]
     codes, scales = G.gptq(w, h, 4, 32)
     assert np.allclose(outs["gptq"], x @ G.dequantize(codes, scales, k), atol=1e-4)
+    y = x @ w
+    assert np.linalg.norm(outs["gptq"] - y) < np.linalg.norm(outs["rtn"] - y)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_gptq_at_larger_blocks_with_int8_compute(tmp_path, block):
+    """``--int4-block-size 64/128`` with accuracy_level 4 (int8 activations, the CPU kernel's fast path):
+    the node onnxruntime runs computes x @ dequantize(our codes) up to the activations' int8 rounding,
+    and GPTQ stays closer to the fp32 MatMul than RTN at the same block size."""
+    import onnxruntime as ort
+
+    from vlmexport.quant.quantize import quantize_weight_only
+
+    k = 256
+    w, x, src, reader = _calibrated_matmul(tmp_path, 8, k, 48)
+    outs = {}
+    for algo in ("rtn", "gptq"):
+        q = quantize_weight_only("part", src, tmp_path / f"{algo}.onnx", "int4", algorithm=algo, block_size=block,
+                                 accuracy_level=4, reader=reader if algo == "gptq" else None)
+        (node,) = onnx.load(str(q.path)).graph.node
+        attrs = {a.name: a.i for a in node.attribute}
+        assert node.op_type == "MatMulNBits" and attrs["block_size"] == block and attrs["accuracy_level"] == 4
+        outs[algo] = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = x @ G.dequantize(*G.gptq(w, input_hessians(src, reader, ["mm"])["mm"], 4, block), k)
+    assert np.linalg.norm(outs["gptq"] - exact) < 0.02 * np.linalg.norm(exact)  # int8 activations
     y = x @ w
     assert np.linalg.norm(outs["gptq"] - y) < np.linalg.norm(outs["rtn"] - y)
 

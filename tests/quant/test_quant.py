@@ -445,6 +445,16 @@ def test_int4_algorithms(fp32_bundle, tmp_path, algorithm):
         assert set(err) == {"language", "vision"} and all(e["gptq"] < 0.7 * e["rtn"] for e in err.values())
 
 
+def test_quant_targets_and_block_sizes():
+    assert QuantOptions.for_target("cpu") == {"block_size": 32, "accuracy_level": 4}
+    assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4}
+    assert QuantOptions.for_target("cpu", 128) == {"block_size": 128, "accuracy_level": 4}
+    with pytest.raises(ConfigError, match="int4 block size 48: choose one of"):
+        QuantOptions.for_target("cpu", 48)
+    with pytest.raises(ConfigError, match="quantization target 'npu'"):
+        QuantOptions.for_target("npu")
+
+
 def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -469,6 +479,8 @@ def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeyp
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and all(n.name.startswith("layers.1.") for n in nbits)
     assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {128}  # --quant-target gpu
+    # int8 compute for the CPU kernel; the CUDA kernel does not read the attribute
+    assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
     from vlmexport.runtimes.loader import load
 
     assert load(out, backend="onnxruntime", precision="int4").session.decoder._model_path.endswith("int4.onnx")

@@ -22,7 +22,8 @@ model, which is what matters (a random tiny model has no outliers to clip), so i
 default.
 
 Text decoder (``quantize_weight_only``): ``MatMulNBitsQuantizer`` (``com.microsoft.MatMulNBits``),
-block 32, ``accuracy_level`` 4 (int8 compute on CPU; use 0/None on GPU with block 128).
+block 32 for CPU and 128 for GPU (``--int4-block-size`` picks another), ``accuracy_level`` 4
+(int8 compute on CPU; the CUDA kernel ignores the attribute).
 The decoder's projections are ``MatMul(x, W)`` with ``W`` an initializer, so every expert
 weight qualifies; the visual expert's MatMuls only ever see image-token rows (the graph
 routes rows by Gather), so a data-driven algorithm run on the calibration pairs fits the
@@ -78,6 +79,7 @@ DEFAULT_CALIBRATION_METHOD = "percentile"  # see the measurement table in the mo
 WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq", "gptq")
 DEFAULT_ALGORITHM = "gptq"  # measured against rtn and hqq: docs/quantization.md
 CPU_BLOCK, GPU_BLOCK = 32, 128
+INT4_BLOCK_SIZES = (32, 64, 128)  # MatMulNBits takes powers of two >= 16; these are the ones measured
 EXTERNAL_DATA_ABOVE = 1 << 30  # write initializers to <file>.data above 1 GiB (protobuf's limit is 2 GiB)
 
 
