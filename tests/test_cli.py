@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import numpy as np
@@ -114,7 +115,9 @@ def test_train_eval_build_inspect_run(tmp_path):
         decode_weight_bytes(model, 4), rel=1e-3)
     assert rows[("onnxruntime", "fp16")]["weights_gb_per_token"] < 0.6 * rows[("onnxruntime", "fp32")][
         "weights_gb_per_token"]
-    assert len(data["ratios"]) == 2  # each onnxruntime precision against torch fp32
+    # against torch fp32 (onnxruntime fp32, fp16) and against onnxruntime fp32 (torch, fp16)
+    assert set(data["ratios"]) == {"onnxruntime-fp32 / torch-float32", "onnxruntime-fp16 / torch-float32",
+                                   "torch-float32 / onnxruntime-fp32", "onnxruntime-fp16 / onnxruntime-fp32"}
     assert (tmp_path / "bench.png").stat().st_size > 0
 
     # a tampered artifact: one line naming the file, for the runtime and for inspect --verify full
@@ -139,6 +142,36 @@ def test_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "not a vlmexport bundle" in r.plain
     r = invoke("bench", tmp_path, "--accuracy", "3")
     assert r.exit_code == 2 and "even number" in r.plain
+
+
+def test_bench_runs_several_bundles_side_by_side(tmp_path, tiny_model_dir):
+    """Two builds in one bench process: a row per bundle and backend, labelled in the table and the
+    ratios; what two bundles share byte for byte (a copied bundle) is timed once."""
+    bundles = []
+    for seed in (0, 1):
+        b = tmp_path / f"b{seed}" / "bundle"  # the same name twice: labels fall back to the paths
+        r = invoke("build", tiny_model_dir("cogvlm", seed=seed), "--out", b, "--precision", "fp32", "--no-validate")
+        assert r.exit_code == 0, r.plain
+        bundles.append(b)
+    args = ("--backend", "torch,onnxruntime", "--precision", "fp32", "--repeats", "1", "--decode-tokens", "2",
+            "--prompt-tokens", "2")
+    r = invoke("bench", *bundles, *args, "--json", tmp_path / "two.json")
+    assert r.exit_code == 0, r.plain
+    two = json.loads((tmp_path / "two.json").read_text())
+    names = [str(b) for b in bundles]
+    assert two["bundles"] == names
+    assert [(row["bundle"], row["backend"]) for row in two["rows"]] == [
+        (n, be) for n in names for be in ("torch-float32", "onnxruntime-fp32")]
+    assert f"onnxruntime-fp32 [{names[1]}] / torch-float32 [{names[0]}]" in two["ratios"]
+    assert "bundle" in r.plain and str(bundles[1]) in r.plain
+
+    twin = tmp_path / "twin"
+    shutil.copytree(bundles[0], twin)
+    r = invoke("bench", bundles[0], twin, *args, "--json", tmp_path / "twin.json")
+    assert r.exit_code == 0, r.plain
+    rows = json.loads((tmp_path / "twin.json").read_text())["rows"]
+    assert [(row["bundle"], row["backend"]) for row in rows] == [(names[0], "torch-float32"),
+                                                                  (names[0], "onnxruntime-fp32")]
 
 
 def test_bad_image_is_a_clear_error(tmp_path, tiny_model_dir):

@@ -257,11 +257,12 @@ class BenchRow:
     prefill_ms: float = 0.0  # TTFT minus image encode: connector, embedding lookup and the decoder prefill
     prefill_gflops: float = 0.0  # prefill_flops / prefill_ms
     prefill_fraction_of_peak: float = 0.0  # prefill_gflops / the run's measured fp32 GEMM throughput
+    bundle: str = ""  # the bundle this row ran (``vlmexport bench A B`` times several side by side)
 
 
 @dataclass
 class BenchReport:
-    bundle: str
+    bundle: str  # the first bundle (``bundles`` lists them all)
     machine: dict
     bandwidth_gbs: float
     threads: int
@@ -271,6 +272,11 @@ class BenchReport:
     gemm_samples_gflops: list[float] = field(default_factory=list)  # bandwidth_gbs / gemm_gflops: their max
     rows: list[BenchRow] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
+    bundles: list[str] = field(default_factory=list)
+
+    def label(self, r: BenchRow) -> str:
+        """``backend-precision``, with the bundle's name when several bundles ran side by side."""
+        return r.backend if len(self.bundles) < 2 else f"{r.backend} [{bundle_label(r.bundle, self.bundles)}]"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -279,6 +285,12 @@ class BenchReport:
 # the report's table (``vlmexport bench`` prints it): its columns and each row's cells
 COLUMNS = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM", "decode tok/s",
            "GB/s read", "of bandwidth", "peak RSS MB", "exact match")
+
+
+def bundle_label(bundle: str, bundles: Sequence[str]) -> str:
+    """A bundle's directory name, or its path where two bundles share a name."""
+    name = Path(bundle).name
+    return name if sum(Path(b).name == name for b in bundles) == 1 else bundle
 
 
 def row_cells(r: BenchRow) -> tuple[str, ...]:
@@ -359,41 +371,97 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
                     prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
 
 
-def loaded_bytes(b, backend: str, precision: str) -> int:
-    """Bytes of the bundle files that ``vlmexport.load(backend=, precision=)`` reads (the
-    loader's per-part fallback to fp32 for quantized ONNX precisions included)."""
+def loaded_artifacts(b, backend: str, precision: str) -> list:
+    """The bundle artifacts that ``vlmexport.load(backend=, precision=)`` reads (the loader's
+    per-part fallback to fp32 for quantized ONNX precisions included)."""
     if backend == "torch":
-        return b.find("model", "torch").total_size_bytes
+        return [b.find("model", "torch")]
     if backend == "llamacpp":
-        return sum(b.find(part, "gguf", precision).total_size_bytes for part in ("text_decoder", "mmproj"))
+        return [b.find(part, "gguf", precision) for part in ("text_decoder", "mmproj")]
     from .bundle import part_precision
 
-    total = 0
-    for part in ("vision_encoder", "connector", "text_decoder", "token_embedding"):
-        have = b.precisions(part, "onnx")
-        total += b.find(part, "onnx", part_precision(have, precision) or "fp32").total_size_bytes
-    return total
+    return [b.find(part, "onnx", part_precision(b.precisions(part, "onnx"), precision) or "fp32")
+            for part in ("vision_encoder", "connector", "text_decoder", "token_embedding")]
 
 
-def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
+def loaded_bytes(b, backend: str, precision: str) -> int:
+    """Bytes of the bundle files that ``vlmexport.load(backend=, precision=)`` reads."""
+    return sum(a.total_size_bytes for a in loaded_artifacts(b, backend, precision))
+
+
+def _same_files_key(b, backend: str, precision: str) -> tuple:
+    """Equal for two bundles whose backend x precision would run byte-identical files."""
+    return (backend, precision, *((a.sha256, *(d["sha256"] for d in a.data_files))
+                                  for a in loaded_artifacts(b, backend, precision)))
+
+
+def run_bench(bundle: str | Path | Sequence[str | Path],
+              backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
               spin: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
-    """Every backend x precision of a bundle, side by side in this process. With
+    """Every backend x precision of one or several bundles, side by side in this process
+    (several bundles: two builds of one model, say block-32 and block-128 int4). With
     ``accuracy_per_category`` > 0 each is also scored (exact match) on that many synthetic
-    test-split items per category: meaningful for models trained on the synthetic task."""
+    test-split items per category: meaningful for models trained on the synthetic task.
+
+    A backend x precision whose files are byte-identical to one already timed (the torch
+    reference or the fp32 export that two builds of one model share) runs once. Ratios are
+    taken against the first torch row and the first onnxruntime fp32 row."""
     from .bundle import Bundle
     from .runtimes.loader import load
     from .runtimes.onnxruntime_backend import physical_cores
 
+    bundles = [str(bundle)] if isinstance(bundle, (str, Path)) else [str(b) for b in bundle]
+    if not bundles:
+        raise VlmexportError("give at least one bundle to benchmark")
     threads = threads or physical_cores()
-    b = Bundle.open(bundle, verify="size")
-    model = b.section("model")
+    opened = [(name, Bundle.open(name, verify="size")) for name in bundles]
     progress("measure memory bandwidth and GEMM throughput")
     bandwidth = read_bandwidth_gbs(threads)
     gemm = gemm_gflops(threads)
-    report = BenchReport(bundle=str(bundle), machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
-                         gemm_gflops=gemm, spin=spin, bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm])
+    report = BenchReport(bundle=bundles[0], machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
+                         gemm_gflops=gemm, spin=spin, bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm],
+                         bundles=bundles)
+    plan, seen = [], set()
+    for name, b in opened:  # what several bundles share (the torch reference, an fp32 export) runs once
+        for backend, p in _plan(b, backends, precisions):
+            key = _same_files_key(b, backend, p)
+            if key not in seen:
+                seen.add(key)
+                plan.append((name, b, backend, p))
+    for name, b, backend, precision in plan:
+        progress(f"bench {backend} {precision}" + (f" [{bundle_label(name, bundles)}]" if len(bundles) > 1 else ""))
+        gc.collect()
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
+        load_s = time.perf_counter() - t0
+        row = bench_pipeline(pipe, b.section("model"), precision, prompt_tokens, decode_tokens, repeats, bandwidth,
+                             load_s, decode_bytes_from_files(b, backend, precision), gemm)
+        row.size_mb = loaded_bytes(b, backend, precision) / 1e6
+        row.bundle = name
+        if accuracy_per_category > 0:
+            progress(f"accuracy {backend} {precision}")
+            row.accuracy = _accuracy(pipe, accuracy_per_category)
+        report.rows.append(row)
+        del pipe
+        gc.collect()
+    _remeasure_ceilings(report, threads)
+    for base in (next((r for r in report.rows if r.backend.startswith("torch")), None),
+                 next((r for r in report.rows if r.backend == "onnxruntime-fp32"), None)):
+        if base is None:
+            continue
+        for r in report.rows:
+            if r is not base:
+                report.ratios[f"{report.label(r)} / {report.label(base)}"] = {
+                    "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
+                    "image_encode": r.image_encode_ms / base.image_encode_ms}
+    return report
+
+
+def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(backend, precision) pairs of one bundle that this installation can run."""
     plan = []
     for backend in backends:
         if backend == "torch":
@@ -409,32 +477,7 @@ def run_bench(bundle: str | Path, backends: Sequence[str] = ("torch", "onnxrunti
                          if precisions is None or p in precisions]
         else:
             raise VlmexportError(f"unknown backend {backend!r}; choose from torch, onnxruntime, llamacpp")
-    for backend, precision in plan:
-        progress(f"bench {backend} {precision}")
-        gc.collect()
-        _reset_peak_rss()
-        t0 = time.perf_counter()
-        pipe = load(bundle, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
-        load_s = time.perf_counter() - t0
-        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth, load_s,
-                             decode_bytes_from_files(b, backend, precision), gemm)
-        row.size_mb = loaded_bytes(b, backend, precision) / 1e6
-        if accuracy_per_category > 0:
-            progress(f"accuracy {backend} {precision}")
-            row.accuracy = _accuracy(pipe, accuracy_per_category)
-        report.rows.append(row)
-        del pipe
-        gc.collect()
-    _remeasure_ceilings(report, threads)
-    base = next((r for r in report.rows if r.backend.startswith("torch")), None)
-    if base is not None:
-        for r in report.rows:
-            if r is base:
-                continue
-            report.ratios[f"{r.backend} / {base.backend}"] = {
-                "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
-                "image_encode": r.image_encode_ms / base.image_encode_ms}
-    return report
+    return plan
 
 
 def _remeasure_ceilings(report: BenchReport, threads: int) -> None:
@@ -472,7 +515,7 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise VlmexportError("the PNG chart needs matplotlib; install it with `pip install 'vlmexport[plot]'`") from None
-    labels = [f"{r.backend}" for r in report.rows]
+    labels = [report.label(r) for r in report.rows]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
                            (axes[1], "ttft_ms", "time to first token, ms"),
@@ -487,12 +530,14 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     for r in report.rows:
         ax.scatter(r.size_mb, r.decode_tok_s, color="#888" if "torch" in r.backend else "#2a6")
         acc = "" if r.accuracy is None else f" {r.accuracy * 100:.1f}%"
-        ax.annotate(f"{r.backend.split('-')[0]} {r.precision}{acc}", (r.size_mb, r.decode_tok_s), fontsize=7,
+        where = "" if len(report.bundles) < 2 else f" [{bundle_label(r.bundle, report.bundles)}]"
+        ax.annotate(f"{r.backend.split('-')[0]} {r.precision}{where}{acc}", (r.size_mb, r.decode_tok_s), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("size, MB", fontsize=8)
     ax.set_ylabel("decode tokens/s", fontsize=8)
     ax.set_title("size vs speed (label: exact match)", fontsize=10)
-    fig.suptitle(f"{Path(report.bundle).name}: {report.machine.get('cpu', '')}, {report.threads} threads, "
+    fig.suptitle(f"{', '.join(bundle_label(b, report.bundles) for b in report.bundles) or Path(report.bundle).name}: "
+                 f"{report.machine.get('cpu', '')}, {report.threads} threads, "
                  f"read bandwidth {report.bandwidth_gbs:.1f} GB/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

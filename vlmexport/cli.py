@@ -14,10 +14,11 @@ import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -430,12 +431,14 @@ class SyntheticChoice(str, Enum):
 
 @app.command(epilog=_examples(
     "vlmexport bench demo-bundle",
+    "vlmexport bench b32-bundle b128-bundle --backend onnxruntime --precision fp32,int4   # two builds side by side",
     "vlmexport bench --synthetic bench-s --workdir runs/bench-s",
     "vlmexport bench --synthetic bench-l --workdir /data/bench-l   # writes a >26 GB checkpoint, then build it",
 ))
 @friendly_errors
 def bench(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle to benchmark (or use --synthetic)."),
+    bundles: Optional[List[Path]] = typer.Argument(None, help="Bundle(s) to benchmark, side by side in one process "
+                                                   "(or use --synthetic)."),
     synthetic: Optional[SyntheticChoice] = typer.Option(None, help="Benchmark a random-weight model of realistic "
                                                         "shape instead (bench-l only writes its checkpoint)."),
     workdir: Path = typer.Option(Path("runs/bench"), help="Where --synthetic writes its checkpoint and bundle."),
@@ -456,7 +459,7 @@ def bench(
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
-    from .benchmark import COLUMNS, plot_report, row_cells, run_bench, write_synthetic_checkpoint
+    from .benchmark import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
 
     if accuracy < 0 or accuracy % 2:
         raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
@@ -465,7 +468,7 @@ def bench(
     progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
     with progress:
         task = progress.add_task("starting", total=None)
-        step = lambda d: progress.update(task, description=d)  # noqa: E731
+        step = lambda d: progress.update(task, description=escape(d))  # noqa: E731
         if synthetic is not None:
             ckpt = workdir / synthetic.value / "model"
             if not (ckpt / "config.json").is_file():
@@ -476,6 +479,7 @@ def bench(
                               "--precision fp16 --no-validate --no-reference` (and measure its peak RSS)")
                 return
             bundle = workdir / synthetic.value / "bundle"
+            bundles = [bundle]
             if not (bundle / "manifest.json").is_file():
                 from .exporter.build import build as run_build
 
@@ -485,25 +489,26 @@ def bench(
                 formats = ("onnx", "gguf") if importlib.util.find_spec("llama_cpp") else ("onnx",)
                 run_build(ckpt, bundle, formats=formats, precisions=_csv(precision or "fp32,fp16", "precision"),
                           e2e_prompts=4, progress=step)
-        if bundle is None:
+        if not bundles:
             raise VlmexportError("pass a bundle directory or --synthetic bench-s")
-        report = run_bench(bundle, backends=_csv(backend, "backend"),
+        report = run_bench(bundles, backends=_csv(backend, "backend"),
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
                            threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
     seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
-    t = Table(title=f"{bundle}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
-                    f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
+    multi = len(report.bundles) > 1
+    t = Table(title=f"{', '.join(map(str, bundles))}: {report.machine.get('cpu', '')}, {report.threads} threads, "
+                    f"read bandwidth {report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
                     f"fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
-    for col in COLUMNS:
-        t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
+    for col in ("bundle",) * multi + COLUMNS:
+        t.add_column(col, justify="left" if col in ("bundle", "backend", "precision") else "right")
     for r in report.rows:
-        t.add_row(*row_cells(r))
+        t.add_row(*(escape(c) for c in (bundle_label(r.bundle, report.bundles),) * multi + row_cells(r)))
     out.print(t)
     for name, ratio in report.ratios.items():
-        out.print(f"{name}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "
+        out.print(f"{escape(name)}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "
                   f"image encode x{ratio['image_encode']:.2f}")
-    json_out = json_out or Path(bundle) / "bench.json"
+    json_out = json_out or Path(bundles[0]) / "bench.json"
     json_out.write_text(report.to_json() + "\n")
     png = png or json_out.with_suffix(".png")
     plot_report(report, png)

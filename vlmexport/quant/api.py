@@ -53,7 +53,7 @@ class QuantOptions:
         """Block size and accuracy level of the decoder's MatMulNBits for ``cpu`` (block 32) or
         ``gpu`` (block 128, the CUDA kernels' native size); ``block_size`` overrides the target's.
 
-        ``accuracy_level`` is 4 (int8 compute) for both: onnxruntime's CPU kernel runs 2.5-3x
+        ``accuracy_level`` is 4 (int8 compute) for both: onnxruntime's CPU kernel runs 3.6x
         faster with it than with the fp32-compute levels (bench-s shapes on a 2-vCPU EPYC:
         block 128, 57 vs 206 us per 1024x2816 MatMul), and the CUDA kernel does not read the
         attribute, so a gpu-target file also runs well on a CPU.
