@@ -112,6 +112,16 @@ def test_libmtmd_sees_exactly_our_pixels(session):
 
 
 @pytest.mark.llamacpp
+def test_pixels_off_the_8_bit_grid_warn_once_per_session(session, caplog):
+    session._warned_pixels = False
+    px = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger=lb.__name__):
+        session.pixels_to_u8(px)
+        session.pixels_to_u8(px)
+    assert sum("takes 8-bit images" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.llamacpp
 def test_image_embeddings_match_torch(cog, session):
     model, _ = cog
     px = pixels(2, seed=2)

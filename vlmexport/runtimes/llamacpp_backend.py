@@ -338,6 +338,7 @@ class LlamaCppSession:
         self._tok = self._new_batch(0)
         self._emb = self._new_batch(self.n_embd)
         self._warned_routing = False
+        self._warned_pixels = False  # the 8-bit rounding warning, once per session
         # a text model with visual experts picks the expert per batch kind (tokens vs embeddings)
         self.has_experts = any(".vis_attn_qkv." in name for name in self.text_info.tensors)
 
@@ -410,7 +411,8 @@ class LlamaCppSession:
         u8 = np.clip(np.rint((x * self.image_std + self.image_mean) * 255.0), 0, 255).astype(np.uint8)
         back = (u8.astype(np.float32) / np.float32(255.0) - self.image_mean) / self.image_std
         diff = float(np.max(np.abs(back - x))) if x.size else 0.0
-        if diff > 1e-5:
+        if diff > 1e-5 and not self._warned_pixels:
+            self._warned_pixels = True
             log.warning("llama.cpp takes 8-bit images: these pixels were rounded to 8 bits (largest change %.3g in "
                         "normalised units); preprocess images with the bundle's preprocessing to avoid this", diff)
         return u8
