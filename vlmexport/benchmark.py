@@ -288,9 +288,13 @@ COLUMNS = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill G
 
 
 def bundle_label(bundle: str, bundles: Sequence[str]) -> str:
-    """A bundle's directory name, or its path where two bundles share a name."""
-    name = Path(bundle).name
-    return name if sum(Path(b).name == name for b in bundles) == 1 else bundle
+    """The shortest tail of a bundle's path that tells it from the others ("qb", "b0/bundle")."""
+    parts = Path(bundle).resolve().parts
+    others = [Path(b).resolve().parts for b in bundles if Path(b).resolve().parts != parts]
+    for k in range(1, len(parts) + 1):
+        if all(o[-k:] != parts[-k:] for o in others):
+            return str(Path(*parts[-k:]))
+    return str(bundle)
 
 
 def row_cells(r: BenchRow) -> tuple[str, ...]:
@@ -406,8 +410,8 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     test-split items per category: meaningful for models trained on the synthetic task.
 
     A backend x precision whose files are byte-identical to one already timed (the torch
-    reference or the fp32 export that two builds of one model share) runs once. Ratios are
-    taken against the first torch row and the first onnxruntime fp32 row."""
+    reference or the fp32 export that two builds of one model share) runs once. Each row's
+    ratios are taken against its own bundle's torch fp32 and onnxruntime fp32 rows."""
     from .bundle import Bundle
     from .runtimes.loader import load
     from .runtimes.onnxruntime_backend import physical_cores
@@ -423,14 +427,14 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     report = BenchReport(bundle=bundles[0], machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
                          gemm_gflops=gemm, spin=spin, bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm],
                          bundles=bundles)
-    plan, seen = [], set()
+    plan, by_key = [], {}
     for name, b in opened:  # what several bundles share (the torch reference, an fp32 export) runs once
         for backend, p in _plan(b, backends, precisions):
             key = _same_files_key(b, backend, p)
-            if key not in seen:
-                seen.add(key)
-                plan.append((name, b, backend, p))
-    for name, b, backend, precision in plan:
+            if key not in by_key:
+                by_key[key] = None
+                plan.append((name, b, backend, p, key))
+    for name, b, backend, precision, key in plan:
         progress(f"bench {backend} {precision}" + (f" [{bundle_label(name, bundles)}]" if len(bundles) > 1 else ""))
         gc.collect()
         _reset_peak_rss()
@@ -442,18 +446,24 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
         row.size_mb = loaded_bytes(b, backend, precision) / 1e6
         row.bundle = name
         if accuracy_per_category > 0:
-            progress(f"accuracy {backend} {precision}")
+            progress(f"accuracy {backend} {precision}" + (f" [{bundle_label(name, bundles)}]" if len(bundles) > 1
+                                                          else ""))
             row.accuracy = _accuracy(pipe, accuracy_per_category)
         report.rows.append(row)
+        by_key[key] = row
         del pipe
         gc.collect()
     _remeasure_ceilings(report, threads)
-    for base in (next((r for r in report.rows if r.backend.startswith("torch")), None),
-                 next((r for r in report.rows if r.backend == "onnxruntime-fp32"), None)):
-        if base is None:
-            continue
+    # each row against its own bundle's torch and onnxruntime fp32 rows (timed under another bundle's
+    # name where the files are the same), so two different models never share a base
+    bundle_of = dict(opened)
+    for base_backend in ("torch", "onnxruntime"):
         for r in report.rows:
-            if r is not base:
+            b = bundle_of[r.bundle]
+            if not _plan(b, (base_backend,), ("fp32",)):
+                continue
+            base = by_key.get(_same_files_key(b, base_backend, "fp32"))
+            if base is not None and base is not r:
                 report.ratios[f"{report.label(r)} / {report.label(base)}"] = {
                     "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
                     "image_encode": r.image_encode_ms / base.image_encode_ms}
@@ -464,8 +474,9 @@ def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[
     """(backend, precision) pairs of one bundle that this installation can run."""
     plan = []
     for backend in backends:
-        if backend == "torch":
-            plan += [("torch", p) for p in (precisions or ["fp32"]) if p in ("fp32", "bf16")]
+        if backend == "torch":  # only where the bundle carries the PyTorch reference (not --no-reference)
+            if any(a.format == "torch" for a in b.artifacts):
+                plan += [("torch", p) for p in (precisions or ["fp32"]) if p in ("fp32", "bf16")]
         elif backend == "onnxruntime":
             plan += [("onnxruntime", p) for p in b.precisions("text_decoder", "onnx")
                      if precisions is None or p in precisions]
@@ -521,7 +532,8 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
                            (axes[1], "ttft_ms", "time to first token, ms"),
                            (axes[2], "peak_rss_mb", "peak RSS, MB")):
         vals = [getattr(r, key) for r in report.rows]
-        ax.bar(range(len(vals)), vals, color=["#888" if "torch" in lbl else "#2a6" for lbl in labels])
+        colours = ["#888" if r.backend.startswith("torch") else "#2a6" for r in report.rows]
+        ax.bar(range(len(vals)), vals, color=colours)
         ax.set_xticks(range(len(vals)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         for k, v in enumerate(vals):

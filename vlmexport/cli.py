@@ -325,9 +325,11 @@ def build(
     quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 decoder is tuned for: "
                                              "cpu (block 32) or gpu (block 128); both use int8 compute "
                                              "(accuracy_level 4) on a CPU."),
-    int4_block_size: Optional[Int4Block] = typer.Option(None, help="Weights per MatMulNBits scale (default: the "
-                                                        "target's). On a 2-vCPU EPYC, block 128 decoded bench-s "
-                                                        "1.3x faster than 32 (docs/quantization.md)."),
+    int4_block_size: Optional[Int4Block] = typer.Option(None, help="Weights per scale in the decoder's "
+                                                        "weight-only MatMulNBits (int4 layers, 8-bit LM head, int8 "
+                                                        "decoder; default: the target's). On a 2-vCPU EPYC, block "
+                                                        "128 decoded bench-s int4 1.3x faster than 32 "
+                                                        "(docs/quantization.md)."),
     gate_items: int = typer.Option(200, help="Test-split questions per category that score int8/int4 parts "
                                    "against fp32 (accuracy gates)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep int8/int4 parts that fail their "
@@ -451,8 +453,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="Threads for every backend (default: physical cores)."),
     spin: bool = typer.Option(False, "--spin", help="Let onnxruntime's threads busy-wait between operators: "
                               "faster when the model has the machine to itself, much slower when it does not."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: next to "
-                                            "the bundle as bench.json)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: bench.json "
+                                            "in the bundle, or in the current directory for several bundles)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
     accuracy: int = typer.Option(0, help="Also score each backend x precision on this many synthetic test items "
                                  "per category (exact match; for models trained on the synthetic task)."),
@@ -495,11 +497,16 @@ def bench(
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
                            threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
+    # the report first: a long run's results must survive a failure to print them
+    json_out = json_out or (Path(bundles[0]) / "bench.json" if len(bundles) == 1 else Path("bench.json"))
+    json_out.write_text(report.to_json() + "\n")
+    png = png or json_out.with_suffix(".png")
+    plot_report(report, png)
     seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
     multi = len(report.bundles) > 1
-    t = Table(title=f"{', '.join(map(str, bundles))}: {report.machine.get('cpu', '')}, {report.threads} threads, "
-                    f"read bandwidth {report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
-                    f"fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s")
+    t = Table(title=escape(f"{', '.join(map(str, bundles))}: {report.machine.get('cpu', '')}, {report.threads} "
+                           f"threads, read bandwidth {report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
+                           f"fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s"))
     for col in ("bundle",) * multi + COLUMNS:
         t.add_column(col, justify="left" if col in ("bundle", "backend", "precision") else "right")
     for r in report.rows:
@@ -508,11 +515,7 @@ def bench(
     for name, ratio in report.ratios.items():
         out.print(f"{escape(name)}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "
                   f"image encode x{ratio['image_encode']:.2f}")
-    json_out = json_out or Path(bundles[0]) / "bench.json"
-    json_out.write_text(report.to_json() + "\n")
-    png = png or json_out.with_suffix(".png")
-    plot_report(report, png)
-    console.print(f"report written to {json_out} and {png}")
+    console.print(escape(f"report written to {json_out} and {png}"))
 
 
 def main() -> None:

@@ -450,7 +450,7 @@ def test_quant_targets_and_block_sizes():
     assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4}
     assert QuantOptions.for_target("cpu", 128) == {"block_size": 128, "accuracy_level": 4}
     with pytest.raises(ConfigError, match="int4 block size 48: choose one of"):
-        QuantOptions.for_target("cpu", 48)
+        QuantOptions(**QuantOptions.for_target("cpu", 48))
     with pytest.raises(ConfigError, match="quantization target 'npu'"):
         QuantOptions.for_target("npu")
 
@@ -486,6 +486,38 @@ def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeyp
     assert load(out, backend="onnxruntime", precision="int4").session.decoder._model_path.endswith("int4.onnx")
     bad = CliRunner().invoke(app, args[:-3] + ["--recipe", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0 and "cannot read the recipe" in bad.output
+
+
+def test_bench_compares_two_int4_block_sizes_of_one_model(fp32_bundle, tmp_path, monkeypatch):
+    """Two builds of one model with --int4-block-size 32 and 64: the files carry their block sizes,
+    and `vlmexport bench A B` times the shared torch and fp32 files once and both int4 decoders,
+    each against the shared fp32 row."""
+    from typer.testing import CliRunner
+
+    from vlmexport.cli import app
+
+    monkeypatch.setenv("VLMEXPORT_CACHE", str(tmp_path / "cache"))
+    outs = {}
+    for block in (32, 64):
+        outs[block] = tmp_path / f"b{block}"
+        r = CliRunner().invoke(app, ["build", str(fp32_bundle["model_dir"]), "--out", str(outs[block]), "--format",
+                                     "onnx", "--precision", "fp32,int4", "--no-validate", "--calib-images", "8",
+                                     "--calib-pairs", "2", "--gate-items", "2", "--allow-degraded",
+                                     "--int4-block-size", str(block)])
+        assert r.exit_code == 0, r.output
+        nbits = [n for n in _ops(outs[block] / "onnx/text_decoder.int4.onnx") if n.op_type == "MatMulNBits"]
+        assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {block}
+    report = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", str(outs[32]), str(outs[64]), "--backend", "torch,onnxruntime",
+                                 "--precision", "fp32,int4", "--repeats", "1", "--decode-tokens", "2",
+                                 "--prompt-tokens", "2", "--json", str(report)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    rows = [(Path(row["bundle"]).name, row["backend"]) for row in data["rows"]]
+    assert rows == [("b32", "torch-float32"), ("b32", "onnxruntime-fp32"), ("b32", "onnxruntime-int4"),
+                    ("b64", "onnxruntime-int4")]
+    assert "onnxruntime-int4 [b64] / onnxruntime-fp32 [b32]" in data["ratios"]
+    assert "onnxruntime-int4 [b64] / torch-float32 [b32]" in data["ratios"]
 
 
 def test_cli_build_calibrates_on_a_user_directory_and_records_skipped_images(fp32_bundle, tmp_path, monkeypatch):

@@ -50,26 +50,28 @@ class QuantOptions:
 
     @staticmethod
     def for_target(target: str, block_size: int | None = None) -> dict:
-        """Block size and accuracy level of the decoder's MatMulNBits for ``cpu`` (block 32) or
-        ``gpu`` (block 128, the CUDA kernels' native size); ``block_size`` overrides the target's.
+        """Block size and accuracy level of the decoder's weight-only MatMulNBits (the int4 layers,
+        the 8-bit LM head and an int8 decoder alike) for ``cpu`` (block 32) or ``gpu`` (block 128,
+        the CUDA kernels' native size); ``block_size`` overrides the target's.
 
         ``accuracy_level`` is 4 (int8 compute) for both: onnxruntime's CPU kernel runs 3.6x
         faster with it than with the fp32-compute levels (bench-s shapes on a 2-vCPU EPYC:
         block 128, 57 vs 206 us per 1024x2816 MatMul), and the CUDA kernel does not read the
         attribute, so a gpu-target file also runs well on a CPU.
         """
-        from .quantize import GPU_BLOCK, INT4_BLOCK_SIZES
+        from .quantize import GPU_BLOCK
 
         table = {"cpu": CPU_BLOCK, "gpu": GPU_BLOCK}
         if target not in table:
             raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
-        block = table[target] if block_size is None else int(block_size)
-        if block not in INT4_BLOCK_SIZES:
-            raise ConfigError(f"int4 block size {block}: choose one of {list(INT4_BLOCK_SIZES)}")
-        return {"block_size": block, "accuracy_level": 4}
+        return {"block_size": table[target] if block_size is None else int(block_size), "accuracy_level": 4}
 
     def __post_init__(self) -> None:
         from .quantize import CALIBRATION_METHODS, WEIGHT_ONLY_ALGORITHMS
+        from .quantize import INT4_BLOCK_SIZES
+
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise ConfigError(f"int4 block size {self.block_size}: choose one of {list(INT4_BLOCK_SIZES)}")
 
         if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
             raise ConfigError(f"int4 algorithm {self.algorithm!r}: choose one of {list(WEIGHT_ONLY_ALGORITHMS)}")
