@@ -274,9 +274,13 @@ class BenchReport:
     ratios: dict = field(default_factory=dict)
     bundles: list[str] = field(default_factory=list)
 
+    def where(self, bundle: str) -> str:
+        """`` [label]`` naming ``bundle`` when several bundles ran side by side, else empty."""
+        return f" [{bundle_label(bundle, self.bundles)}]" if len(self.bundles) > 1 else ""
+
     def label(self, r: BenchRow) -> str:
-        """``backend-precision``, with the bundle's name when several bundles ran side by side."""
-        return r.backend if len(self.bundles) < 2 else f"{r.backend} [{bundle_label(r.bundle, self.bundles)}]"
+        """``backend-precision``, with the bundle's label when several bundles ran side by side."""
+        return r.backend + self.where(r.bundle)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -435,7 +439,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
                 by_key[key] = None
                 plan.append((name, b, backend, p, key))
     for name, b, backend, precision, key in plan:
-        progress(f"bench {backend} {precision}" + (f" [{bundle_label(name, bundles)}]" if len(bundles) > 1 else ""))
+        progress(f"bench {backend} {precision}{report.where(name)}")
         gc.collect()
         _reset_peak_rss()
         t0 = time.perf_counter()
@@ -446,8 +450,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
         row.size_mb = loaded_bytes(b, backend, precision) / 1e6
         row.bundle = name
         if accuracy_per_category > 0:
-            progress(f"accuracy {backend} {precision}" + (f" [{bundle_label(name, bundles)}]" if len(bundles) > 1
-                                                          else ""))
+            progress(f"accuracy {backend} {precision}{report.where(name)}")
             row.accuracy = _accuracy(pipe, accuracy_per_category)
         report.rows.append(row)
         by_key[key] = row
@@ -456,13 +459,11 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     _remeasure_ceilings(report, threads)
     # each row against its own bundle's torch and onnxruntime fp32 rows (timed under another bundle's
     # name where the files are the same), so two different models never share a base
-    bundle_of = dict(opened)
-    for base_backend in ("torch", "onnxruntime"):
+    bases = {name: {backend: by_key.get(_same_files_key(b, backend, "fp32"))
+                    for backend, _ in _plan(b, ("torch", "onnxruntime"), ("fp32",))} for name, b in opened}
+    for kind in ("torch", "onnxruntime"):
         for r in report.rows:
-            b = bundle_of[r.bundle]
-            if not _plan(b, (base_backend,), ("fp32",)):
-                continue
-            base = by_key.get(_same_files_key(b, base_backend, "fp32"))
+            base = bases[r.bundle].get(kind)
             if base is not None and base is not r:
                 report.ratios[f"{report.label(r)} / {report.label(base)}"] = {
                     "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
@@ -527,28 +528,27 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     except ImportError:
         raise VlmexportError("the PNG chart needs matplotlib; install it with `pip install 'vlmexport[plot]'`") from None
     labels = [report.label(r) for r in report.rows]
+    colours = ["#888" if r.backend.startswith("torch") else "#2a6" for r in report.rows]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
                            (axes[1], "ttft_ms", "time to first token, ms"),
                            (axes[2], "peak_rss_mb", "peak RSS, MB")):
         vals = [getattr(r, key) for r in report.rows]
-        colours = ["#888" if r.backend.startswith("torch") else "#2a6" for r in report.rows]
         ax.bar(range(len(vals)), vals, color=colours)
         ax.set_xticks(range(len(vals)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         for k, v in enumerate(vals):
             ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax = axes[3]  # every artifact set: size against decode speed, accuracy where measured
-    for r in report.rows:
-        ax.scatter(r.size_mb, r.decode_tok_s, color="#888" if "torch" in r.backend else "#2a6")
+    for r, colour in zip(report.rows, colours):
+        ax.scatter(r.size_mb, r.decode_tok_s, color=colour)
         acc = "" if r.accuracy is None else f" {r.accuracy * 100:.1f}%"
-        where = "" if len(report.bundles) < 2 else f" [{bundle_label(r.bundle, report.bundles)}]"
-        ax.annotate(f"{r.backend.split('-')[0]} {r.precision}{where}{acc}", (r.size_mb, r.decode_tok_s), fontsize=7,
+        ax.annotate(f"{r.backend.split('-')[0]} {r.precision}{report.where(r.bundle)}{acc}", (r.size_mb, r.decode_tok_s), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("size, MB", fontsize=8)
     ax.set_ylabel("decode tokens/s", fontsize=8)
     ax.set_title("size vs speed (label: exact match)", fontsize=10)
-    fig.suptitle(f"{', '.join(bundle_label(b, report.bundles) for b in report.bundles) or Path(report.bundle).name}: "
+    fig.suptitle(f"{', '.join(bundle_label(b, report.bundles) for b in report.bundles)}: "
                  f"{report.machine.get('cpu', '')}, {report.threads} threads, "
                  f"read bandwidth {report.bandwidth_gbs:.1f} GB/s", fontsize=10)
     fig.tight_layout()
