@@ -182,7 +182,7 @@ def main(argv=None) -> int:
 
     from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
     from vlmexport.exporter.onnx_decoder import export_text_decoder, export_token_embedding
-    from vlmexport.models.session import TorchSession
+    from vlmexport.runtimes.torch_session import TorchSession
     from vlmexport.runtimes.onnxruntime_backend import DecoderFacts, OrtModelSession
 
     torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ import numpy as np
 
 from vlmexport.core.prompt import Turn
 from vlmexport.runtimes.loader import load
-from vlmexport.training.data import SyntheticVQA
+from vlmexport.data import SyntheticVQA
 
 
 def _logits(pipe, layout, pixels) -> np.ndarray:

@@ -9,7 +9,7 @@ from vlmexport.training.recipes import Recipe, build_model, _load_weights
 from vlmexport.models.checkpoint import save_pretrained
 from vlmexport.core.preprocess import PreprocessConfig
 from vlmexport.core.tokenizer import Tokenizer
-from vlmexport.exporter.build import build
+from vlmexport.pipeline.build import build
 from vlmexport.evaluation.api import evaluate_path
 
 exp = Path(sys.argv[1]); run = exp / sys.argv[2]; N = int(sys.argv[3])

@@ -82,7 +82,7 @@ def arch_names() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
-    from vlmexport.training.data import SyntheticVQA
+    from vlmexport.data import SyntheticVQA
 
     lines = SyntheticVQA(image_size=TINY_IMAGE_SIZE).corpus(300)
     return train_tokenizer(lines, tmp_path_factory.mktemp("tokenizer") / "tokenizer.model",

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import vlmexport.bundle as bundle_mod
+import vlmexport.bundle.format as bundle_mod
 from vlmexport.bundle import (SCHEMA_VERSION, Artifact, Bundle, BundleError, BundleWriter, TensorSpec,
                               format_inspection, inspect_bundle)
 from vlmexport.core.errors import VlmexportError
-from vlmexport.exporter.card import render_model_card
+from vlmexport.bundle.card import render_model_card
 
 CONTENT = {
     "tokenizer.model": b"sentencepiece model bytes",

@@ -108,7 +108,7 @@ def test_train_eval_build_inspect_run(tmp_path):
     for row in rows.values():
         assert row["bandwidth_fraction"] == pytest.approx(row["achieved_gbs"] / data["bandwidth_gbs"])
     # bytes per decode token counted from the fp32 file agree with the analytic count (torch's row)
-    from vlmexport.benchmark import decode_weight_bytes
+    from vlmexport.pipeline.bench import decode_weight_bytes
 
     model = json.loads((bundle / "manifest.json").read_text())["model"]
     assert rows[("onnxruntime", "fp32")]["weights_gb_per_token"] * 1e9 == pytest.approx(

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.errors import VlmexportError
+from .core.names import Backend, Device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Train CogVLM-style vision-language models and export them for edge devices.")
@@ -82,18 +83,6 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class BackendChoice(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    llamacpp = "llamacpp"
-
-
 class QuantTarget(str, Enum):
     cpu = "cpu"
     gpu = "gpu"
@@ -132,7 +121,7 @@ def train(
     train_language: bool = typer.Option(False, help="Also train the language expert / decoder."),
     train_vision: bool = typer.Option(False, help="Also train the vision encoder."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
-    device: Device = typer.Option(Device.cpu, help="Training device."),
+    device: Device = typer.Option(Device.CPU, help="Training device."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop (and save) after this many minutes."),
     show_recipe: bool = typer.Option(False, help="Print the recipe as JSON and exit."),
     verbose: bool = typer.Option(True, help="Log progress details."),
@@ -205,9 +194,9 @@ def eval_(
     n_per_category: int = typer.Option(200, help="Questions per category (even; MME pairs count as two)."),
     data: Optional[Path] = typer.Option(None, help="Evaluate on a LLaVA-style .jsonl instead of synthetic data."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (with predictions) here."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto, help="Backend for a bundle (a model dir runs on torch)."),
+    backend: Backend = typer.Option(Backend.AUTO, help="Backend for a bundle (a model dir runs on torch)."),
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
-    device: Device = typer.Option(Device.cpu, help="Device."),
+    device: Device = typer.Option(Device.CPU, help="Device."),
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
@@ -262,9 +251,9 @@ def run(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto, help="Backend for a bundle."),
+    backend: Backend = typer.Option(Backend.AUTO, help="Backend for a bundle."),
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
-    device: Device = typer.Option(Device.cpu, help="Device."),
+    device: Device = typer.Option(Device.CPU, help="Device."),
 ):
     """Answer a prompt about one or more images."""
     _setup_logging(False)
@@ -338,14 +327,14 @@ def build(
 ):
     """Export a model into a bundle: split ONNX parts, validated against PyTorch."""
     _setup_logging(verbose)
-    from .exporter.build import build as run_build
-    from .quant.api import QuantOptions
+    from .pipeline.build import build as run_build
+    from .pipeline.quantize import QuantOptions
     from .quant.calib import CalibrationSettings
-    from .quant.recipe import Recipe
+    from .quant.recipe import QuantRecipe
 
     quant = QuantOptions(calibration=CalibrationSettings(images=calib_images, pairs=calib_pairs,
                                                          data=str(calib) if calib is not None else None),
-                         recipe=Recipe.load(recipe) if recipe is not None else None, algorithm=int4_algorithm,
+                         recipe=QuantRecipe.load(recipe) if recipe is not None else None, algorithm=int4_algorithm,
                          allow_degraded=allow_degraded, eval_per_category=gate_items,
                          **QuantOptions.for_target(quant_target.value,
                                                      int(int4_block_size.value) if int4_block_size else None))
@@ -461,7 +450,7 @@ def bench(
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
-    from .benchmark import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
+    from .pipeline.bench import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
 
     if accuracy < 0 or accuracy % 2:
         raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
@@ -483,9 +472,9 @@ def bench(
             bundle = workdir / synthetic.value / "bundle"
             bundles = [bundle]
             if not (bundle / "manifest.json").is_file():
-                from .exporter.build import build as run_build
-
                 import importlib.util
+
+                from .pipeline.build import build as run_build
 
                 # GGUF too where llama.cpp is installed, so the llamacpp backend is timed beside the others
                 formats = ("onnx", "gguf") if importlib.util.find_spec("llama_cpp") else ("onnx",)

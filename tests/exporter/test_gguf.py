@@ -1,4 +1,4 @@
-"""vlmexport's own GGUF writer (``vlmexport.exporter.gguf``) against llama.cpp's converter.
+"""vlmexport's own GGUF writer (``vlmexport.exporter.gguf_writer``) against llama.cpp's converter.
 
 The converter (``convert_hf_to_gguf.py``, unmodified, from ``VLMEXPORT_LLAMA_CPP_DIR``; see
 tests/models/test_llamacpp_convert.py) runs in a subprocess on the same saved tiny
@@ -29,7 +29,7 @@ gguf = pytest.importorskip("gguf")
 
 from vlmexport.core.errors import ConfigError  # noqa: E402
 from vlmexport.core.preprocess import PreprocessConfig  # noqa: E402
-from vlmexport.exporter import gguf as gw  # noqa: E402
+from vlmexport.exporter import gguf_writer as gw  # noqa: E402
 from vlmexport.models import VisionConfig  # noqa: E402
 from vlmexport.models.checkpoint import CanonicalTensors, SafetensorsCheckpoint, save_pretrained  # noqa: E402
 

@@ -22,10 +22,8 @@ from vlmexport.exporter.onnx_vision import (
     StateDictTensors,
     export_connector,
     export_vision_encoder,
-    vision_output_tokens,
-    vision_output_width,
 )
-from vlmexport.exporter.validate import validate_part
+from vlmexport.pipeline.parity import validate_part
 from vlmexport.models import Part, architectures
 from vlmexport.models.checkpoint import SafetensorsCheckpoint
 
@@ -61,8 +59,8 @@ def export_both(model, out: Path, precision: str, source=None):
     specs = type(model).part_specs(model.config)
     src = source or StateDictTensors(model)
     ve = export_vision_encoder(src, specs.vision, out / f"vision_encoder.{precision}.onnx", precision)
-    cn = export_connector(src, specs.connector, vision_output_width(specs.vision), model.config.hidden_size,
-                          out / f"connector.{precision}.onnx", precision, num_tokens=vision_output_tokens(specs.vision))
+    cn = export_connector(src, specs.connector, specs.vision.output_width, model.config.hidden_size,
+                          out / f"connector.{precision}.onnx", precision, num_tokens=specs.vision.output_tokens)
     return ve, cn
 
 
@@ -95,7 +93,7 @@ def test_feature_layers_keep_cls_and_dynamic_tokens(precision, tiny_model, tmp_p
     spec = type(model).part_specs(model.config)
     assert spec.vision.feature_layers == (0, 2) and spec.vision.keep_cls
     ve = export_vision_encoder(StateDictTensors(model), spec.vision, tmp_path / "ve.onnx", precision)
-    cn = export_connector(StateDictTensors(model), spec.connector, vision_output_width(spec.vision),
+    cn = export_connector(StateDictTensors(model), spec.connector, spec.vision.output_width,
                           model.config.hidden_size, tmp_path / "cn.onnx", precision)
     assert cn.dynamic_axes["image_features"] == {0: "num_images", 1: "vision_tokens"}
     x = pixels(2)

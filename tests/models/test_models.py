@@ -18,9 +18,10 @@ from torch import nn
 
 from vlmexport.core.errors import ConfigError
 from vlmexport.core.layout import LANGUAGE, VISION, ImagePiece, TextPiece, build_layout
+from vlmexport.core.names import ONNX_PARTS
 from vlmexport.models import VLM, Part, architectures, get_architecture, register, seeded_init
 from vlmexport.models.layers import Route, routed
-from vlmexport.models.session import TorchSession
+from vlmexport.runtimes.torch_session import TorchSession
 
 ARCHS = sorted(architectures())
 EXPERT_ARCHS = sorted(n for n, A in architectures().items() if A.has_experts)
@@ -241,7 +242,7 @@ def test_identical_experts_make_routing_irrelevant(tiny_model, arch):
 def test_parts_composed_by_hand_equal_forward(tiny_model, arch):
     model = tiny_model(arch, seed=6, jitter=True)
     parts = model.parts()
-    assert set(parts) == set(Part)
+    assert set(parts) == set(ONNX_PARTS)
     lay = layout_for(model, two_image_pieces(model))
     b = as_batch(lay)
     px = pixels(2, seed=4)
@@ -336,8 +337,8 @@ def test_subclass_missing_a_hook_fails_at_class_creation():
     base = get_architecture("llava")
     from vlmexport.models.base import _REQUIRED_HOOKS
 
-    hooks = {name: getattr(base, name) for name in _REQUIRED_HOOKS if name not in ("arch_name", "image_tokens")}
-    with pytest.raises(TypeError, match=r"MissingHooks is missing \['arch_name', 'image_tokens'\]"):
+    hooks = {name: getattr(base, name) for name in _REQUIRED_HOOKS if name not in ("arch_name", "part_specs")}
+    with pytest.raises(TypeError, match=r"MissingHooks is missing \['arch_name', 'part_specs'\]"):
         type("MissingHooks", (VLM,), dict(hooks))
     with pytest.raises(TypeError, match="Bare is missing"):
         class Bare(VLM):  # noqa: F841 - creating the class is the test

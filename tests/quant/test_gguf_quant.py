@@ -16,9 +16,9 @@ gguf = pytest.importorskip("gguf")
 
 from vlmexport.core.errors import ConfigError  # noqa: E402
 from vlmexport.core.preprocess import PreprocessConfig  # noqa: E402
-from vlmexport.exporter import gguf as gw  # noqa: E402
+from vlmexport.exporter import gguf_writer as gw  # noqa: E402
 from vlmexport.quant import imatrix as gi  # noqa: E402
-from vlmexport.quant import gguf as gq  # noqa: E402
+from vlmexport.quant import gguf_quantize as gq  # noqa: E402
 from vlmexport.runtimes import llamacpp_backend as lb  # noqa: E402
 
 BIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4)
@@ -141,8 +141,9 @@ def test_the_imatrix_changes_visual_expert_weights(quantized):
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "q4_0"])
 def test_quantized_text_gguf_loads_and_generates(quant_model, quantized, mmproj_q8, qtype, tokenizer):
     from vlmexport.core.prompt import Turn
-    from vlmexport.models.session import TorchSession
-    from vlmexport.runtimes.pipeline import ModelSpec, Pipeline
+    from vlmexport.runtimes.torch_session import TorchSession
+    from vlmexport.runtimes.pipeline import Pipeline
+    from vlmexport.runtimes.spec import ModelSpec
 
     model, d, _, _ = quant_model
     pre = PreprocessConfig(image_size=32)
@@ -187,7 +188,7 @@ def test_quantized_file_loads_without_the_env_override(quantized, monkeypatch):
 @pytest.mark.llamacpp
 def test_llama_cpps_quantizer_quantizes_the_mmproj_and_libmtmd_runs_it(quant_model, mmproj_q8):
     from vlmexport.core.preprocess import preprocess
-    from vlmexport.models.session import TorchSession
+    from vlmexport.runtimes.torch_session import TorchSession
 
     model, d, e, _ = quant_model
     types = mmproj_q8.types
@@ -247,7 +248,7 @@ def test_imatrix_visual_stats_come_only_from_image_tokens(tiny_model, tmp_path_f
     pix = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 3, 32, 32)).astype(np.float32))
 
     def run():
-        from vlmexport.models.session import TorchSession
+        from vlmexport.runtimes.torch_session import TorchSession
 
         s = TorchSession(model, max_length=64)
         s.prefill(layout, s.encode_images(pix.numpy()))
@@ -337,7 +338,7 @@ def test_build_writes_validates_and_loads_quantized_ggufs(tiny_model_dir, tmp_pa
     import json
 
     import vlmexport
-    from vlmexport.exporter.build import IMATRIX_FILE, build
+    from vlmexport.pipeline.build import IMATRIX_FILE, build
 
     llama_cpp_or_skip()
     d = tiny_model_dir("cogvlm", seed=3)
@@ -362,7 +363,7 @@ def test_build_writes_validates_and_loads_quantized_ggufs(tiny_model_dir, tmp_pa
 
 
 def test_build_rejects_an_unknown_gguf_precision(tiny_model_dir, tmp_path):
-    from vlmexport.exporter.build import build
+    from vlmexport.pipeline.build import build
 
     with pytest.raises(ConfigError, match="q4_k_m"):
         build(tiny_model_dir("cogvlm"), tmp_path / "b", formats=("gguf",), precisions=("q3_k_s",), validate=False)

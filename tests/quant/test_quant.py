@@ -14,11 +14,11 @@ pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBits quantizer needs it
 
 from vlmexport.core.errors import ConfigError, DataError  # noqa: E402
 from vlmexport.quant import calib as calib_mod  # noqa: E402
-from vlmexport.quant.api import QuantOptions, ort_session, prompt_pipeline, quantize_onnx, gate_items  # noqa: E402
+from vlmexport.pipeline.quantize import QuantOptions, ort_session, prompt_pipeline, quantize_onnx, gate_items  # noqa: E402
 from vlmexport.quant.calib import (CalibrationSettings, activation_stats, build_calibration, decoder_feeds,  # noqa: E402
                                    input_hessians)
 from vlmexport.quant.gates import Gate, QuantizationGateError, check_gates, logit_scores  # noqa: E402
-from vlmexport.quant.recipe import Recipe, default_recipe, for_precision  # noqa: E402
+from vlmexport.quant.recipe import QuantRecipe, default_recipe, for_precision  # noqa: E402
 
 SMALL = CalibrationSettings(images=16, pairs=4)
 PARTS = ("vision_encoder", "connector", "text_decoder", "token_embedding")
@@ -28,7 +28,7 @@ PARTS = ("vision_encoder", "connector", "text_decoder", "token_embedding")
 def fp32_bundle(tmp_path_factory, tokenizer_path, tiny_model):
     """A jittered tiny cogvlm model directory and its fp32 ONNX parts (no validation)."""
     from vlmexport.core.preprocess import PreprocessConfig
-    from vlmexport.exporter.build import build, load_source
+    from vlmexport.pipeline.build import build, load_source
     from vlmexport.models.checkpoint import save_pretrained
 
     root = tmp_path_factory.mktemp("quant")
@@ -59,28 +59,28 @@ def quantized(fp32_bundle):
 
 # ------------------------------------------------------------------ recipes
 def test_recipe_first_match_wins_and_none_keeps_full_precision(tmp_path):
-    r = Recipe.from_dict({"text_decoder": [["lm_head", None], ["layers.0.*", "int8"], ["*", "int4"]]})
+    r = QuantRecipe.from_dict({"text_decoder": [["lm_head", None], ["layers.0.*", "int8"], ["*", "int4"]]})
     assert r.precision_of("text_decoder", "lm_head", "lm_head.weight") is None
     assert r.precision_of("text_decoder", "layers.0.vision.qkv", "w") == "int8"
     assert r.precision_of("text_decoder", "layers.1.vision.qkv", "w") == "int4"
     assert r.precision_of("vision_encoder", "anything") is None  # no rule: full precision
-    flipped = Recipe.from_dict({"text_decoder": [["*", "int4"], ["lm_head", None]]})
+    flipped = QuantRecipe.from_dict({"text_decoder": [["*", "int4"], ["lm_head", None]]})
     assert flipped.precision_of("text_decoder", "lm_head") == "int4"  # first match, not most specific
     # weight names match too
     assert r.precision_of("text_decoder", "node_without_rule_name", "lm_head") is None
     p = tmp_path / "r.json"
     p.write_text(json.dumps(r.to_dict()))
-    assert Recipe.load(p) == r
+    assert QuantRecipe.load(p) == r
     assert for_precision(r, "text_decoder", "int8").precision_of("text_decoder", "layers.1.o") == "int8"
     assert default_recipe().precision_of("text_decoder", "lm_head") == "int8"
     # a user recipe that names only the decoder keeps the default rules of the other parts
-    user = Recipe.from_dict({"text_decoder": [["lm_head", None], ["*", "int4"]]}).over(default_recipe())
+    user = QuantRecipe.from_dict({"text_decoder": [["lm_head", None], ["*", "int4"]]}).over(default_recipe())
     assert user.precision_of("text_decoder", "lm_head") is None
     assert user.precision_of("vision_encoder", "n_MatMul_20") == "int8"
     with pytest.raises(ConfigError, match="int3"):
-        Recipe.from_dict({"text_decoder": [["*", "int3"]]})
+        QuantRecipe.from_dict({"text_decoder": [["*", "int3"]]})
     with pytest.raises(ConfigError, match="unknown part"):
-        Recipe.from_dict({"decoder": [["*", "int4"]]})
+        QuantRecipe.from_dict({"decoder": [["*", "int4"]]})
 
 
 # -------------------------------------------------------------- calibration
@@ -385,7 +385,7 @@ def test_gates_fail_on_a_broken_quantization(quantized, fp32_bundle, tmp_path):
 # -------------------------------------------------------------------- bundle
 def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp_path):
     from vlmexport.bundle import Bundle
-    from vlmexport.exporter.build import build
+    from vlmexport.pipeline.build import build
     from vlmexport.runtimes.loader import load
 
     out = tmp_path / "bundle"

@@ -51,7 +51,7 @@ def rel(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def export(model, tmp_path_factory, tokenizer_path, name: str, outtype: str = "f32"):
-    from vlmexport.exporter.gguf import export_gguf
+    from vlmexport.exporter.gguf_writer import export_gguf
     from vlmexport.models.checkpoint import save_pretrained
 
     d = tmp_path_factory.mktemp(name) / name
@@ -89,7 +89,7 @@ def pixels(n: int, seed: int = 0, cfg=PreprocessConfig(image_size=32)) -> np.nda
 
 
 def torch_session(model):
-    from vlmexport.models.session import TorchSession
+    from vlmexport.runtimes.torch_session import TorchSession
 
     return TorchSession(model, max_length=N_CTX)
 

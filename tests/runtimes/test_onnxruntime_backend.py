@@ -29,9 +29,10 @@ from vlmexport.core.prompt import Turn
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import export_text_decoder, export_token_embedding
 from vlmexport.models import architectures, get_architecture
-from vlmexport.models.session import TorchSession
+from vlmexport.runtimes.torch_session import TorchSession
 from vlmexport.runtimes import onnxruntime_backend as ob
-from vlmexport.runtimes.onnxruntime_backend import DecoderFacts, OrtModelSession
+from vlmexport.runtimes.onnxruntime_backend import OrtModelSession
+from vlmexport.runtimes.spec import DecoderShape
 from vlmexport.runtimes.pipeline import Pipeline
 from vlmexport.runtimes.torch_backend import pipeline_from_model
 
@@ -51,7 +52,7 @@ def export_session(model, out_dir, precision="fp32", decode_model=True, **kw) ->
     g = export_text_decoder(src, spec, out_dir / f"text_decoder.{precision}.onnx", precision=precision,
                             decode_model=decode_model)
     emb = export_token_embedding(src, spec, out_dir / f"token_embedding.{precision}.safetensors", precision)
-    facts = DecoderFacts(**g.runtime_facts())
+    facts = DecoderShape(**g.runtime_facts())
     kw.setdefault("vision_fallback", TorchSession(model, max_length=8).encode_images)
     return OrtModelSession(g.path, emb, facts, decode_path=g.decode_path, intra_op_num_threads=1,
                            max_length=MAX_LEN, **kw)
@@ -210,7 +211,7 @@ def test_providers_threads_and_facts(monkeypatch):
     assert 1 <= ob.physical_cores() <= (os.cpu_count() or 1)
     assert ob.session_options().intra_op_num_threads == ob.physical_cores()
     with pytest.raises(ValueError, match="max_length must be positive"):
-        DecoderFacts(2, 2, 16, 64, 320, 0)
+        DecoderShape(2, 2, 16, 64, 320, 0)
 
 
 def test_runtime_imports_neither_torch_nor_models():

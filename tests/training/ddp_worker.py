@@ -12,7 +12,7 @@ from vlmexport.core.preprocess import PreprocessConfig
 from vlmexport.core.tokenizer import Tokenizer
 from vlmexport.models import get_architecture, seeded_init
 from vlmexport.training.batching import ModelLayoutInfo
-from vlmexport.training.data import SyntheticVQA
+from vlmexport.data import SyntheticVQA
 from vlmexport.training.datasets import SyntheticTrainData
 from vlmexport.training.trainer import TrainConfig, train
 

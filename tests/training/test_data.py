@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmexport.core.errors import DataError, ImageError
-from vlmexport.training.data import (
+from vlmexport.data import (
     CATEGORIES,
     COLOURS,
     SHAPES,
@@ -23,8 +22,8 @@ from vlmexport.training.data import (
     read_llava_jsonl,
     write_llava_jsonl,
 )
-from vlmexport.training.data import render
-from vlmexport.training.data.synthetic import GRID, questions, spec_digest, split_of_digest
+from vlmexport.data import render
+from vlmexport.data.synthetic import GRID, questions, spec_digest, split_of_digest
 
 VOCAB = SyntheticVQA.answer_vocabulary()
 
@@ -101,17 +100,6 @@ def test_invalid_arguments(gen64):
         SyntheticVQA(image_size=8)
     with pytest.raises(ValueError):
         gen64.eval_items("test", 3)  # existence pairs need an even count
-
-
-def test_timing_print(gen96, gen64):
-    for gen in (gen64, gen96):
-        gen.sample("train", 10_000)
-        t = time.perf_counter()
-        n = 200
-        for i in range(n):
-            gen.sample("train", 10_000 + i)
-        ms = (time.perf_counter() - t) / n * 1e3
-        print(f"\nSyntheticVQA({gen.image_size}): {ms:.3f} ms per train sample")
 
 
 # --------------------------------------------------------------------------- splits

@@ -14,7 +14,7 @@ from vlmexport.core.preprocess import PreprocessConfig
 from vlmexport.core.tokenizer import Tokenizer
 from vlmexport.models import get_architecture, seeded_init
 from vlmexport.training.batching import ModelLayoutInfo, build_example
-from vlmexport.training.data import SyntheticVQA, write_llava_jsonl
+from vlmexport.data import SyntheticVQA, write_llava_jsonl
 from vlmexport.training.datasets import JsonlTrainData, SyntheticTrainData
 from vlmexport.training.memory import estimate_memory
 from vlmexport.training.stages import apply_stage

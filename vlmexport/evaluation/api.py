@@ -27,8 +27,8 @@ def open_pipeline(path: str | Path | None, device: str = "cpu", backend: str = "
 
 def jsonl_eval_items(path: str | Path, image_size: int) -> list:
     """First question/answer of every conversation in a LLaVA-style JSONL as evaluation items."""
-    from ..training.data import read_llava_jsonl
-    from ..training.data.synthetic import EvalItem
+    from ..data import read_llava_jsonl
+    from ..data.synthetic import EvalItem
 
     items = []
     for rec in read_llava_jsonl(path):
@@ -49,7 +49,7 @@ def prepare_eval(path: str | Path | None, split: str = "test", n_per_category: i
         items = jsonl_eval_items(data, size)
         meta = {"data": str(data)}
     else:
-        from ..training.data import SyntheticVQA
+        from ..data import SyntheticVQA
 
         items = SyntheticVQA(image_size=size, seed=seed).eval_items(split, n_per_category)
         meta = {"split": split, "n_per_category": n_per_category, "seed": seed}

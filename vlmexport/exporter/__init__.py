@@ -1,9 +1,9 @@
-"""Exporters: a trained model to the parts of a bundle (ONNX, GGUF, TensorRT engines).
+"""Exporters: a model's parts written straight from checkpoint tensors, one format each.
 
-Stages: load -> calibrate -> quantize -> export -> build_engine -> validate -> package.
-Every stage writes through :class:`vlmexport.bundle.BundleWriter`; the bundle format
-itself lives in the neutral :mod:`vlmexport.bundle`, which the runtimes read with.
-
-Keep this file free of imports: ``vlmexport.bundle`` imports ``vlmexport.exporter.card``
-(pure python) when it writes a README, also from runtime-only installs without torch.
+``onnx_common`` / ``onnx_vision`` / ``onnx_decoder`` write the split ONNX graphs (vision
+encoder, connector, text decoder, token embedding); ``gguf_writer`` writes llama.cpp's
+text GGUF and mmproj. Nothing here runs a model, quantizes, or writes a bundle: the
+orchestration (``vlmexport.pipeline``: load -> export -> quantize -> validate ->
+package) calls these and validates what they wrote. Nothing here names an
+architecture: the part specs and connector kinds of ``vlmexport.models`` say what to write.
 """

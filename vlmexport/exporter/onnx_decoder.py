@@ -72,7 +72,7 @@ from ..models.layers import rope_inv_freq
 from ..models.spec import DecoderSpec
 from .onnx_common import IR_VERSION, OPSET, PRECISIONS, ExportedGraph, ExternalDataFile, IOSpec, TensorSource
 
-__all__ = ["DecoderGraph", "IOSpec", "export_text_decoder", "export_token_embedding", "is_visual_expert"]
+__all__ = ["DecoderGraph", "IOSpec", "export_text_decoder", "export_token_embedding"]
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,6 @@ class DecoderGraph(ExportedGraph):
         """The model facts a runtime needs (``onnxruntime_backend.DecoderFacts(**facts)``; manifest-ready)."""
         return dict(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                     hidden_size=self.hidden_size, vocab_size=self.vocab_size, max_length=self.max_length)
-
-
-def is_visual_expert(name: str) -> bool:
-    """Whether a node or weight name of this graph belongs to the visual expert
-    (``layers.{i}.vision.*``; the language expert's are ``layers.{i}.language.*``)."""
-    return ".vision." in name
 
 
 # ------------------------------------------------------------------ tensor access

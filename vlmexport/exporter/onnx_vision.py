@@ -22,8 +22,8 @@ concatenated along the feature axis; only the layers up to the deepest one used 
 exported. CLS is dropped unless ``keep_cls``. Biases are found by name
 (``spec.bias_of``): a projection has one when the checkpoint holds it.
 
-Connector kinds: ``glu`` (linear -> LayerNorm(eps) -> act -> ``silu(gate) * up`` -> down)
-and ``mlp`` (linear_1 -> act -> linear_2); a role ``R`` has a bias when the spec's
+Connectors: each kind writes its own projection (``vlmexport.models.connectors``, one
+file per kind) through :class:`_ConnectorOps`; a role ``R`` has a bias when the spec's
 ``weights`` names ``R_bias``. ``boi`` / ``eoi`` embeddings, when the spec names them,
 are concatenated around the projected patches.
 
@@ -81,7 +81,7 @@ optimum's ``last_hidden_state`` and this builder's encoder with
 ``feature_layers=(N,)``, ``keep_cls=True`` were bit-identical on 3 images in
 onnxruntime 1.31 (both 1.9e-6 from transformers' fp32 output, scale 4.35). Its
 validation order (names -> dynamic axes -> shapes -> values, raising with the largest
-difference) is what :mod:`vlmexport.exporter.validate` implements, without the
+difference) is what :mod:`vlmexport.pipeline.parity` implements, without the
 dependency.
 """
 
@@ -92,12 +92,13 @@ import os
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
+from ..models.connectors import get_connector
 from ..models.spec import ConnectorSpec, VisionSpec, bias_of
 from .onnx_common import (  # noqa: F401  (re-exported for the bundle builder and tests)
     ExportedGraph,
     GraphBuilder,
-    StateDictTensors,
     IOSpec,
+    StateDictTensors,
     TensorSource,
     fused_name,
 )
@@ -195,21 +196,12 @@ def _vit_block(g: GraphBuilder, w: _Weights, spec: VisionSpec, i: int, x: str) -
     raise ConfigError(f"vision norm_placement must be 'pre' or 'post', got {spec.norm_placement!r}")
 
 
-def vision_output_width(spec: VisionSpec) -> int:
-    """Feature width of ``image_features`` (hidden size times the number of selected layers)."""
-    return spec.hidden_size * max(1, len(spec.feature_layers))
-
-
-def vision_output_tokens(spec: VisionSpec) -> int:
-    return spec.num_patches + (1 if spec.keep_cls else 0)
-
-
 def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str | os.PathLike,
                           precision: str = "fp32") -> ExportedGraph:
     """Write the vision encoder as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``pixel_values`` [num_images, C, S, S] -> ``image_features`` [num_images, tokens, width]
-    with tokens = :func:`vision_output_tokens` and width = :func:`vision_output_width`.
+    with tokens = ``spec.output_tokens`` and width = ``spec.output_width``.
     """
     D, p, S, n = spec.hidden_size, spec.patch_size, spec.image_size, spec.num_patches
     layers = tuple(spec.feature_layers) or (spec.num_layers,)
@@ -237,8 +229,37 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
         x = g.node("Concat", feats, axis=-1) if len(feats) > 1 else feats[0]
         if not spec.keep_cls:
             x = g.node("Slice", [x, g.const([1]), g.const([INT64_MAX]), g.const([1])])
-        g.output(x, "image_features", (NUM_IMAGES, vision_output_tokens(spec), D * len(layers)))
+        g.output(x, "image_features", (NUM_IMAGES, spec.output_tokens, D * len(layers)))
         return g.finish({"part": "vision_encoder", "precision": precision})
+
+
+class _ConnectorOps:
+    """What a connector kind writes its graph with (models.connectors.ConnectorOps): weights
+    by role, read through the spec and streamed into the graph."""
+
+    def __init__(self, g: GraphBuilder, w: _Weights, spec: ConnectorSpec):
+        self.g, self.w, self.spec, self.weights = g, w, spec, dict(spec.weights)
+
+    def _role(self, name: str) -> str:
+        if name not in self.weights:
+            raise ConfigError(f"connector kind {self.spec.kind!r} needs a {name!r} weight; the part spec names "
+                              f"only {sorted(self.weights)}")
+        return self.weights[name]
+
+    def linear(self, x: str, role: str, out_in: tuple[int | None, int | None]) -> str:
+        return _linear(self.g, self.w, x, self._role(role), out_in, self.weights.get(f"{role}_bias", ()))
+
+    def layer_norm(self, x: str, role: str, dim: int, eps: float) -> str:
+        return _layer_norm(self.g, self.w, x, self._role(role), self.weights.get(f"{role}_bias"), dim, eps)
+
+    def activation(self, x: str, name: str) -> str:
+        return self.g.activation(x, name)
+
+    def silu(self, x: str) -> str:
+        return self.g.silu(x)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.g.node("Mul", [a, b])
 
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
@@ -250,35 +271,14 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     [num_images, T + (boi) + (eoi), hidden_size]. ``num_tokens`` fixes T (what a
     TensorRT engine prefers); None leaves it a named dynamic axis ``vision_tokens``.
     """
+    kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
-    weights = dict(spec.weights)
-
-    def role(name: str) -> str:
-        if name not in weights:
-            raise ConfigError(f"connector kind {spec.kind!r} needs a {name!r} weight; the part spec names "
-                              f"only {sorted(weights)}")
-        return weights[name]
-
-    def linear(x: str, r: str, out_in: tuple[int | None, int | None]) -> str:
-        return _linear(g, w, x, role(r), out_in, weights.get(f"{r}_bias", ()))
-
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     extra = int(spec.boi is not None) + int(spec.eoi is not None)
     out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
-        if spec.kind == "glu":
-            x = linear(feats, "linear", (hidden_size, vision_width))
-            x = _layer_norm(g, w, x, role("norm"), weights.get("norm_bias"), hidden_size, spec.layer_norm_eps)
-            x = g.activation(x, spec.activation)
-            gate = g.silu(linear(x, "gate", (None, hidden_size)))
-            x = g.node("Mul", [gate, linear(x, "up", (None, hidden_size))])
-            x = linear(x, "down", (hidden_size, None))
-        elif spec.kind == "mlp":
-            x = g.activation(linear(feats, "linear_1", (hidden_size, vision_width)), spec.activation)
-            x = linear(x, "linear_2", (hidden_size, hidden_size))
-        else:
-            raise ConfigError(f"connector kind {spec.kind!r} has no ONNX writer; known kinds: 'glu', 'mlp'")
+        x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)
         around = []
         for name in (spec.boi, spec.eoi):
             if name is not None:

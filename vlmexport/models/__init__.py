@@ -17,10 +17,3 @@ from .base import (  # noqa: F401
     seeded_init,
 )
 
-
-def _import_architectures() -> None:
-    # Adding an architecture is adding a file here and one import line.
-    from . import cogvlm, llava  # noqa: F401
-
-
-_import_architectures()

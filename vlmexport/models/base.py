@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -20,17 +19,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
+from ..core.names import Part  # noqa: F401  (re-exported: models.Part)
+from ..core.plugins import import_package_modules
 from ..core.prompt import ChatTemplate
 from .layers import KVCache, Route, rope_cos_sin, rope_inv_freq
-
-
-class Part(str, Enum):
-    """The pieces a model is split into for export."""
-
-    VISION_ENCODER = "vision_encoder"
-    CONNECTOR = "connector"
-    TOKEN_EMBEDDING = "token_embedding"
-    TEXT_DECODER = "text_decoder"
 
 
 # ---------------------------------------------------------------------------- configs
@@ -135,9 +127,9 @@ def register(cls: type["VLM"]) -> type["VLM"]:
 
 
 def architectures() -> dict[str, type["VLM"]]:
-    from . import _import_architectures
-
-    _import_architectures()
+    """Every registered architecture. The modules of this package are imported once (found
+    on disk, not listed), so adding an architecture is adding a file with ``@register``."""
+    import_package_modules(__package__)
     return dict(_REGISTRY)
 
 
@@ -164,7 +156,7 @@ def architecture_for_hf(hf_config: dict[str, Any], source: str = "config.json") 
 _REQUIRED_HOOKS = (
     "arch_name", "hf_architectures", "config_class", "gguf_arch",
     "config_from_hf", "config_to_hf", "tiny_config",
-    "encode_images", "image_tokens", "token_embedding", "decoder_layers", "final_norm", "lm_head_module",
+    "encode_images", "token_embedding", "decoder_layers", "final_norm", "lm_head_module",
     "vision_encoder_module", "connector_module", "reset_special_parameters", "part_specs",
 )
 
@@ -217,6 +209,10 @@ class VLM(nn.Module):
             Part.TOKEN_EMBEDDING: self.token_embedding(),
             Part.TEXT_DECODER: TextDecoder(self),
         }
+
+    def image_tokens(self) -> int:
+        """Embeddings one image becomes: the part spec's count (its connector kind's), nowhere else."""
+        return self.part_specs(self.config).image_tokens
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, image_tokens, hidden]: vision encoder then connector."""

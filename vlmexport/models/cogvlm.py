@@ -17,8 +17,8 @@ from torch import nn
 
 from ..core.layout import ExpertRouting, PositionIds
 from .base import VLM, VisionConfig, VLMConfig, register
-from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 from .layers import RMSNorm, SwiGLU, ViTMLP, apply_rope, attention, routed, sincos_2d, vit_self_attention
+from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 
 
 @dataclass
@@ -278,9 +278,6 @@ class CogVLM(VLM):
         }
 
     # -------------------------------------------------------------------- hooks
-    def image_tokens(self) -> int:
-        return self.config.vision_config.num_patches + 2  # boi + patches + eoi
-
     def vision_encoder_module(self) -> nn.Module:
         return VisionEncoder(self.model.vision)
 

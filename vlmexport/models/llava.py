@@ -18,8 +18,8 @@ from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
 from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
-from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 from .layers import RMSNorm, SwiGLU, ViTMLP, activation, apply_rope, attention, vit_self_attention
+from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 
 
 @dataclass
@@ -300,10 +300,6 @@ class Llava(VLM):
         }
 
     # -------------------------------------------------------------------- hooks
-    def image_tokens(self) -> int:
-        n = self.config.vision_config.num_patches
-        return n + 1 if self.config.vision_feature_select_strategy == "full" else n
-
     def vision_encoder_module(self) -> nn.Module:
         return VisionEncoder(self.vision_tower, self.config)
 

@@ -90,11 +90,22 @@ class VisionSpec:
     def layers_used(self) -> int:
         return max(self.feature_layers) if self.feature_layers else self.num_layers
 
+    @property
+    def output_tokens(self) -> int:
+        """Tokens per image of ``image_features``: the patches, plus CLS where it is kept."""
+        return self.num_patches + (1 if self.keep_cls else 0)
+
+    @property
+    def output_width(self) -> int:
+        """Feature width of ``image_features`` (hidden size times the number of selected layers)."""
+        return self.hidden_size * max(1, len(self.feature_layers))
+
 
 @dataclass(frozen=True)
 class ConnectorSpec:
-    """``glu`` (CogVLM: linear -> LN -> GELU -> SwiGLU -> linear, + boi/eoi) or
-    ``mlp`` (LLaVA: linear -> act -> linear)."""
+    """A connector: its ``kind`` (a file in ``models/connectors``: ``glu``, CogVLM's
+    linear -> LN -> GELU -> SwiGLU -> linear, + boi/eoi; ``mlp``, LLaVA's linear -> act ->
+    linear) and the tensor name of each weight role the kind reads."""
 
     kind: str
     weights: dict[str, str] = field(default_factory=dict)  # role -> tensor name
@@ -109,6 +120,13 @@ class PartSpecs:
     vision: VisionSpec
     connector: ConnectorSpec
     decoder: DecoderSpec
+
+    @property
+    def image_tokens(self) -> int:
+        """Embeddings one image becomes in the decoder's sequence (the one place this is computed)."""
+        from .connectors import get_connector
+
+        return get_connector(self.connector.kind).output_tokens(self.connector, self.vision.output_tokens)
 
 
 def bias_of(weight_name: str) -> str:

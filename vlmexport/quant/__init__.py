@@ -2,7 +2,7 @@
 
 from .calib import CalibrationSet, CalibrationSettings, build_calibration
 from .gates import DEFAULT_GATES, Gate, QuantizationGateError, check_gates
-from .recipe import Recipe, Rule, default_recipe
+from .recipe import QuantRecipe, Rule, default_recipe
 
 __all__ = ["CalibrationSet", "CalibrationSettings", "build_calibration", "DEFAULT_GATES", "Gate",
-           "QuantizationGateError", "check_gates", "Recipe", "Rule", "default_recipe"]
+           "QuantizationGateError", "check_gates", "QuantRecipe", "Rule", "default_recipe"]

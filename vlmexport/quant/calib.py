@@ -163,13 +163,13 @@ def _questions(settings: CalibrationSettings, image_size: int) -> Iterator[tuple
             yield (lambda f=f: _load_image(f, image_size)), q or DEFAULT_PROMPT
         return
     if settings.data is not None:
-        from ..training.data import read_llava_jsonl
+        from ..data import read_llava_jsonl
 
         recs = list(read_llava_jsonl(settings.data, check_images=False, require_images=False))
         for j in np.random.default_rng(settings.seed).permutation(len(recs)):
             yield (lambda r=recs[j]: r.load_image(image_size)), recs[j].turns[0][0]
         return
-    from ..training.data import SyntheticVQA
+    from ..data import SyntheticVQA
 
     gen = SyntheticVQA(image_size=image_size, seed=settings.seed)
     i = 0
@@ -181,7 +181,7 @@ def _questions(settings: CalibrationSettings, image_size: int) -> Iterator[tuple
 
 
 def _load_image(path: Path, image_size: int) -> np.ndarray:
-    from ..training.data import load_image
+    from ..data import load_image
 
     return load_image(path, image_size, source=str(path))
 
@@ -386,7 +386,7 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
                 if v.shape[0]:
                     a[1] = np.maximum(a[1], np.abs(v).max(0))
                     a[2] += (v * v).sum(0)
-    from ..exporter.onnx_decoder import is_visual_expert
+    from ..core.names import onnx_is_visual_expert as is_visual_expert
 
     return {node: {"modality": "image" if is_visual_expert(node) else "text", "rows": int(r),
                    "absmax": mx.astype(np.float32), "mean_sq": (sq / max(r, 1)).astype(np.float32)}

@@ -12,7 +12,7 @@ the two statistics are kept apart by construction.
 
 The result is keyed by the GGUF tensor names of our writer (``blk.N.attn_qkv.weight``,
 ``blk.N.vis_attn_qkv.weight``, ``output.weight``...): the hooked module's weight is found
-in the text plan (:func:`vlmexport.exporter.gguf.plan_text`) through its checkpoint name,
+in the text plan (:func:`vlmexport.exporter.gguf_writer.plan_text`) through its checkpoint name,
 so nothing here names an architecture.
 
 File format: llama.cpp's GGUF imatrix (``tools/imatrix/imatrix.cpp`` ``save_imatrix``,
@@ -145,7 +145,7 @@ def calibration_runs(model, tokenizer, preprocess, template, items: Sequence, ma
     """One closure per item: prefill ``question`` with its image (the pipeline's own
     templating and layout), then decode the reference ``answer`` tokens one at a time."""
     from ..core.prompt import Turn
-    from ..models.session import TorchSession
+    from ..runtimes.torch_session import TorchSession
     from ..runtimes.torch_backend import pipeline_from_model
 
     pipe = pipeline_from_model(model, tokenizer, preprocess, template)
@@ -167,7 +167,7 @@ def calibration_runs(model, tokenizer, preprocess, template, items: Sequence, ma
 def synthetic_items(image_size: int, n: int, split: str = "val", seed: int = 0) -> list:
     """``n`` balanced calibration items from the synthetic set's ``split`` (never ``test``,
     which the validation uses)."""
-    from ..training.data import SyntheticVQA
+    from ..data import SyntheticVQA
 
     gen = SyntheticVQA(image_size=image_size, seed=seed)
     per_cat = max(2, -(-n // 7))

@@ -73,7 +73,7 @@ import onnx
 
 from ..core.errors import ConfigError, DataError
 from .calib import first_nonfinite, nonfinite_error
-from .recipe import Recipe
+from .recipe import QuantRecipe
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _data_files(path: Path) -> tuple[Path, ...]:
     return tuple(path.parent / loc for loc in sorted(locs))
 
 
-def _model_bytes(path: Path) -> int:
+def model_bytes(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in _data_files(path))
 
 
@@ -219,7 +219,7 @@ def _method(name: str):
 
 
 def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLike, reader,
-                         recipe: Recipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
+                         recipe: QuantRecipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
                          percentile: float = 99.999) -> QuantizedPart:
     """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -232,7 +232,7 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     kept = [n for n, p in chosen.items() if p != "int8"]
     if not include:
         raise ConfigError(f"{part}: the recipe quantizes none of its {len(nodes)} MatMul/Gemm/Conv nodes to int8")
-    external = _model_bytes(src) > EXTERNAL_DATA_ABOVE
+    external = model_bytes(src) > EXTERNAL_DATA_ABOVE
     out.parent.mkdir(parents=True, exist_ok=True)
     reader.rewind()
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
@@ -306,7 +306,7 @@ def _algo_config(algorithm: str, bits: int, block: int, accuracy_level: int | No
 
 
 def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLike, precision: str,
-                         recipe: Recipe | None = None, algorithm: str = "rtn", block_size: int = CPU_BLOCK,
+                         recipe: QuantRecipe | None = None, algorithm: str = "rtn", block_size: int = CPU_BLOCK,
                          accuracy_level: int | None = 4, reader=None) -> QuantizedPart:
     """Weight-only MatMulNBits of an fp32 ONNX part; the recipe may mix int4 and int8 per node."""
     try:
@@ -373,7 +373,7 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
         cause = _nonfinite_cause(part, src, reader) if reader is not None and algorithm == "gptq" else None
         raise cause or DataError(f"{part}: {bad[0]} got a NaN/inf quantization scale: the fp32 weights of that node "
                                  "hold NaN/inf; check the checkpoint")
-    _save(model, out, external=_model_bytes(src) > EXTERNAL_DATA_ABOVE)
+    _save(model, out, external=model_bytes(src) > EXTERNAL_DATA_ABOVE)
     kept = [n for n, q in chosen.items() if q is None]
     return QuantizedPart(part, precision, out, _data_files(out), tuple(done), tuple(kept),
                          {"scheme": "weight-only MatMulNBits",
@@ -388,7 +388,7 @@ def quantize_weight_only(part: str, src: str | os.PathLike, out: str | os.PathLi
 
 def _error_summary(errors: dict[str, tuple[float, float]]) -> dict:
     """Mean relative MatMul output error on the calibration rows, RTN vs GPTQ, per expert."""
-    from ..exporter.onnx_decoder import is_visual_expert
+    from ..core.names import onnx_is_visual_expert as is_visual_expert
 
     out = {}
     for expert, keep in (("language", lambda n: not is_visual_expert(n)), ("vision", is_visual_expert)):

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..core.errors import ConfigError
+from ..core.names import Part
 
 PRECISIONS = ("int8", "int4")
-PARTS = ("vision_encoder", "connector", "text_decoder")
+PARTS = (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class QuantRecipe:
     """Per-part ordered rules; the first match wins."""
 
     rules: Mapping[str, tuple[Rule, ...]]
@@ -69,13 +70,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return {part: [[r.pattern, r.precision] for r in rules] for part, rules in self.rules.items()}
 
-    def over(self, base: "Recipe") -> "Recipe":
+    def over(self, base: "QuantRecipe") -> "QuantRecipe":
         """This recipe's parts, and ``base``'s rules for the parts it does not name (a user
         recipe that only changes the decoder keeps the default INT8 vision parts)."""
-        return Recipe({**dict(base.rules), **dict(self.rules)})
+        return QuantRecipe({**dict(base.rules), **dict(self.rules)})
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Sequence[Sequence]]) -> "Recipe":
+    def from_dict(cls, d: Mapping[str, Sequence[Sequence]]) -> "QuantRecipe":
         unknown = sorted(set(d) - set(PARTS))
         if unknown:
             raise ConfigError(f"recipe names unknown part(s) {unknown}; use {list(PARTS)}")
@@ -90,7 +91,7 @@ class Recipe:
         return cls(rules)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> "QuantRecipe":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
@@ -98,21 +99,21 @@ class Recipe:
                              '{"text_decoder": [["lm_head", null], ["*", "int4"]]}') from None
 
 
-def default_recipe(arch: type | None = None) -> Recipe:
+def default_recipe(arch: type | None = None) -> QuantRecipe:
     """Vision parts INT8 everywhere; decoder: LM head int8, int4 elsewhere (int8 builds ask for
     int8 instead: see :func:`for_precision`)."""
     custom = getattr(arch, "default_quant_recipe", None) if arch is not None else None
     if custom:
-        return Recipe.from_dict(custom)
-    return Recipe.from_dict({"vision_encoder": [["*", "int8"]], "connector": [["*", "int8"]],
-                             "text_decoder": [["lm_head", "int8"], ["lm_head.*", "int8"], ["*", "int4"]]})
+        return QuantRecipe.from_dict(custom)
+    return QuantRecipe.from_dict({Part.VISION_ENCODER: [["*", "int8"]], Part.CONNECTOR: [["*", "int8"]],
+                             Part.TEXT_DECODER: [["lm_head", "int8"], ["lm_head.*", "int8"], ["*", "int4"]]})
 
 
-def for_precision(recipe: Recipe, part: str, precision: str) -> Recipe:
+def for_precision(recipe: QuantRecipe, part: str, precision: str) -> QuantRecipe:
     """The recipe as used for a build of ``precision``: a rule asking for a quantized precision
     that is lower than the build's is raised to the build's (an int8 build never writes int4)."""
     order = {"int4": 0, "int8": 1}
     rules = dict(recipe.rules)
     rules[part] = tuple(Rule(r.pattern, r.precision if r.precision is None or order[r.precision] >= order[precision]
                              else precision) for r in recipe.rules.get(part, ()))
-    return Recipe(rules)
+    return QuantRecipe(rules)

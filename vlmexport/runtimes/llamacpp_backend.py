@@ -31,7 +31,6 @@ Errors about files are :class:`GGUFFileError` (one line naming the file and what
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import logging
@@ -44,38 +43,16 @@ import numpy as np
 
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.layout import LANGUAGE, VISION, SequenceLayout
+from ..core.names import Part, gguf_is_visual_expert
+from .llamacpp_lib import INSTALL_HINT, LOG_SINK, init_backend, llamacpp_available  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "install it with `pip install 'vlmexport[llamacpp]'`"
 GGUF_MAGIC = b"GGUF"
 
 
 class GGUFFileError(VlmexportError):
     """A GGUF file is missing, truncated, of another model or does not fit its partner file."""
-
-
-def llamacpp_available() -> bool:
-    """Whether llama-cpp-python (with its libmtmd bindings) can be imported."""
-    try:
-        _import_llama_cpp()
-    except MissingDependencyError:
-        return False
-    return True
-
-
-def _import_llama_cpp():
-    """``(llama_cpp.llama_cpp, llama_cpp.mtmd_cpp)`` or a one-line MissingDependencyError."""
-    try:
-        lib = importlib.import_module("llama_cpp.llama_cpp")
-        mtmd = importlib.import_module("llama_cpp.mtmd_cpp")
-    except ImportError:
-        raise MissingDependencyError(f"llama-cpp-python is not installed; {INSTALL_HINT}") from None
-    except (OSError, RuntimeError) as exc:  # the package is there but its shared library does not load
-        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise MissingDependencyError(f"llama-cpp-python is installed but its libraries do not load ({detail}); "
-                                     "reinstall it with `pip install --force-reinstall 'vlmexport[llamacpp]'`") from None
-    return lib, mtmd
 
 
 # --------------------------------------------------------------------- GGUF headers
@@ -132,7 +109,7 @@ def read_gguf_info(path: str | os.PathLike, what: str = "GGUF file") -> GGUFInfo
 def check_pair(text: GGUFInfo, mmproj: GGUFInfo | None, expected_arch: str | None = None) -> None:
     """The text GGUF is a text model of the expected architecture; the mmproj is an mmproj
     whose embeddings have the text model's width."""
-    if text.architecture == "clip" or text.file_type == "mmproj":
+    if text.architecture == "clip" or text.file_type == Part.MMPROJ:
         raise GGUFFileError(f"{text.path}: this is an mmproj (vision) GGUF, not a text model; pass the text GGUF as "
                             "the model and this file as the mmproj")
     if expected_arch is not None and text.architecture != expected_arch:
@@ -149,58 +126,6 @@ def check_pair(text: GGUFInfo, mmproj: GGUFInfo | None, expected_arch: str | Non
         raise GGUFFileError(f"{mmproj.path}: its image embeddings are {n_proj} wide but the text model "
                             f"{text.path.name} expects {n_text}; it belongs to another model: use the mmproj exported "
                             "together with this text GGUF")
-
-
-# ------------------------------------------------------------------ llama.cpp logs
-class _LogSink:
-    """Routes llama.cpp / libmtmd log lines to Python logging (debug) and keeps the last
-    error lines so that a failed call can say why."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self._partial = ""
-        self.callback = None
-        self.captured: list[str] | None = None  # every complete line while capturing
-
-    def install(self, lib, mtmd) -> None:
-        if self.callback is not None:
-            return
-
-        @lib.llama_log_callback
-        def cb(level, text, user_data):  # noqa: ARG001
-            msg = (text or b"").decode("utf-8", "replace")
-            self._partial += msg
-            if not self._partial.endswith("\n"):
-                return
-            line, self._partial = self._partial.strip(), ""
-            if self.captured is not None:
-                self.captured.append(line)
-            if level == 2:  # GGML_LOG_LEVEL_ERROR
-                self.errors = (self.errors + [line])[-8:]
-            log.debug("llama.cpp: %s", line)
-
-        self.callback = cb  # keep a reference: llama.cpp calls it for the life of the process
-        lib.llama_log_set(cb, None)
-        for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
-            if hasattr(mtmd, setter):
-                getattr(mtmd, setter)(cb, None)
-
-    def take(self) -> str:
-        out, self.errors = "; ".join(self.errors), []
-        return out
-
-    @contextlib.contextmanager
-    def capture(self):
-        """Collect every complete log line written inside the block (a list, filled in place)."""
-        self.captured, self._partial = [], ""
-        try:
-            yield self.captured
-        finally:
-            self.captured = None
-
-
-_SINK = _LogSink()
-_BACKEND_READY = False
 
 
 EXTRA_BUFTS_ENV = "VLMEXPORT_LLAMACPP_EXTRA_BUFTS"
@@ -282,18 +207,13 @@ class LlamaCppSession:
                  n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
                  expected_arch: str | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
                  n_ubatch: int = 512):
-        self._lib, self._mtmd = _import_llama_cpp()
+        self._lib, self._mtmd = init_backend()
         self.text_info = read_gguf_info(text_gguf, "text GGUF")
         self.mmproj_info = read_gguf_info(mmproj_gguf, "mmproj GGUF") if mmproj_gguf is not None else None
         check_pair(self.text_info, self.mmproj_info, expected_arch)
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
         lib = self._lib
-        global _BACKEND_READY
-        _SINK.install(lib, self._mtmd)
-        if not _BACKEND_READY:
-            lib.llama_backend_init()
-            _BACKEND_READY = True
         self.model = self.ctx = self.mctx = None
         self._batches: list[Any] = []
         self.n_threads = n_threads or default_threads()
@@ -312,7 +232,7 @@ class LlamaCppSession:
         self.model = lib.llama_model_load_from_file(str(self.text_info.path).encode(), mp)
         if not self.model:
             raise GGUFFileError(f"{self.text_info.path}: llama.cpp could not load this text GGUF "
-                                f"({_SINK.take() or 'no detail'}); re-export it with this vlmexport version")
+                                f"({LOG_SINK.take() or 'no detail'}); re-export it with this vlmexport version")
         vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self.n_embd = int(lib.llama_model_n_embd(self.model))
@@ -332,7 +252,7 @@ class LlamaCppSession:
         if not self.ctx:
             self.close()
             raise GGUFFileError(f"{self.text_info.path}: llama.cpp could not create a context "
-                                f"({_SINK.take() or 'no detail'}); lower n_ctx or free memory")
+                                f"({LOG_SINK.take() or 'no detail'}); lower n_ctx or free memory")
         self.memory = lib.llama_get_memory(self.ctx)
         self._flash_attn = flash_attn
         self._tok = self._new_batch(0)
@@ -340,7 +260,7 @@ class LlamaCppSession:
         self._warned_routing = False
         self._warned_pixels = False  # the 8-bit rounding warning, once per session
         # a text model with visual experts picks the expert per batch kind (tokens vs embeddings)
-        self.has_experts = any(".vis_attn_qkv." in name for name in self.text_info.tensors)
+        self.has_experts = any(gguf_is_visual_expert(name) for name in self.text_info.tensors)
 
         if self.mmproj_info is not None:
             self._init_mtmd()
@@ -367,7 +287,7 @@ class LlamaCppSession:
             p.flash_attn_type = 1 if self._flash_attn else 0
         self.mctx = mtmd.mtmd_init_from_file(str(info.path).encode(), self.model, p)
         if not self.mctx:
-            detail = _SINK.take() or "no detail"
+            detail = LOG_SINK.take() or "no detail"
             self.close()
             raise GGUFFileError(f"{info.path}: libmtmd could not load this mmproj ({detail}); use the mmproj exported "
                                 "together with the text GGUF")
@@ -437,7 +357,7 @@ class LlamaCppSession:
             part = mtmd.mtmd_input_part(text=None, bitmap=bitmap)
             parts = (ctypes.POINTER(mtmd.mtmd_input_part) * 1)(ctypes.pointer(part))
             if mtmd.mtmd_tokenize_from_parts(self.mctx, chunks, parts, 1, False) != 0:
-                raise RuntimeError(f"libmtmd could not take the image ({_SINK.take() or 'no detail'})")
+                raise RuntimeError(f"libmtmd could not take the image ({LOG_SINK.take() or 'no detail'})")
             chunk = None
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 c = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -447,7 +367,7 @@ class LlamaCppSession:
                 raise RuntimeError("libmtmd returned no image chunk for the image")
             n_tok = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             if mtmd.mtmd_encode_chunk(self.mctx, chunk) != 0:
-                raise RuntimeError(f"libmtmd failed to encode the image ({_SINK.take() or 'no detail'})")
+                raise RuntimeError(f"libmtmd failed to encode the image ({LOG_SINK.take() or 'no detail'})")
             out = mtmd.mtmd_get_output_embd(self.mctx)
             return np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,)).reshape(n_tok, self.n_embd).copy()
         finally:
@@ -462,7 +382,7 @@ class LlamaCppSession:
         batch.n_tokens = n
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} ({_SINK.take() or 'no detail'})")
+            raise RuntimeError(f"llama_decode failed with status {rc} ({LOG_SINK.take() or 'no detail'})")
 
     def _decode_tokens(self, ids: Sequence[int], positions: Sequence[int], logits: Sequence[bool]) -> None:
         """One token batch (language expert in llama.cpp's cogvlm graph)."""
@@ -486,7 +406,7 @@ class LlamaCppSession:
     def _logits(self, i: int = -1) -> np.ndarray:
         ptr = self._lib.llama_get_logits_ith(self.ctx, i)
         if not ptr:
-            raise RuntimeError(f"llama.cpp returned no logits ({_SINK.take() or 'no detail'})")
+            raise RuntimeError(f"llama.cpp returned no logits ({LOG_SINK.take() or 'no detail'})")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def prefill(self, layout: SequenceLayout, image_embeds: np.ndarray | None) -> np.ndarray:

@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from enum import Enum
 from typing import Callable
 
 from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
 from ..core.errors import MissingDependencyError, VlmexportError
+from ..core.names import Backend, Device, Part
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from ..core.tokenizer import Tokenizer
-from .pipeline import ModelSpec, Pipeline
-
-
-class Backend(str, Enum):
-    AUTO = "auto"
-    TORCH = "torch"
-    ONNXRUNTIME = "onnxruntime"
-    LLAMACPP = "llamacpp"
-
-
-def _spec(model: dict) -> ModelSpec:
-    return ModelSpec(image_tokens=model["image_tokens"], expert_routing=model["expert_routing"],
-                     position_ids=model["position_ids"], pad_token_id=model["pad_token_id"],
-                     max_length=model["max_length"])
+from .pipeline import Pipeline
+from .spec import decoder_shape, model_spec
 
 
 def _pick_precision(bundle: Bundle, part: str, fmt: str, precision: str | None, device: str) -> str:
@@ -65,18 +53,18 @@ def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
 def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
     if importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependencyError("onnxruntime is not installed; install it with `pip install 'vlmexport[onnx]'`")
-    from .onnxruntime_backend import DecoderFacts, OrtModelSession, default_providers
+    from .onnxruntime_backend import OrtModelSession, default_providers
 
     m = bundle.section("model")
     if precision in QUANTIZED:
-        parts = ("vision_encoder", "connector", "text_decoder", "token_embedding")
+        parts = (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER, Part.TOKEN_EMBEDDING)
         if not any(precision in bundle.precisions(part, "onnx") for part in parts):
             raise BundleError(f"{bundle.root}: has no {precision} onnx part; rebuild it with "
                               f"`vlmexport build --format onnx --precision fp32,{precision}`")
         per_part = {part: _part_precision(bundle, part, precision) for part in parts}
         p = precision
     else:
-        p = _pick_precision(bundle, "text_decoder", "onnx", precision, device)
+        p = _pick_precision(bundle, Part.TEXT_DECODER, "onnx", precision, device)
         per_part = {}
     providers = default_providers()
     if device == "cpu":
@@ -84,11 +72,10 @@ def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: in
     elif device == "cuda" and "CUDAExecutionProvider" not in providers:
         raise MissingDependencyError("device='cuda' needs onnxruntime-gpu (the CUDA execution provider); install "
                                      "onnxruntime-gpu or use device='cpu'")
-    facts = DecoderFacts(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
-                         hidden_size=m["hidden_size"], vocab_size=m["vocab_size"], max_length=m["max_length"])
+    facts = decoder_shape(m)
     f = lambda part: bundle.file(bundle.find(part, "onnx", per_part.get(part, p)).file)  # noqa: E731
-    session = OrtModelSession(f("text_decoder"), f("token_embedding"), facts,
-                              vision_encoder_path=f("vision_encoder"), connector_path=f("connector"),
+    session = OrtModelSession(f(Part.TEXT_DECODER), f(Part.TOKEN_EMBEDDING), facts,
+                              vision_encoder_path=f(Part.VISION_ENCODER), connector_path=f(Part.CONNECTOR),
                               providers=providers, intra_op_num_threads=threads, allow_spinning=spin)
     return session, f"onnxruntime-{p}"
 
@@ -99,7 +86,7 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
     import torch
 
     from ..models.checkpoint import load_pretrained
-    from ..models.session import TorchSession
+    from .torch_session import TorchSession
 
     try:
         art = bundle.find("model", "torch")
@@ -120,7 +107,7 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
         raise MissingDependencyError("the llamacpp backend needs llama-cpp-python; install it with "
                                      "`pip install 'vlmexport[llamacpp]'`")
     m = bundle.section("model")
-    available = bundle.precisions("text_decoder", "gguf")
+    available = bundle.precisions(Part.TEXT_DECODER, "gguf")
     if not available:
         raise BundleError(f"{bundle.root}: has no GGUF files; rebuild it with `vlmexport build --format gguf`")
     if precision is None:
@@ -128,8 +115,8 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
     elif precision not in available:
         raise BundleError(f"{bundle.root}: has no {precision} GGUF (it has {available}); pick one of those or "
                           f"rebuild with `--format gguf --precision {precision}`")
-    text = bundle.file(bundle.find("text_decoder", "gguf", precision).file)
-    mmproj = bundle.file(bundle.find("mmproj", "gguf", precision).file)
+    text = bundle.file(bundle.find(Part.TEXT_DECODER, "gguf", precision).file)
+    mmproj = bundle.file(bundle.find(Part.MMPROJ, "gguf", precision).file)
     session = LlamaCppSession(text, mmproj, n_ctx=m["max_length"], n_threads=threads,
                               n_gpu_layers=-1 if device == "cuda" else 0, expected_arch=m["gguf_arch"])
     return session, f"llamacpp-{precision}"
@@ -152,8 +139,9 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     except ValueError:
         raise VlmexportError(f"unknown backend {backend!r}; choose one of {[b.value for b in Backend]}") from None
     device = device or "cpu"
-    if device not in ("cpu", "cuda"):
-        raise VlmexportError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    if device not in tuple(Device):
+        raise VlmexportError(f"unknown device {device!r}; use one of {', '.join(d.value for d in Device)}")
+    device = Device(device).value
     b = Bundle.open(bundle, verify=verify)
     if choice is Backend.AUTO:
         formats = {a.format for a in b.artifacts}
@@ -168,5 +156,5 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
     pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
     template = ChatTemplate.from_dict(b.section("chat_template"))
-    return Pipeline(session, tok, template, pre, _spec(b.section("model")), backend=name)
+    return Pipeline(session, tok, template, pre, model_spec(b.section("model")), backend=name)
 

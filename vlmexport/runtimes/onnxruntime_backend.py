@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,28 +22,11 @@ import numpy as np
 import onnxruntime as ort
 
 from ..core.layout import LANGUAGE, SequenceLayout
+from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-@dataclass(frozen=True)
-class DecoderFacts:
-    """What the runtime needs to know about the exported text decoder (from the bundle manifest;
-    the exporter's ``ExportedGraph.runtime_facts()`` gives these fields)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_length: int  # context length: the KV buffers hold this many positions
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DecoderFacts.{name} must be positive; got {getattr(self, name)}")
 
 
 def physical_cores() -> int:
@@ -108,7 +90,7 @@ class OrtModelSession:
     image encode (bench-s int4 on a 2-vCPU EPYC: encode 131 vs 79 ms, TTFT 574 vs 491 ms).
     """
 
-    def __init__(self, decoder_path: str | os.PathLike, embedding_path: str | os.PathLike, facts: DecoderFacts, *,
+    def __init__(self, decoder_path: str | os.PathLike, embedding_path: str | os.PathLike, facts: DecoderShape, *,
                  decode_path: str | os.PathLike | None = None,
                  vision_encoder_path: str | os.PathLike | None = None,
                  connector_path: str | os.PathLike | None = None,

@@ -17,17 +17,7 @@ from ..core.layout import ImagePiece, SequenceLayout, build_layout
 from ..core.preprocess import ImageInput, PreprocessConfig, preprocess
 from ..core.prompt import ChatTemplate, PromptError, Turn, render
 from ..core.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the pipeline needs to know about the model (read from a bundle or a model)."""
-
-    image_tokens: int
-    expert_routing: str
-    position_ids: str
-    pad_token_id: int
-    max_length: int
+from .spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import torch
 from ..core.prompt import ChatTemplate
 from ..models.base import VLM
 from ..models.checkpoint import load_pretrained
-from ..models.session import TorchSession
-from .pipeline import ModelSpec, Pipeline
+from .torch_session import TorchSession
+from .pipeline import Pipeline
+from .spec import ModelSpec
 
 CHAT_TEMPLATE = "chat_template.json"
 

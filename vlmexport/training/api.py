@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
+from ..data import SyntheticVQA
 from ..models.checkpoint import load_pretrained, save_pretrained
 from ..runtimes.torch_backend import chat_template_for
 from .batching import ModelLayoutInfo
-from .data import SyntheticVQA
 from .datasets import JsonlTrainData, SyntheticTrainData
 from .recipes import Recipe, get_recipe, run_recipe
 from .trainer import Callbacks, TrainConfig, train

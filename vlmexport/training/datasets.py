@@ -13,11 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import DataError
-from ..core.prompt import ChatTemplate
 from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate
+from ..data import CATEGORIES, SyntheticVQA, read_llava_jsonl
+from ..data.jsonl import ConversationRecord
 from .batching import Batch, Example, ModelLayoutInfo, build_example, collate
-from .data import CATEGORIES, SyntheticVQA, read_llava_jsonl
-from .data.jsonl import ConversationRecord
 
 
 class SyntheticTrainData:
@@ -57,7 +57,7 @@ class SyntheticTrainData:
     def batch(self, first: int, n: int) -> Batch:
         batch = collate(self.examples(first, n), self.preprocess, self.info.pad_id)
         if self.patch_grid:
-            from .data.labels import stacked_patch_labels
+            from ..data.labels import stacked_patch_labels
 
             specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
             batch.patch_labels = stacked_patch_labels(specs, self.patch_grid)

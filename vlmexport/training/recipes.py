@@ -21,13 +21,13 @@ from ..core.atomic import atomic_file
 from ..core.errors import ConfigError
 from ..core.preprocess import PreprocessConfig
 from ..core.tokenizer import Tokenizer, train_tokenizer
+from ..data import SyntheticVQA
 from ..evaluation import EvalReport, evaluate
 from ..models import get_architecture, seeded_init
 from ..models.base import VisionConfig
 from ..models.checkpoint import load_pretrained, save_pretrained
 from ..runtimes.torch_backend import pipeline_from_model
 from .batching import ModelLayoutInfo
-from .data import SyntheticVQA
 from .datasets import SyntheticTrainData
 from .stages import Stage
 from .trainer import Callbacks, TrainConfig, train

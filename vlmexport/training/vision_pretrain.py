@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.preprocess import PreprocessConfig
+from ..data import SyntheticVQA
+from ..data.labels import LABEL_SETS, stacked_patch_labels
 from ..models.base import VLM
 from .batching import pixels_from_uint8
-from .data import SyntheticVQA
-from .data.labels import LABEL_SETS, stacked_patch_labels
 from .trainer import Objective, loss_on_batch
 
 

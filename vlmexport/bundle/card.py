@@ -6,8 +6,8 @@ add) are rendered generically: a list of rows becomes a table, a map of scalars 
 two-column table, nested maps sub-headings. So a new result section needs no change
 here.
 
-Pure python on purpose (no torch, no numpy): :mod:`vlmexport.bundle` imports this
-module when it writes a bundle, also on a runtime-only install.
+Pure python on purpose (no torch, no numpy): :mod:`vlmexport.bundle.format` imports this
+module to write a bundle's README, also on a runtime-only install.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from ..bundle import SCHEMA_VERSION, format_size, model_facts, validation_summary
+from .names import SCHEMA_VERSION
+from .summary import format_size, model_facts, validation_summary
 
 ROUTING = {
     "image_chunk": "every image position (boi and eoi included) uses the visual expert, text the language "

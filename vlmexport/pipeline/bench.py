@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .core.errors import VlmexportError
-from .core.layout import ImagePiece, TextPiece, build_layout
+from ..core.errors import VlmexportError
+from ..core.layout import ImagePiece, TextPiece, build_layout
+from ..core.names import Part
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def write_synthetic_checkpoint(name: str, out_dir: str | Path, dtype: str = "bfl
     import torch
     from safetensors.torch import save_file
 
-    from .assets import DEMO_MODEL
-    from .core.atomic import atomic_directory
-    from .core.preprocess import PreprocessConfig
-    from .models import get_architecture
-    from .models.base import VisionConfig
+    from ..assets import DEMO_MODEL
+    from ..core.atomic import atomic_directory
+    from ..core.preprocess import PreprocessConfig
+    from ..models import get_architecture
+    from ..models.base import VisionConfig
 
     if name not in SYNTHETIC:
         raise VlmexportError(f"unknown synthetic model {name!r}; choose one of {sorted(SYNTHETIC)}")
@@ -79,7 +80,7 @@ def write_synthetic_checkpoint(name: str, out_dir: str | Path, dtype: str = "bfl
         if tok.is_file():
             (tmp / "tokenizer.model").write_bytes(tok.read_bytes())
         else:  # a fresh checkout before the demo model exists: a small tokenizer of our own
-            from .core.tokenizer import train_tokenizer
+            from ..core.tokenizer import train_tokenizer
 
             train_tokenizer([f"question {i} answer {i * 7}" for i in range(2000)], tmp / "tokenizer.model", 512)
         shard: dict[str, torch.Tensor] = {}
@@ -179,9 +180,9 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
     if backend == "onnxruntime":
         import onnx
 
-        from .exporter.onnx_decoder import is_visual_expert
+        from ..core.names import onnx_is_visual_expert as is_visual_expert
 
-        a = b.find("text_decoder", "onnx", precision)
+        a = b.find(Part.TEXT_DECODER, "onnx", precision)
         m = onnx.load(str(b.file(a.file)), load_external_data=False)
         total = 0
         for t in m.graph.initializer:
@@ -195,9 +196,11 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
     if backend == "llamacpp":
         import gguf
 
-        from .quant.gguf import language_twin  # not None: a visual-expert tensor
+        from ..core.names import (
+            gguf_language_twin as language_twin,  # not None: a visual-expert tensor
+        )
 
-        a = b.find("text_decoder", "gguf", precision)
+        a = b.find(Part.TEXT_DECODER, "gguf", precision)
         return float(sum(int(t.n_bytes) for t in gguf.GGUFReader(b.file(a.file)).tensors
                          if language_twin(t.name) is None and not t.name.startswith(("token_embd", "rope"))))
     return None
@@ -385,11 +388,11 @@ def loaded_artifacts(b, backend: str, precision: str) -> list:
     if backend == "torch":
         return [b.find("model", "torch")]
     if backend == "llamacpp":
-        return [b.find(part, "gguf", precision) for part in ("text_decoder", "mmproj")]
-    from .bundle import part_precision
+        return [b.find(part, "gguf", precision) for part in (Part.TEXT_DECODER, Part.MMPROJ)]
+    from ..bundle import part_precision
 
     return [b.find(part, "onnx", part_precision(b.precisions(part, "onnx"), precision) or "fp32")
-            for part in ("vision_encoder", "connector", "text_decoder", "token_embedding")]
+            for part in (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER, Part.TOKEN_EMBEDDING)]
 
 
 def loaded_bytes(b, backend: str, precision: str) -> int:
@@ -416,9 +419,9 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     A backend x precision whose files are byte-identical to one already timed (the torch
     reference or the fp32 export that two builds of one model share) runs once. Each row's
     ratios are taken against its own bundle's torch fp32 and onnxruntime fp32 rows."""
-    from .bundle import Bundle
-    from .runtimes.loader import load
-    from .runtimes.onnxruntime_backend import physical_cores
+    from ..bundle import Bundle
+    from ..runtimes.loader import load
+    from ..runtimes.onnxruntime_backend import physical_cores
 
     bundles = [str(bundle)] if isinstance(bundle, (str, Path)) else [str(b) for b in bundle]
     if not bundles:
@@ -479,13 +482,13 @@ def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[
             if any(a.format == "torch" for a in b.artifacts):
                 plan += [("torch", p) for p in (precisions or ["fp32"]) if p in ("fp32", "bf16")]
         elif backend == "onnxruntime":
-            plan += [("onnxruntime", p) for p in b.precisions("text_decoder", "onnx")
+            plan += [("onnxruntime", p) for p in b.precisions(Part.TEXT_DECODER, "onnx")
                      if precisions is None or p in precisions]
         elif backend == "llamacpp":
-            from .runtimes.llamacpp_backend import llamacpp_available
+            from ..runtimes.llamacpp_backend import llamacpp_available
 
             if llamacpp_available():
-                plan += [("llamacpp", p) for p in b.precisions("text_decoder", "gguf")
+                plan += [("llamacpp", p) for p in b.precisions(Part.TEXT_DECODER, "gguf")
                          if precisions is None or p in precisions]
         else:
             raise VlmexportError(f"unknown backend {backend!r}; choose from torch, onnxruntime, llamacpp")
@@ -511,8 +514,8 @@ def _remeasure_ceilings(report: BenchReport, threads: int) -> None:
 
 
 def _accuracy(pipe, n_per_category: int) -> float:
-    from .evaluation.runner import evaluate
-    from .training.data import SyntheticVQA
+    from ..data import SyntheticVQA
+    from ..evaluation.runner import evaluate
 
     pipe.session.reset()
     items = SyntheticVQA(image_size=pipe.preprocess_config.image_size, seed=0).eval_items("test", n_per_category)

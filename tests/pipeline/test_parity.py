@@ -13,7 +13,7 @@ import torch
 from vlmexport.core.errors import VlmexportError
 from vlmexport.exporter.onnx_common import GraphBuilder
 from vlmexport.exporter.onnx_vision import StateDictTensors, export_vision_encoder
-from vlmexport.exporter.validate import (
+from vlmexport.pipeline.parity import (
     CHECKS,
     CheckResult,
     Tolerance,

@@ -15,15 +15,23 @@ from typing import Callable, Sequence
 
 from ..bundle import BundleWriter, artifact_file
 from ..core.errors import ConfigError
+from ..core.names import Part
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
+from ..exporter.onnx_decoder import export_text_decoder, export_token_embedding
+from ..exporter.onnx_vision import export_connector, export_vision_encoder
 from ..models.base import VLM, VLMConfig
-from ..models.checkpoint import (INDEX, PREPROCESSOR, TOKENIZER, WEIGHTS, CanonicalTensors, SafetensorsCheckpoint,
-                                 read_config)
+from ..models.checkpoint import (
+    INDEX,
+    PREPROCESSOR,
+    TOKENIZER,
+    WEIGHTS,
+    CanonicalTensors,
+    SafetensorsCheckpoint,
+    read_config,
+)
 from ..models.spec import PartSpecs
 from ..runtimes.torch_backend import CHAT_TEMPLATE
-from .onnx_decoder import export_text_decoder, export_token_embedding
-from .onnx_vision import export_connector, export_vision_encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ class SourceModel:
 
     @property
     def image_tokens(self) -> int:
-        return _image_tokens(self.specs)
+        return self.specs.image_tokens
 
     def model_section(self) -> dict:
         c, d = self.config, self.specs.decoder
@@ -89,11 +97,6 @@ class SourceModel:
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
             "gguf_arch": self.arch.gguf_arch, "hf_config": self.hf_config,
         }
-
-
-def _image_tokens(specs: PartSpecs) -> int:
-    n = specs.vision.num_patches + (1 if specs.vision.keep_cls else 0)
-    return n + (2 if specs.connector.boi and specs.connector.eoi else 0)
 
 
 def load_source(model_dir: str | Path) -> SourceModel:
@@ -135,11 +138,11 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
             raise ConfigError(f"ONNX precision {p!r} is not supported here; choose from "
                               f"{list(ONNX_PRECISIONS + ONNX_QUANT_PRECISIONS)}")
         jobs = [
-            ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
-            ("connector", lambda f: export_connector(src.tensors, s.connector, _vision_width(s), s.decoder.hidden_size,
+            (Part.VISION_ENCODER, lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
+            (Part.CONNECTOR, lambda f: export_connector(src.tensors, s.connector, s.vision.output_width, s.decoder.hidden_size,
                                                      f, p)),
-            ("text_decoder", lambda f: export_text_decoder(src.tensors, s.decoder, f, p)),
-            ("token_embedding", lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
+            (Part.TEXT_DECODER, lambda f: export_text_decoder(src.tensors, s.decoder, f, p)),
+            (Part.TOKEN_EMBEDDING, lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
         ]
         for part, fn in jobs:
             progress(f"export {part} ({p})")
@@ -158,7 +161,7 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
     (vlmexport/quant); and the manifest's ``calibration`` entry for them. A build that did not
     ask for fp32 gets it too: it is the source, and the runtime's per-part fallback (an int4
     bundle has no int4 vision encoder)."""
-    from ..quant.api import QuantOptions, quantize_onnx
+    from .quantize import QuantOptions, quantize_onnx
 
     options = options or QuantOptions()
     new: list[ExportedPart] = []
@@ -178,12 +181,6 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
                                "scores": {k: v for k, v in r.scores[q.precision].items() if k != "parts"}})
              for q in r.parts]
     return new + parts, {"onnx": {**r.calibration, "scores": r.scores}}
-
-
-def _vision_width(s: PartSpecs) -> int:
-    from .onnx_vision import vision_output_width
-
-    return vision_output_width(s.vision)
 
 
 def _exported(part: str, precision: str, rel: str, g, root: Path, seconds: float) -> ExportedPart:
@@ -207,7 +204,7 @@ def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
                       ) -> tuple[list[ExportedPart], list[str]]:
     """Text GGUF + mmproj GGUF per precision (our own writer, streamed), and the
     semantics deviations llama.cpp introduces for this model."""
-    from .gguf import export_gguf
+    from ..exporter.gguf_writer import export_gguf
 
     parts: list[ExportedPart] = []
     deviations: list[str] = []
@@ -218,7 +215,7 @@ def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
         t0 = time.perf_counter()
         e = export_gguf(src.path, root / "gguf", outtype=p, name="model", tensors=src.tensors)
         dt = time.perf_counter() - t0
-        for part, path in (("text_decoder", e.text), ("mmproj", e.mmproj)):
+        for part, path in ((Part.TEXT_DECODER, e.text), (Part.MMPROJ, e.mmproj)):
             rel = artifact_file(part, "gguf", p)
             if Path(path).resolve() != (root / rel).resolve():
                 raise RuntimeError(f"the GGUF writer wrote {path}, not {rel}")
@@ -240,14 +237,18 @@ def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
     them, else they are written to a temporary directory."""
     import tempfile
 
-    from .gguf import GGUFSource, export_gguf
-    from ..quant.gguf import MMPROJ_FOR, quantize_mmproj_gguf, quantize_text_gguf
+    from ..exporter.gguf_writer import GGUFSource, export_gguf
+    from ..quant.gguf_quantize import (
+        MMPROJ_FOR,
+        quantize_mmproj_gguf,
+        quantize_text_gguf,
+    )
 
     parts: list[ExportedPart] = []
     deviations: list[str] = []
     with tempfile.TemporaryDirectory(prefix="vlmexport-gguf-") as tmp:
-        f16 = root / artifact_file("text_decoder", "gguf", "f16")
-        mm16 = root / artifact_file("mmproj", "gguf", "f16")
+        f16 = root / artifact_file(Part.TEXT_DECODER, "gguf", "f16")
+        mm16 = root / artifact_file(Part.MMPROJ, "gguf", "f16")
         if not (f16.is_file() and mm16.is_file()):
             progress("export gguf (f16, the quantizer's input)")
             e = export_gguf(src.path, tmp, outtype="f16", name="model", tensors=src.tensors)
@@ -268,21 +269,21 @@ def quantize_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
         written_mmproj: set[str] = set()
         for p in precisions:
             mm_type = MMPROJ_FOR[p]
-            mm_rel = artifact_file("mmproj", "gguf", mm_type)
+            mm_rel = artifact_file(Part.MMPROJ, "gguf", mm_type)
             if mm_type not in written_mmproj and not (root / mm_rel).is_file():
                 progress(f"quantize gguf mmproj ({mm_type})")
                 quantize_mmproj_gguf(mm16, root / mm_rel, mm_type)
             written_mmproj.add(mm_type)
             progress(f"quantize gguf ({p})")
-            rel = artifact_file("text_decoder", "gguf", p)
+            rel = artifact_file(Part.TEXT_DECODER, "gguf", p)
             r = quantize_text_gguf(f16, root / rel, p, imatrix=means)
             counts: dict[str, int] = {}
             for t in r.types.values():
                 counts[t] = counts.get(t, 0) + 1
-            extra = {"gguf_arch": gsrc.gguf_arch, "quantizer": "llama.cpp llama_model_quantize", "mmproj": mm_rel,
+            extra = {"gguf_arch": gsrc.gguf_arch, "quantizer": "llama.cpp llama_model_quantize", Part.MMPROJ: mm_rel,
                      "tensor_types": dict(sorted(counts.items())), "experts_pinned": r.pinned, **extra_im}
-            parts.append(ExportedPart("text_decoder", "gguf", p, rel, (), (), (), r.seconds, extra))
-            parts.append(ExportedPart("mmproj", "gguf", p, mm_rel, (), (), (), 0.0,
+            parts.append(ExportedPart(Part.TEXT_DECODER, "gguf", p, rel, (), (), (), r.seconds, extra))
+            parts.append(ExportedPart(Part.MMPROJ, "gguf", p, mm_rel, (), (), (), 0.0,
                                       {"gguf_arch": "clip", "outtype": mm_type}))
     return parts, deviations
 
@@ -291,8 +292,8 @@ def compute_bundle_imatrix(src: SourceModel, pairs: int):
     """The multimodal importance matrix of ``src`` (see quant/imatrix.py)."""
     import torch
 
+    from ..exporter.gguf_writer import GGUFSource, plan_text
     from ..models.checkpoint import load_pretrained
-    from .gguf import GGUFSource, plan_text
     from ..quant.imatrix import calibration_runs, compute_imatrix, synthetic_items
 
     t0 = time.perf_counter()
@@ -360,7 +361,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
           quant=None) -> BuildResult:
     """Build a bundle from a model directory (default: the shipped demo model).
 
-    ``quant`` (a :class:`vlmexport.quant.api.QuantOptions`) configures the int8/int4 ONNX parts."""
+    ``quant`` (a :class:`vlmexport.pipeline.quantize.QuantOptions`) configures the int8/int4 ONNX parts."""
     from ..assets import demo_model_dir
 
     t0 = time.perf_counter()
@@ -392,7 +393,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
         add_artifacts(w, parts)
         report: dict = {"skipped": True}
         if validate:
-            from .validate_bundle import validate_exports
+            from .validate import validate_exports
 
             # quantized ONNX parts are scored against fp32 by their own gates (quantize_onnx_parts)
             report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (

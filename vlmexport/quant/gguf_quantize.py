@@ -58,7 +58,7 @@ from typing import Mapping
 import numpy as np
 
 from ..core.errors import ConfigError, require
-from ..exporter.gguf import EXPERT_TENSORS
+from ..core.names import gguf_language_twin as language_twin  # noqa: F401  (re-exported)
 
 gguf = require("gguf", "gguf")
 
@@ -71,27 +71,12 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 MMPROJ_FOR = {"q8_0": "q8_0", "q4_k_m": "q8_0", "q4_0": "q8_0"}
 _ALIASES = {"q4_k": "q4_k_m", "q4km": "q4_k_m", "q8": "q8_0", "q4": "q4_0"}
 
-# (visual expert, language twin) name formats, from the GGUF writer's one table
-EXPERT_TWINS = tuple((gguf.TENSOR_NAMES[v], gguf.TENSOR_NAMES[lang]) for lang, v in EXPERT_TENSORS.values())
-
-
 def normalize_quant_type(qtype: str) -> str:
     q = qtype.lower().replace("-", "_")
     q = _ALIASES.get(q, q)
     if q not in QUANT_TYPES:
         raise ConfigError(f"unknown GGUF quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
     return q
-
-
-def language_twin(name: str) -> str | None:
-    """``blk.N.vis_down.weight`` -> ``blk.N.ffn_down.weight``; None for a non-expert tensor."""
-    m = re.fullmatch(r"blk\.(\d+)\.([a-z_]+)(\.weight)", name)
-    if not m:
-        return None
-    for vis, lang in EXPERT_TWINS:
-        if vis.format(bid=m[1]) == f"blk.{m[1]}.{m[2]}":
-            return lang.format(bid=m[1]) + m[3]
-    return None
 
 
 def tensor_types(path: str | os.PathLike) -> dict[str, str]:
@@ -111,14 +96,10 @@ class QuantizeResult:
 
 
 def _lib():
-    from ..runtimes.llamacpp_backend import _SINK, _import_llama_cpp
+    from ..runtimes.llamacpp_lib import LOG_SINK, init_backend
 
-    lib, mtmd = _import_llama_cpp()
-    _SINK.install(lib, mtmd)
-    if not getattr(_lib, "ready", False):
-        lib.llama_backend_init()
-        _lib.ready = True
-    return lib, _SINK
+    lib, _ = init_backend()
+    return lib, LOG_SINK
 
 
 def _run_quantize(src: Path, dst: Path | None, qtype: str, imatrix: Mapping[str, np.ndarray] | None,
@@ -248,7 +229,7 @@ def quantize_mmproj_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: 
                           f"not {qtype}")
     src, dst = Path(src), Path(dst)
     if not src.is_file() or _architecture(src) != "clip":
-        raise ConfigError(f"{src}: not an mmproj GGUF; export it first (vlmexport.exporter.gguf.export_gguf)")
+        raise ConfigError(f"{src}: not an mmproj GGUF; export it first (vlmexport.exporter.gguf_writer.export_gguf)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     _run_quantize(src, dst, qtype, None, {}, nthread or 1)
     return QuantizeResult(dst, qtype, tensor_types(dst), False, 0, time.perf_counter() - t0)

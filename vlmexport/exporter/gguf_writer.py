@@ -43,9 +43,11 @@ import torch
 
 from ..core.errors import ConfigError, require
 from ..core.layout import ExpertRouting, PositionIds
+from ..core.names import GGUF_EXPERT_TENSORS
 from ..core.preprocess import PreprocessConfig
 from ..models.base import VLM, VLMConfig
 from ..models.checkpoint import PREPROCESSOR, TOKENIZER, CanonicalTensors, SafetensorsCheckpoint, read_config
+from ..models.connectors import GGUFProjector, get_connector
 from ..models.spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec, bias_of
 
 gguf = require("gguf", "gguf")
@@ -69,41 +71,13 @@ _OUTTYPE_ALIASES = {"fp32": "f32", "fp16": "f16", "float32": "f32", "float16": "
 # (llama_model_rope_type in src/llama-model.cpp) and needs no permutation.
 _INTERLEAVED_ROPE_ARCHS = frozenset({"llama"})
 
-# Expert projections -> (language tensor, visual-expert tensor) in llama.cpp's names
-# (gguf-py MODEL_TENSOR; cogvlm's graph reads blk.N.vis_*). The one table of these names:
-# the writer plans with it and vlmexport.quant.gguf pins each vis_* to its language twin.
-EXPERT_TENSORS = {
-    "qkv": (MT.ATTN_QKV, MT.VISEXP_ATTN_QKV),
-    "o": (MT.ATTN_OUT, MT.VISEXP_ATTN_OUT),
-    "gate": (MT.FFN_GATE, MT.VISEXP_GATE),
-    "up": (MT.FFN_UP, MT.VISEXP_UP),
-    "down": (MT.FFN_DOWN, MT.VISEXP_DOWN),
-}
+# Expert projections -> (language tensor, visual-expert tensor) as gguf-py MODEL_TENSORs
+# (cogvlm's graph reads blk.N.vis_*), from the one name table in vlmexport.core.names,
+# which the quantizer's pinning and the llama.cpp backend read too.
+_MT_BY_NAME = {v: k for k, v in gguf.TENSOR_NAMES.items()}
+EXPERT_TENSORS = {role: tuple(_MT_BY_NAME[f"blk.{{bid}}.{n}"] for n in pair) for role, pair in GGUF_EXPERT_TENSORS.items()}
 
 
-@dataclass(frozen=True)
-class _Projector:
-    """How llama.cpp's libmtmd runs a connector kind of ours."""
-
-    projector_type: str  # clip.projector_type
-    norm_placement: str  # the ViT block form of that projector's graph
-    # DELIBERATE (2): llama.cpp's ViT for this projector appends CLS after the patches
-    cls_last: bool
-    known_issue: str = ""  # a llama.cpp behaviour that keeps the GGUF from reproducing the model
-
-
-# connector kind (ConnectorSpec.kind) -> llama.cpp projector. "mlp" is llama.cpp's
-# PROJECTOR_TYPE_MLP name (tools/mtmd/clip-impl.h); gguf-py has no constant for it.
-_PROJECTORS = {
-    "glu": _Projector(gguf.VisionProjectorType.COGVLM, "post", cls_last=True),  # tools/mtmd/models/cogvlm.cpp
-    # tools/mtmd/models/llava.cpp concatenates CLS after the patches and then keeps embedding rows
-    # 1..n ("patches" input in clip.cpp), i.e. it drops the first patch and keeps CLS; measured
-    # with llama-cpp-python 0.3.36 (tests/runtimes/test_llamacpp_backend.py asserts it, so a fix
-    # upstream shows).
-    "mlp": _Projector("mlp", "pre", cls_last=True, known_issue=(
-        "gguf: llama.cpp's mlp (llava) projector returns patches 2..n followed by the CLS token instead of "
-        "patches 1..n (tools/mtmd/models/llava.cpp), so GGUF image embeddings differ from the reference")),
-}
 _FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # KEY_FEATURE_LAYERS in tools/mtmd/clip-impl.h
 
 # SentencePiece token types (llama.cpp's llama_token_type)
@@ -287,27 +261,9 @@ def _plan_expert(p: _Planner, d: DecoderSpec, e: ExpertNames, i: int, interleave
     p.add(keys["down"], f(e.down), i)
 
 
-def projector_for(specs: PartSpecs) -> _Projector:
-    """The llama.cpp projector that runs this model's vision side, or a clear error."""
-    v, c = specs.vision, specs.connector
-    proj = _PROJECTORS.get(c.kind)
-    if proj is None:
-        raise ConfigError(f"llama.cpp has no projector for the {c.kind!r} connector; GGUF export supports "
-                          f"{sorted(_PROJECTORS)}")
-    if v.norm_placement != proj.norm_placement:
-        raise ConfigError(f"llama.cpp's {proj.projector_type} projector runs {proj.norm_placement}-norm ViT blocks, "
-                          f"this model's are {v.norm_placement}-norm; it cannot be exported to GGUF")
-    if v.keep_cls:
-        raise ConfigError("llama.cpp's projectors drop the CLS token; a model that keeps it "
-                          "(vision_feature_select_strategy='full') cannot be exported to GGUF")
-    if v.activation not in ("gelu", "quick_gelu", "silu"):
-        raise ConfigError(f"llama.cpp's ViT runs gelu, quick_gelu or silu; this model's is {v.activation!r}")
-    if c.kind == "glu" and tuple(v.feature_layers) not in ((), (v.num_layers,)):
-        raise ConfigError("llama.cpp's cogvlm projector reads the last ViT layer; this model reads "
-                          f"{list(v.feature_layers)}")
-    if c.kind == "mlp" and c.activation != "gelu":
-        raise ConfigError(f"llama.cpp's mlp projector applies GELU; this model's projector uses {c.activation!r}")
-    return proj
+def projector_for(specs: PartSpecs) -> GGUFProjector:
+    """The llama.cpp projector that runs this model's vision side (its connector kind's), or a clear error."""
+    return get_connector(specs.connector.kind).check_gguf(specs)
 
 
 def _reorder_cls_last(w: torch.Tensor) -> torch.Tensor:
@@ -322,21 +278,9 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
     c: ConnectorSpec = src.specs.connector
     proj = projector_for(src.specs)
     p = _Planner(src, outtype, mmproj=True)
-    if c.kind == "glu":
-        w = c.weights
-        p.add(MT.V_TOK_BOI, c.boi, suffix="")
-        p.add(MT.V_TOK_EOI, c.eoi, suffix="")
-        p.add(MT.V_MM_DOWN, w["down"])
-        p.add(MT.V_MM_UP, w["up"])
-        p.add(MT.V_MM_GATE, w["gate"])
-        p.add(MT.V_MMPROJ_FC, w["linear"])
-        p.add(MT.V_MM_POST_FC_NORM, w["norm_bias"], suffix=".bias")
-        p.add(MT.V_MM_POST_FC_NORM, w["norm"])
-    else:  # "mlp": llama.cpp's llava projector names its two linears mm.0 and mm.2
-        for bid, role in ((0, "linear_1"), (2, "linear_2")):
-            p.add(MT.V_MMPROJ, c.weights[role], bid)
-            if role + "_bias" in c.weights:
-                p.add(MT.V_MMPROJ, c.weights[role + "_bias"], bid, suffix=".bias")
+    special = {"@boi": c.boi, "@eoi": c.eoi}
+    for t in get_connector(c.kind).gguf_tensors(c):
+        p.add(MT[t.key], special[t.role] if t.role in special else c.weights[t.role], t.bid, suffix=t.suffix)
     p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
     rows = v.num_patches + 1
     if tuple(src.tensors.shape(v.positions))[0] != rows:
@@ -450,9 +394,10 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
         w.add_vision_use_gelu(True)
     elif v.activation == "silu":
         w.add_vision_use_silu(True)
-    # llama.cpp's llava graph defaults to the output of layer n-1 (hidden_states[-2]); other
+    # where the projector's graph has a default feature layer (llava: n-1, hidden_states[-2]), other
     # feature layers are given explicitly (indices into [embeddings, layer 1, ..., layer n]).
-    if proj.projector_type == "mlp" and tuple(v.feature_layers) != (v.num_layers - 1,):
+    default = proj.default_feature_layer
+    if default is not None and tuple(v.feature_layers) != (v.num_layers + default,):
         w.add_array(_FEATURE_LAYER_KEY, [int(x) for x in v.feature_layers])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

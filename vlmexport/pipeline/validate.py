@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from ..core.layout import build_layout
+from ..core.names import Part
 from ..core.prompt import Turn, render
 from ..models.checkpoint import load_pretrained
-from ..models.session import TorchSession
-from ..runtimes.pipeline import ModelSpec, Pipeline
+from ..runtimes.torch_session import TorchSession
+from ..runtimes.pipeline import Pipeline
+from ..runtimes.spec import decoder_shape, model_spec
 from ..runtimes.torch_backend import pipeline_from_model
-from .validate import CheckResult, ValidationError, tolerance_for, validate_part
+from .parity import CheckResult, ValidationError, tolerance_for, validate_part
 
 # greedy generations that must be identical to PyTorch, per precision
 E2E_THRESHOLDS = {"fp32": 1.0, "fp16": 0.98, "f32": 1.0, "f16": 0.98, "bf16": 0.98}
@@ -44,7 +46,7 @@ for _q in ("q8_0", "q4_k_m", "q4_0"):
 
 def _images(src, n: int) -> np.ndarray:
     from ..core.preprocess import to_pixels
-    from ..training.data import SyntheticVQA
+    from ..data import SyntheticVQA
 
     gen = SyntheticVQA(image_size=src.preprocess.image_size, seed=0)
     return np.stack([to_pixels(gen.sample("test", i).image, src.preprocess) for i in range(n)])
@@ -53,18 +55,10 @@ def _images(src, n: int) -> np.ndarray:
 def _ort_session(src, root: Path, parts: dict[str, object], precision: str):
     from ..runtimes.onnxruntime_backend import OrtModelSession
 
-    return OrtModelSession(root / parts["text_decoder"].file, root / parts["token_embedding"].file,
-                           decoder_facts(src.model_section()),
-                           vision_encoder_path=root / parts["vision_encoder"].file,
-                           connector_path=root / parts["connector"].file)
-
-
-def decoder_facts(model: dict):
-    from ..runtimes.onnxruntime_backend import DecoderFacts
-
-    return DecoderFacts(num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"],
-                        head_dim=model["head_dim"], hidden_size=model["hidden_size"],
-                        vocab_size=model["vocab_size"], max_length=model["max_length"])
+    return OrtModelSession(root / parts[Part.TEXT_DECODER].file, root / parts[Part.TOKEN_EMBEDDING].file,
+                           decoder_shape(src.model_section()),
+                           vision_encoder_path=root / parts[Part.VISION_ENCODER].file,
+                           connector_path=root / parts[Part.CONNECTOR].file)
 
 
 def validate_decoder(src, model, tokenizer, ort_session, precision: str) -> list[CheckResult]:
@@ -92,7 +86,7 @@ def validate_decoder(src, model, tokenizer, ort_session, precision: str) -> list
         limit = tol.bound(b)
         worst = int(diff.argmax())
         ok = bool(diff.max() <= limit)
-        results.append(CheckResult("text_decoder", precision, f"values:{'prefill' if step == 0 else f'decode{step}'}",
+        results.append(CheckResult(Part.TEXT_DECODER, precision, f"values:{'prefill' if step == 0 else f'decode{step}'}",
                                    float(diff.max()), float(limit), ok))
         if not ok:
             raise ValidationError(
@@ -103,7 +97,7 @@ def validate_decoder(src, model, tokenizer, ort_session, precision: str) -> list
 
 
 def end_to_end(src, torch_pipe: Pipeline, ort_pipe: Pipeline, n_prompts: int, precision: str) -> dict:
-    from ..training.data import SyntheticVQA
+    from ..data import SyntheticVQA
 
     per_cat = max(2, -(-n_prompts // 7))
     per_cat += per_cat % 2
@@ -136,10 +130,10 @@ def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torc
         raise MissingDependencyError("validating GGUF files needs llama-cpp-python; install `vlmexport[llamacpp]` "
                                      "or build with --no-validate")
     m = src.model_section()
-    sess = LlamaCppSession(root / parts["text_decoder"].file, root / parts["mmproj"].file, n_ctx=m["max_length"],
+    sess = LlamaCppSession(root / parts[Part.TEXT_DECODER].file, root / parts[Part.MMPROJ].file, n_ctx=m["max_length"],
                            expected_arch=m["gguf_arch"])
     rel = GGUF_TOLERANCE.get(precision, 5e-2)
-    mm_type = (getattr(parts["mmproj"], "extra", None) or {}).get("outtype", precision)
+    mm_type = (getattr(parts[Part.MMPROJ], "extra", None) or {}).get("outtype", precision)
     mm_rel = GGUF_MMPROJ_TOLERANCE.get(mm_type, GGUF_TOLERANCE.get(mm_type, rel))
     pixels = _images(src, 2)
     ref = TorchSession(model)
@@ -151,15 +145,15 @@ def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torc
                           image_pad_id=src.config.pad_token_id)
     ref_logits = ref.prefill(layout, ref_emb)
     got_logits = sess.prefill(layout, got_emb)
-    for part, a, b in (("mmproj", got_emb, ref_emb), ("text_decoder", got_logits, ref_logits)):
+    for part, a, b in ((Part.MMPROJ, got_emb, ref_emb), (Part.TEXT_DECODER, got_logits, ref_logits)):
         if a.shape != b.shape:
             raise ValidationError(f"{part} (gguf {precision}): shape {list(a.shape)} differs from PyTorch "
                                   f"{list(b.shape)}")
         diff = np.abs(a.astype(np.float32) - b)
-        bound = (mm_rel if part == "mmproj" else rel) * float(np.abs(b).max())
+        bound = (mm_rel if part == Part.MMPROJ else rel) * float(np.abs(b).max())
         row = {"part": part, "precision": precision, "check": "values", "max_abs_diff": float(diff.max()),
                "tolerance": bound, "passed": bool(diff.max() <= bound), "format": "gguf"}
-        if part == "text_decoder":  # what a quantized file keeps: the ranking of the logits
+        if part == Part.TEXT_DECODER:  # what a quantized file keeps: the ranking of the logits
             row["correlation"] = float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
             row["top1_agrees"] = bool(int(a.argmax()) == int(b.argmax()))
         rows.append(row)
@@ -169,7 +163,8 @@ def validate_gguf(src, model, tok, root: Path, parts: dict, precision: str, torc
                                   f"{list(idx)} (llama.cpp {a[idx]:.6g}, torch {b[idx]:.6g}); tolerance {bound:.3g}")
     progress(f"validate end to end (gguf {precision}, {e2e_prompts} prompts)")
     sess.reset()
-    pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"llamacpp-{precision}")
+    spec = model_spec(src.model_section())
+    pipe = Pipeline(sess, tok, src.template, src.preprocess, spec, backend=f"llamacpp-{precision}")
     return rows, end_to_end(src, torch_pipe, pipe, e2e_prompts, precision)
 
 
@@ -190,20 +185,20 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
         progress(f"validate vision parts ({precision})")
         pixels = _images(src, 2).astype(np.float16 if precision == "fp16" else np.float32)
         with torch.inference_mode():
-            feats = torch_parts["vision_encoder"](torch.from_numpy(pixels.astype(np.float32)))
+            feats = torch_parts[Part.VISION_ENCODER](torch.from_numpy(pixels.astype(np.float32)))
 
-        def vision_ref(inputs, _enc=torch_parts["vision_encoder"]):
+        def vision_ref(inputs, _enc=torch_parts[Part.VISION_ENCODER]):
             with torch.inference_mode():
                 return {"image_features": _enc(torch.from_numpy(inputs["pixel_values"].astype(np.float32))).numpy()}
 
-        def connector_ref(inputs, _con=torch_parts["connector"]):
+        def connector_ref(inputs, _con=torch_parts[Part.CONNECTOR]):
             with torch.inference_mode():
                 return {"image_embeds": _con(torch.from_numpy(inputs["image_features"].astype(np.float32))).numpy()}
 
-        ve, co = parts["vision_encoder"], parts["connector"]
+        ve, co = parts[Part.VISION_ENCODER], parts[Part.CONNECTOR]
         for part, fn, inputs, outputs, e in (
-            ("vision_encoder", vision_ref, {"pixel_values": pixels}, ["image_features"], ve),
-            ("connector", connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"], co),
+            (Part.VISION_ENCODER, vision_ref, {"pixel_values": pixels}, ["image_features"], ve),
+            (Part.CONNECTOR, connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"], co),
         ):
             axes = _dynamic_axes(e)
             rows += [r.to_dict() for r in validate_part(root / e.file, fn, inputs, outputs, axes, precision, part)]
@@ -211,7 +206,8 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
         sess = _ort_session(src, root, parts, precision)
         rows += [r.to_dict() for r in validate_decoder(src, model, tok, sess, precision)]
         progress(f"validate end to end ({precision}, {e2e_prompts} prompts)")
-        ort_pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"onnxruntime-{precision}")
+        spec = model_spec(src.model_section())
+        ort_pipe = Pipeline(sess, tok, src.template, src.preprocess, spec, backend=f"onnxruntime-{precision}")
         row = end_to_end(src, torch_pipe, ort_pipe, e2e_prompts, precision)
         e2e.append(row | {"format": "onnx"})
     for precision, parts in gguf.items():
@@ -220,12 +216,6 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
         rows += g_rows
         e2e.append(g_e2e | {"format": "gguf"})
     return {"parts": rows, "end_to_end": e2e}
-
-
-def _spec(src) -> ModelSpec:
-    m = src.model_section()
-    return ModelSpec(image_tokens=m["image_tokens"], expert_routing=m["expert_routing"],
-                     position_ids=m["position_ids"], pad_token_id=m["pad_token_id"], max_length=m["max_length"])
 
 
 def _dynamic_axes(e) -> dict:

@@ -3,8 +3,8 @@
 This is the one neutral module that the exporter writes bundles with and every runtime
 reads them with. It imports the standard library and ``vlmexport.core`` only (never
 torch, the model registry, training or the exporter), because a Jetson runtime image
-installs numpy and onnxruntime alone. The one exception is lazy: when a bundle is
-*written*, ``vlmexport.exporter.card`` (pure python) renders its README.
+installs numpy and onnxruntime alone. When a bundle is written, ``card`` (pure python,
+in this package) renders its README.
 
 Layout (paths are POSIX, relative to the bundle directory)::
 
@@ -39,29 +39,23 @@ import sys
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-from .core.atomic import atomic_directory
-from .core.errors import VlmexportError
-
-SCHEMA_VERSION = 1
-KIND = "vlmexport-bundle"
-MANIFEST = "manifest.json"
-README = "README.md"
-RESERVED = (MANIFEST, README)  # written by BundleWriter itself
-
-# Manifest sections a writer may set, in the order they appear in manifest.json.
-SECTIONS = (
-    "model",  # model config: arch, semantics (expert_routing, position_ids), sizes, params
-    "tokenizer",  # file, kind, vocab size, special ids
-    "preprocessing",  # image size, mean/std, resampling (also in preprocessor_config.json)
-    "chat_template",  # also in chat_template.json
-    "semantics_deviations",  # list of warnings: an artifact that cannot reproduce the semantics
-    "calibration",
-    "validation",  # rows {part, precision, check, max_abs_diff, tolerance, passed}, end_to_end
-    "benchmarks",
-    "tool_versions",  # recorded automatically; set_section merges over it
+from ..core.atomic import atomic_directory
+from ..core.errors import VlmexportError
+from .card import render_model_card
+from .names import (  # noqa: F401
+    KIND,
+    MANIFEST,
+    PART_PRECISION_FALLBACK,
+    README,
+    RESERVED,
+    SCHEMA_VERSION,
+    SECTIONS,
+    artifact_file,
+    part_precision,
 )
+
 VERIFY_MODES = ("full", "size", "none")
 DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                     "uint8", "bool"})
@@ -72,33 +66,6 @@ TOOL_DISTRIBUTIONS = ("vlmexport", "numpy", "onnx", "onnxruntime", "onnxruntime-
                       "tensorrt", "llama-cpp-python", "safetensors", "sentencepiece", "nvidia-modelopt")
 _HINT_REBUILD = "rebuild the bundle with `vlmexport build`"
 _HINT_RELATIVE = "give a path relative to the bundle directory"
-
-
-def artifact_file(part: str, fmt: str, precision: str) -> str:
-    """The one table of artifact file names inside a bundle (relative paths)."""
-    if fmt == "onnx":
-        ext = "safetensors" if part == "token_embedding" else "onnx"
-        return f"onnx/{part}.{precision}.{ext}"
-    if fmt == "torch":
-        return "torch"  # a model directory in the Hugging Face layout
-    if fmt == "gguf":  # llama.cpp: the text model and the vision projector (ViT + connector)
-        return f"gguf/mmproj-model.{precision}.gguf" if part == "mmproj" else f"gguf/model.{precision}.gguf"
-    raise ValueError(f"no file name rule for format {fmt!r}")
-
-
-# A quantized ONNX precision runs each part in the first of these the bundle holds: int4
-# quantizes only the text decoder, so its vision parts run int8 where an int8 build wrote
-# them (the int8-vision + int4-decoder combination), else fp32. The build's accuracy gates
-# score exactly this combination; the runtime and `bench` load it.
-PART_PRECISION_FALLBACK = {"int4": ("int4", "int8", "fp32"), "int8": ("int8", "fp32")}
-
-
-def part_precision(available, precision: str) -> str | None:
-    """The precision a part with ``available`` ONNX precisions runs in when ``precision`` is asked for."""
-    for p in PART_PRECISION_FALLBACK.get(precision, (precision,)):
-        if p in available:
-            return p
-    return None
 
 
 class BundleError(VlmexportError):
@@ -425,8 +392,6 @@ class BundleWriter:
                 manifest[name] = self._sections.get(name)
         manifest["artifacts"] = artifacts
 
-        from .exporter.card import render_model_card  # lazy: pure python, only needed when writing
-
         readme = root / README
         readme.write_text(render_model_card(manifest), encoding="utf-8")
         hashes[README] = (file_sha256(readme), readme.stat().st_size)
@@ -602,124 +567,3 @@ def _expected_files(manifest: dict[str, Any], artifacts: list[Artifact],
         for d in a.data_files:
             add(d["file"], d["sha256"], d["size_bytes"])
     return {rel: (v[0], v[1]) for rel, v in expected.items()}
-
-
-# ------------------------------------------------------------------------ summaries
-def _bfs(d: Any, keys: Sequence[str]) -> Any:
-    """First value under any of ``keys``, searching nested dicts breadth first."""
-    queue = [d]
-    while queue:
-        cur = queue.pop(0)
-        if not isinstance(cur, dict):
-            continue
-        for k in keys:
-            if cur.get(k) is not None:
-                return cur[k]
-        queue.extend(v for v in cur.values() if isinstance(v, dict))
-    return None
-
-
-def model_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The headline facts of the model section (whatever its nesting): arch, params, semantics."""
-    model = manifest.get("model") or {}
-    pre = manifest.get("preprocessing") or {}
-    facts = {
-        "arch": _bfs(model, ("arch", "architecture", "arch_name", "model_type")),
-        "params": _bfs(model, ("params", "num_parameters", "parameters")),
-        "image_size": _bfs(model, ("image_size",)) or _bfs(pre, ("image_size",)),
-        "image_tokens": _bfs(model, ("image_tokens",)),
-        "hidden_size": _bfs(model, ("hidden_size",)),
-        "num_hidden_layers": _bfs(model, ("num_hidden_layers", "num_layers")),
-        "vocab_size": _bfs(model, ("vocab_size",)),
-        "expert_routing": _bfs(model, ("expert_routing",)),
-        "position_ids": _bfs(model, ("position_ids",)),
-    }
-    return {k: v for k, v in facts.items() if v is not None}
-
-
-def validation_summary(validation: Any) -> dict[str, Any]:
-    """Count every row with a boolean ``passed`` anywhere in the validation section."""
-    rows: list[dict[str, Any]] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, dict):
-            if isinstance(v.get("passed"), bool):
-                rows.append(v)
-            for x in v.values():
-                if isinstance(x, (dict, list)):
-                    walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
-    walk(validation)
-    end_to_end = validation.get("end_to_end") if isinstance(validation, dict) else None
-    return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
-            "failed": [r for r in rows if not r["passed"]], "end_to_end": end_to_end}
-
-
-def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, Any]:
-    """A summary of a bundle for people (the CLI renders it; :func:`format_inspection` as text)."""
-    b = Bundle.open(path, verify=verify)
-    m = b.manifest
-    sizes = m.get("file_sizes") or {}
-    return {
-        "path": str(b.root),
-        "schema_version": b.schema_version,
-        "verified": verify,
-        "model": model_facts(m),
-        "semantics_deviations": b.semantics_deviations,
-        "tokenizer": b.section("tokenizer", {}),
-        "preprocessing": b.section("preprocessing", {}),
-        "artifacts": [{"part": a.part, "format": a.format, "precision": a.precision, "file": a.file,
-                       "size_bytes": a.total_size_bytes, "data_files": [d["file"] for d in a.data_files],
-                       "inputs": [t.to_dict() for t in a.inputs], "outputs": [t.to_dict() for t in a.outputs]}
-                      for a in b.artifacts],
-        "validation": validation_summary(m.get("validation")),
-        "tool_versions": b.section("tool_versions", {}),
-        "file_count": len(sizes),
-        "total_size_bytes": sum(int(s) for s in sizes.values()),
-    }
-
-
-def format_size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _kv(d: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))) or "-"
-
-
-def format_inspection(summary: Mapping[str, Any]) -> str:
-    """Plain-text rendering of :func:`inspect_bundle`'s summary."""
-    s, model = summary, dict(summary.get("model") or {})
-    lines = [f"Bundle         {s['path']}  (schema {s['schema_version']}, {s['file_count']} files, "
-             f"{format_size(s['total_size_bytes'])}, verified: {s['verified']})"]
-    semantics = {k: model.pop(k) for k in ("expert_routing", "position_ids") if k in model}
-    lines.append(f"Model          {_kv(model)}")
-    lines.append(f"Semantics      {_kv(semantics)}")
-    lines += [f"  WARNING      {w if isinstance(w, str) else _kv(w)}" for w in s.get("semantics_deviations", [])]
-    lines.append(f"Tokenizer      {_kv(s.get('tokenizer') or {})}")
-    lines.append(f"Preprocessing  {_kv(s.get('preprocessing') or {})}")
-    lines.append("Artifacts")
-    for a in s.get("artifacts", []):
-        lines.append(f"  {a['part']:<16} {a['format']:<12} {a['precision']:<8} {format_size(a['size_bytes']):>9}  "
-                     f"{a['file']}" + (f" (+{', '.join(a['data_files'])})" if a["data_files"] else ""))
-        for kind, specs in (("in ", a["inputs"]), ("out", a["outputs"])):
-            for t in specs:
-                shape = ", ".join(str(d) for d in t["shape"])
-                lines.append(f"      {kind} {t['name']:<24} {t['dtype']:<8} [{shape}]")
-    v = s.get("validation") or {}
-    if v.get("checks"):
-        lines.append(f"Validation     {v['passed']}/{v['checks']} checks passed")
-        lines += [f"  FAILED       {_kv(r)}" for r in v.get("failed", [])]
-    else:
-        lines.append("Validation     none recorded")
-    e2e = v.get("end_to_end")
-    for row in (e2e if isinstance(e2e, list) else [e2e] if isinstance(e2e, dict) else []):
-        lines.append(f"  end to end   {_kv(row)}")
-    lines.append(f"Tools          {_kv(s.get('tool_versions') or {})}")
-    return "\n".join(lines)

@@ -20,22 +20,30 @@ from typing import Callable, Mapping, Sequence
 
 from ..bundle import artifact_file, part_precision
 from ..core.errors import ConfigError
-from .calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
-from .gates import Gate, check_gates, score, task_scores
-from .quantize import (CPU_BLOCK, DEFAULT_ALGORITHM, DEFAULT_CALIBRATION_METHOD, QuantizedPart, quantize_int8_static,
-                       quantize_weight_only)
-from .recipe import Recipe, default_recipe, for_precision
+from ..core.names import Part
+from ..quant.calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
+from ..quant.gates import Gate, check_gates, score, task_scores
+from ..quant.quantize import (
+    CPU_BLOCK,
+    DEFAULT_ALGORITHM,
+    DEFAULT_CALIBRATION_METHOD,
+    QuantizedPart,
+    quantize_int8_static,
+    quantize_weight_only,
+)
+from ..quant.recipe import QuantRecipe, default_recipe, for_precision
+from ..runtimes.spec import decoder_shape, model_spec
 
 log = logging.getLogger(__name__)
 
 QUANT_PRECISIONS = ("int8", "int4")
-PARTS_FOR = {"int8": ("vision_encoder", "connector", "text_decoder"), "int4": ("text_decoder",)}
+PARTS_FOR = {"int8": (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER), "int4": (Part.TEXT_DECODER,)}
 
 
 @dataclass(frozen=True)
 class QuantOptions:
     calibration: CalibrationSettings = CalibrationSettings()
-    recipe: Recipe | None = None  # None: the architecture's default
+    recipe: QuantRecipe | None = None  # None: the architecture's default
     calibration_method: str = DEFAULT_CALIBRATION_METHOD
     algorithm: str = DEFAULT_ALGORITHM
     block_size: int = CPU_BLOCK
@@ -59,7 +67,7 @@ class QuantOptions:
         block 128, 57 vs 206 us per 1024x2816 MatMul), and the CUDA kernel does not read the
         attribute, so a gpu-target file also runs well on a CPU.
         """
-        from .quantize import GPU_BLOCK
+        from ..quant.quantize import GPU_BLOCK
 
         table = {"cpu": CPU_BLOCK, "gpu": GPU_BLOCK}
         if target not in table:
@@ -67,8 +75,11 @@ class QuantOptions:
         return {"block_size": table[target] if block_size is None else int(block_size), "accuracy_level": 4}
 
     def __post_init__(self) -> None:
-        from .quantize import CALIBRATION_METHODS, WEIGHT_ONLY_ALGORITHMS
-        from .quantize import INT4_BLOCK_SIZES
+        from ..quant.quantize import (
+            CALIBRATION_METHODS,
+            INT4_BLOCK_SIZES,
+            WEIGHT_ONLY_ALGORITHMS,
+        )
 
         if self.block_size not in INT4_BLOCK_SIZES:
             raise ConfigError(f"int4 block size {self.block_size}: choose one of {list(INT4_BLOCK_SIZES)}")
@@ -93,32 +104,21 @@ class QuantResult:
 def prompt_pipeline(tokenizer_path, template, preprocess, model: dict, session=None):
     """A :class:`Pipeline` for prompts/layouts (``prepare``); ``session`` may be None."""
     from ..core.tokenizer import Tokenizer
-    from ..runtimes.pipeline import ModelSpec, Pipeline
+    from ..runtimes.pipeline import Pipeline
 
-    spec = ModelSpec(image_tokens=model["image_tokens"], expert_routing=model["expert_routing"],
-                     position_ids=model["position_ids"], pad_token_id=model["pad_token_id"],
-                     max_length=model["max_length"])
-    return Pipeline(session, Tokenizer(tokenizer_path), template, preprocess, spec)
-
-
-def _facts(model: dict):
-    from ..runtimes.onnxruntime_backend import DecoderFacts
-
-    return DecoderFacts(num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"], head_dim=model["head_dim"],
-                        hidden_size=model["hidden_size"], vocab_size=model["vocab_size"],
-                        max_length=model["max_length"])
+    return Pipeline(session, Tokenizer(tokenizer_path), template, preprocess, model_spec(model))
 
 
 def ort_session(files: Mapping[str, Path], model: dict, threads: int = 1):
     from ..runtimes.onnxruntime_backend import OrtModelSession
 
-    return OrtModelSession(files["text_decoder"], files["token_embedding"], _facts(model),
-                           vision_encoder_path=files["vision_encoder"], connector_path=files["connector"],
+    return OrtModelSession(files[Part.TEXT_DECODER], files[Part.TOKEN_EMBEDDING], decoder_shape(model),
+                           vision_encoder_path=files[Part.VISION_ENCODER], connector_path=files[Part.CONNECTOR],
                            providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
 
 
 def gate_items(image_size: int, per_category: int, seed: int = 0) -> list:
-    from ..training.data import SyntheticVQA
+    from ..data import SyntheticVQA
 
     return SyntheticVQA(image_size=image_size, seed=seed).eval_items("test", per_category)
 
@@ -139,7 +139,7 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
     calib = build_calibration(prep, options.calibration, options.cache_dir, identity={"tokenizer": tok_hash})
     ref = ort_session(fp32, model)
-    facts = _facts(model)
+    facts = decoder_shape(model)
     parts: list[QuantizedPart] = []
     for precision in precisions:
         r = recipe
@@ -147,17 +147,17 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
             r = for_precision(r, part, precision)
             out = root / artifact_file(part, "onnx", precision)
             progress(f"quantize {part} ({precision})")
-            if part == "vision_encoder":
+            if part == Part.VISION_ENCODER:
                 parts.append(quantize_int8_static(part, fp32[part], out, pixel_reader(calib), r,
                                                   options.calibration_method))
-            elif part == "connector":
+            elif part == Part.CONNECTOR:
                 enc = lambda px: ref.vision_encoder.run(["image_features"], {"pixel_values": px})[0]  # noqa: E731
                 parts.append(quantize_int8_static(part, fp32[part], out, feature_reader(enc, calib), r,
                                                   options.calibration_method))
             else:
                 reader = None
                 if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node
-                    emb = load_file(str(fp32["token_embedding"]))["weight"].astype(np.float32)
+                    emb = load_file(str(fp32[Part.TOKEN_EMBEDDING]))["weight"].astype(np.float32)
                     reader = decoder_feeds(calib, emb, ref.encode_images, facts)
                 parts.append(quantize_weight_only(part, fp32[part], out, precision, r, options.algorithm,
                                                   options.block_size, options.accuracy_level, reader))
@@ -189,6 +189,6 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
 
 
 def model_size(path: str | os.PathLike) -> int:
-    from .quantize import _model_bytes
+    from ..quant.quantize import model_bytes
 
-    return _model_bytes(Path(path))
+    return model_bytes(Path(path))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..core.layout import LANGUAGE, SequenceLayout
-from .base import VLM
+from ..models.base import VLM
 
 
 class TorchSession:

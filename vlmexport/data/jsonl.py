@@ -28,8 +28,7 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmexport.core.errors import DataError, ImageError
-
+from ..core.errors import DataError, ImageError
 from .synthetic import QA, Sample
 
 IMAGE_TAG = "<image>"

@@ -1,0 +1,142 @@
+"""Closed choices and canonical names, one place for every layer.
+
+``Part``, ``Format``, ``Precision`` and ``Backend`` are ``str`` enums: a member equals its
+value (``Part.TEXT_DECODER == "text_decoder"``), so manifests stay plain JSON and the CLI
+lists the choices in ``--help``. Precisions have one spelling per format in the bundle
+(``fp32`` for ONNX, ``f32`` for GGUF, as each tool names them); :func:`precision_in`
+maps what a user typed to the format's own spelling, and it is the only such table.
+
+Expert names: the visual expert of a decoder layer is spelled once per file format,
+here and nowhere else (ONNX node/initializer names: ``layers.N.vision.*``; GGUF tensors:
+``blk.N.vis_*``, as gguf-py's ``MODEL_TENSOR.VISEXP_*`` names them and llama.cpp's
+``cogvlm`` graph reads them).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from .errors import ConfigError
+
+
+class Part(str, Enum):
+    """The parts a model is split into (and the torch reference checkpoint)."""
+
+    VISION_ENCODER = "vision_encoder"
+    CONNECTOR = "connector"
+    TEXT_DECODER = "text_decoder"
+    TOKEN_EMBEDDING = "token_embedding"
+    MMPROJ = "mmproj"  # GGUF: vision encoder + connector in llama.cpp's projector file
+    MODEL = "model"  # the PyTorch reference checkpoint (format torch)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ONNX_PARTS = (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER, Part.TOKEN_EMBEDDING)
+GGUF_PARTS = (Part.TEXT_DECODER, Part.MMPROJ)
+
+
+class Format(str, Enum):
+    ONNX = "onnx"
+    GGUF = "gguf"
+    TORCH = "torch"  # the reference checkpoint copied into a bundle
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(str, Enum):
+    """Every precision a bundle artifact can have, in its format's own spelling."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_K_M = "q4_k_m"
+    Q4_0 = "q4_0"
+    REFERENCE = "reference"  # the torch reference checkpoint
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Device(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    LLAMACPP = "llamacpp"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# What a user may type (either spelling) -> the format's own spelling. The one table.
+PRECISION_NAMES: dict[str, dict[str, str]] = {
+    Format.ONNX: {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"},
+    Format.GGUF: {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
+                  "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"},
+}
+ONNX_FLOAT = (Precision.FP32, Precision.FP16)
+ONNX_QUANTIZED = (Precision.INT8, Precision.INT4)  # calibrated from fp32, gated against it
+GGUF_FLOAT = (Precision.F32, Precision.F16, Precision.BF16)
+GGUF_QUANTIZED = (Precision.Q8_0, Precision.Q4_K_M, Precision.Q4_0)  # llama.cpp's quantizer on the f16 file
+
+
+def precision_in(fmt: str, precision: str) -> str | None:
+    """``precision`` as ``fmt`` spells it, or None where the format has no such precision."""
+    return PRECISION_NAMES.get(Format(fmt), {}).get(str(precision))
+
+
+def parse_choice(enum: type[Enum], value: str, what: str) -> Enum:
+    """``value`` as a member of ``enum``, or a one-line error listing the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in enum)}") from None
+
+
+# ------------------------------------------------------------------ visual-expert names
+# Decoder roles of one expert and their GGUF tensor names: (language, visual expert).
+EXPERT_ROLES = ("qkv", "o", "gate", "up", "down")
+GGUF_EXPERT_TENSORS = {
+    "qkv": ("attn_qkv", "vis_attn_qkv"),
+    "o": ("attn_output", "vis_attn_output"),
+    "gate": ("ffn_gate", "vis_gate"),
+    "up": ("ffn_up", "vis_up"),
+    "down": ("ffn_down", "vis_down"),
+}
+_GGUF_VIS_TO_LANG = {vis: lang for lang, vis in GGUF_EXPERT_TENSORS.values()}
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+
+
+def onnx_is_visual_expert(name: str) -> bool:
+    """Whether an ONNX node or weight name belongs to the visual expert
+    (``layers.{i}.vision.*``; the language expert's are ``layers.{i}.language.*``)."""
+    return ".vision." in name
+
+
+def gguf_is_visual_expert(name: str) -> bool:
+    """Whether a GGUF tensor name (``blk.N.vis_down.weight``) belongs to the visual expert."""
+    return gguf_language_twin(name) is not None
+
+
+def gguf_language_twin(name: str) -> str | None:
+    """``blk.N.vis_down.weight`` -> ``blk.N.ffn_down.weight``; None for a non-expert tensor."""
+    m = _GGUF_BLOCK.fullmatch(name)
+    if not m or m[2] not in _GGUF_VIS_TO_LANG:
+        return None
+    return f"blk.{m[1]}.{_GGUF_VIS_TO_LANG[m[2]]}.weight"
