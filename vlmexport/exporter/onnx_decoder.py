@@ -61,7 +61,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -249,91 +249,110 @@ class _DecoderBuilder:
     # ------------------------------------------------------------------ graph
     def build(self, routed: bool) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         """Emit the nodes into ``self.g``; returns (graph inputs, graph outputs)."""
-        s, g, W = self.spec, self.g, self.weights
-        H, F = s.hidden_size, s.intermediate_size
-        c = g.const
+        s, W = self.spec, self.weights
         routed = routed and s.has_experts
+        pre = self._preliminaries()
+        route = self._router(routed)
+        presents: list[str] = []
+        h, x, m = self.rms_norm(pre["x"], W["layers.0.attn_norm.weight"], "layers.0.attn_norm"), pre["x"], None
+        for i in range(s.num_layers):
+            h, x, m = self._layer(i, h, x, route, pre, presents)
+        self._last_logits(pre, m, x)
+        return self.io(routed)
 
-        # ---- per-run preliminaries (all tiny)
-        x = g.op("Reshape", ["inputs_embeds", c([-1, H])], "embeds_2d")  # residual stream [N, H]
-        bs = g.op("Shape", ["position_ids"], "batch_seq")  # [B, S]
-        shape_bsd = g.op("Concat", [bs, c([-1])], "shape_bs_", axis=0)
-        seqlens = g.op("ReduceSum", ["attention_mask", c([1])], "mask_sum", keepdims=0)  # [B] valid slots
-        seqlens_k = g.op("Cast", [g.op("Sub", [seqlens, c(1)], "seqlens_minus_1")], "seqlens_k",
-                         to=TensorProto.INT32)
-        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"), c(1)], "total_len", axis=0)
-        total_i32 = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
+    def _preliminaries(self) -> dict[str, str]:
+        """Per-run values (all tiny): the residual stream, batch/sequence shapes, KV lengths."""
+        g, c, H = self.g, self.g.const, self.spec.hidden_size
+        pre = {"x": g.op("Reshape", ["inputs_embeds", c([-1, H])], "embeds_2d")}  # residual stream [N, H]
+        pre["bs"] = bs = g.op("Shape", ["position_ids"], "batch_seq")  # [B, S]
+        pre["shape_bsd"] = g.op("Concat", [bs, c([-1])], "shape_bs_", axis=0)
+        pre["seqlens"] = seqlens = g.op("ReduceSum", ["attention_mask", c([1])], "mask_sum", keepdims=0)  # [B]
+        pre["seqlens_k"] = g.op("Cast", [g.op("Sub", [seqlens, c(1)], "seqlens_minus_1")], "seqlens_k",
+                                to=TensorProto.INT32)
+        pre["total"] = total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"), c(1)], "total_len",
+                                    axis=0)
+        pre["total_i32"] = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
+        return pre
 
-        if routed:
-            tt = g.op("Reshape", ["token_type", c([-1])], "token_type_flat")
-            is_v = g.op("Equal", [tt, c(1)], "is_vision")
-            vidx = g.op("Reshape", [g.op("NonZero", [is_v], "vision_nonzero"), c([-1])], "vision_rows")
-            lidx = g.op("Reshape", [g.op("NonZero", [g.op("Not", [is_v], "is_language")], "language_nonzero"),
-                                    c([-1])], "language_rows")
-            perm = g.op("Concat", [lidx, vidx], "expert_order", axis=0)  # rows grouped by expert
-            n = g.op("Shape", [perm], "num_rows")
-            inv = g.op("ScatterND", [g.op("ConstantOfShape", [n], "zeros_rows",
-                                          value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
-                                     g.op("Unsqueeze", [perm, c([1])], "expert_order_2d"),
-                                     g.op("Range", [c(0), g.op("Squeeze", [n, c([0])], "n_scalar"), c(1)],
-                                          "arange_rows")],
-                       "inverse_order")  # inv[p] = where row p sits in the grouped order
-
-        def matmul(inp: str, key: str, name: str) -> str:
-            return g.op("MatMul", [inp, W[key]], name)
+    def _router(self, routed: bool) -> Callable[[str, str, int, Callable[[str, str], str]], str]:
+        """``route(h, block, i, f)``: f(rows, expert) on each expert's rows of h [N, in], put back in place."""
+        g, c = self.g, self.g.const
+        if not routed:
+            return lambda h, block, i, f: f(h, "language")
+        tt = g.op("Reshape", ["token_type", c([-1])], "token_type_flat")
+        is_v = g.op("Equal", [tt, c(1)], "is_vision")
+        vidx = g.op("Reshape", [g.op("NonZero", [is_v], "vision_nonzero"), c([-1])], "vision_rows")
+        lidx = g.op("Reshape", [g.op("NonZero", [g.op("Not", [is_v], "is_language")], "language_nonzero"),
+                                c([-1])], "language_rows")
+        perm = g.op("Concat", [lidx, vidx], "expert_order", axis=0)  # rows grouped by expert
+        n = g.op("Shape", [perm], "num_rows")
+        inv = g.op("ScatterND", [g.op("ConstantOfShape", [n], "zeros_rows",
+                                      value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+                                 g.op("Unsqueeze", [perm, c([1])], "expert_order_2d"),
+                                 g.op("Range", [c(0), g.op("Squeeze", [n, c([0])], "n_scalar"), c(1)],
+                                      "arange_rows")],
+                   "inverse_order")  # inv[p] = where row p sits in the grouped order
 
         def route(h: str, block: str, i: int, f) -> str:
-            """Run f(rows, expert) on each expert's rows of h [N, in] and put the results back in place."""
-            if not routed:
-                return f(h, "language")
             p = f"layers.{i}.{block}"
             hl = g.op("Gather", [h, lidx], f"{p}.language.rows", axis=0)
             hv = g.op("Gather", [h, vidx], f"{p}.vision.rows", axis=0)
             grouped = g.op("Concat", [f(hl, "language"), f(hv, "vision")], f"{p}.grouped", axis=0)
             return g.op("Gather", [grouped, inv], f"{p}.scatter", axis=0)
 
-        def mlp(i: int):
-            def f(h: str, e: str) -> str:
-                p = f"layers.{i}.{e}.mlp"
-                gate = matmul(h, f"layers.{i}.{e}.gate.weight", f"{p}.gate")
-                up = matmul(h, f"layers.{i}.{e}.up.weight", f"{p}.up")
-                act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.sigmoid")], f"{p}.silu")
-                return matmul(g.op("Mul", [act, up], f"{p}.act_mul"), f"layers.{i}.{e}.down.weight", f"{p}.down")
-            return f
+        return route
 
-        def proj(i: int, role: str):
-            return lambda h, e: matmul(h, f"layers.{i}.{e}.{role}.weight", f"layers.{i}.{e}.{role}")
+    def _matmul(self, inp: str, key: str, name: str) -> str:
+        return self.g.op("MatMul", [inp, self.weights[key]], name)
 
-        presents: list[str] = []
-        h = self.rms_norm(x, W["layers.0.attn_norm.weight"], "layers.0.attn_norm")
-        m = None
-        for i in range(s.num_layers):
-            p = f"layers.{i}"
-            qkv = route(h, "qkv", i, proj(i, "qkv"))
-            qkv = g.op("Reshape", [qkv, shape_bsd], f"{p}.qkv_3d")
-            q, k, v = g.op("Split", [qkv, c([self.q_out, self.kv_out, self.kv_out])], f"{p}.qkv_split",
-                           outputs=3, axis=-1)
-            rope = dict(domain=MS_DOMAIN, interleaved=0)
-            q = g.op("RotaryEmbedding", [q, "position_ids", W["rope.cos"], W["rope.sin"]], f"{p}.rope_q",
-                     num_heads=s.num_heads, **rope)
-            k = g.op("RotaryEmbedding", [k, "position_ids", W["rope.cos"], W["rope.sin"]], f"{p}.rope_k",
-                     num_heads=s.num_kv_heads, **rope)
-            pk, pv = f"present.{i}.key", f"present.{i}.value"
-            attn, _, _ = g.op("GroupQueryAttention",
-                        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_i32],
-                        f"{p}.attn", outputs=[f"{p}.attn/out", pk, pv], domain=MS_DOMAIN,
-                        num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=0)
-            presents += [pk, pv]
-            attn = g.op("Reshape", [attn, c([-1, self.q_out])], f"{p}.attn_2d")
-            o = route(attn, "o", i, proj(i, "o"))
-            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [o, x, W[f"{p}.ffn_norm.weight"]],
-                              f"{p}.ffn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
-            m = route(h, "mlp", i, mlp(i))
-            if i + 1 < s.num_layers:
-                h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [m, x, W[f"layers.{i + 1}.attn_norm.weight"]],
-                                  f"layers.{i + 1}.attn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
+    def _mlp(self, i: int) -> Callable[[str, str], str]:
+        g = self.g
 
-        # ---- logits of each row's last valid position: row b, index max(seqlens_k[b] - (total - S), 0)
+        def f(h: str, e: str) -> str:
+            p = f"layers.{i}.{e}.mlp"
+            gate = self._matmul(h, f"layers.{i}.{e}.gate.weight", f"{p}.gate")
+            up = self._matmul(h, f"layers.{i}.{e}.up.weight", f"{p}.up")
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.sigmoid")], f"{p}.silu")
+            return self._matmul(g.op("Mul", [act, up], f"{p}.act_mul"), f"layers.{i}.{e}.down.weight", f"{p}.down")
+        return f
+
+    def _proj(self, i: int, role: str) -> Callable[[str, str], str]:
+        return lambda h, e: self._matmul(h, f"layers.{i}.{e}.{role}.weight", f"layers.{i}.{e}.{role}")
+
+    def _layer(self, i: int, h: str, x: str, route, pre: dict[str, str], presents: list[str]) -> tuple[str, str, str]:
+        """One decoder layer: (normed input, residual) -> (next normed input, residual, mlp output)."""
+        s, g, W, c = self.spec, self.g, self.weights, self.g.const
+        p = f"layers.{i}"
+        qkv = route(h, "qkv", i, self._proj(i, "qkv"))
+        qkv = g.op("Reshape", [qkv, pre["shape_bsd"]], f"{p}.qkv_3d")
+        q, k, v = g.op("Split", [qkv, c([self.q_out, self.kv_out, self.kv_out])], f"{p}.qkv_split",
+                       outputs=3, axis=-1)
+        rope = dict(domain=MS_DOMAIN, interleaved=0)
+        q = g.op("RotaryEmbedding", [q, "position_ids", W["rope.cos"], W["rope.sin"]], f"{p}.rope_q",
+                 num_heads=s.num_heads, **rope)
+        k = g.op("RotaryEmbedding", [k, "position_ids", W["rope.cos"], W["rope.sin"]], f"{p}.rope_k",
+                 num_heads=s.num_kv_heads, **rope)
+        pk, pv = f"present.{i}.key", f"present.{i}.value"
+        attn, _, _ = g.op("GroupQueryAttention",
+                          [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", pre["seqlens_k"],
+                           pre["total_i32"]],
+                          f"{p}.attn", outputs=[f"{p}.attn/out", pk, pv], domain=MS_DOMAIN,
+                          num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=0)
+        presents += [pk, pv]
+        attn = g.op("Reshape", [attn, c([-1, self.q_out])], f"{p}.attn_2d")
+        o = route(attn, "o", i, self._proj(i, "o"))
+        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [o, x, W[f"{p}.ffn_norm.weight"]],
+                          f"{p}.ffn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
+        m = route(h, "mlp", i, self._mlp(i))
+        if i + 1 < s.num_layers:
+            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [m, x, W[f"layers.{i + 1}.attn_norm.weight"]],
+                              f"layers.{i + 1}.attn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
+        return h, x, m
+
+    def _last_logits(self, pre: dict[str, str], m: str, x: str) -> None:
+        """Logits of each row's last valid position: row b, index max(seqlens_k[b] - (total - S), 0)."""
+        g, c, W, s = self.g, self.g.const, self.weights, self.spec
+        bs, seqlens, total = pre["bs"], pre["seqlens"], pre["total"]
         seq = g.op("Gather", [bs, c(1)], "seq_len", axis=0)
         last = g.op("Max", [g.op("Sub", [g.op("Sub", [seqlens, c(1)], "last_slot"),
                                          g.op("Sub", [total, seq], "past_len")], "last_in_seq"), c(0)],
@@ -345,11 +364,10 @@ class _DecoderBuilder:
         x_last = g.op("Gather", [x, rows], "last_residual", axis=0)
         hf, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [m_last, x_last, W["final_norm.weight"]],
                            "final_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
-        logits = matmul(hf, "lm_head.weight", "lm_head")
+        logits = self._matmul(hf, "lm_head.weight", "lm_head")
         if self.dtype != np.float32:
             logits = g.op("Cast", [logits], "logits_fp32", to=TensorProto.FLOAT)
         g.op("Reshape", [logits, c([0, 1, -1])], "logits_3d", outputs=["logits"])
-        return self.io(routed)
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
         """``weight * x / sqrt(mean(x^2) + eps)`` in float32, as plain ops (onnxruntime fuses the pattern into

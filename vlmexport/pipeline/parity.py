@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 
@@ -135,6 +135,22 @@ def _largest_diff(actual: np.ndarray, reference: np.ndarray) -> tuple[float, tup
 ReferenceFn = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
+class _Run:
+    """The results of one part's checks so far; ``fail`` records the failed check and raises."""
+
+    def __init__(self, part: str, precision: str, onnx_path: str | os.PathLike):
+        self.part, self.precision = part, precision
+        self.where = f"{part} ({precision}, {os.fspath(onnx_path)})"
+        self.results: list[CheckResult] = []
+
+    def record(self, check: str, passed: bool, diff: float | None = None, bound: float | None = None) -> None:
+        self.results.append(CheckResult(self.part, self.precision, check, diff, bound, passed))
+
+    def fail(self, check: str, message: str, diff: float | None = None, bound: float | None = None) -> NoReturn:
+        self.record(check, False, diff, bound)
+        raise ValidationError(f"{self.where}: {message}", self.results)
+
+
 def validate_part(onnx_path: str | os.PathLike, reference_fn: ReferenceFn,
                   inputs: Mapping[str, np.ndarray], expected_outputs: Sequence[str],
                   dynamic_axes: Mapping[str, Mapping[int, str]], precision: str, part: str,
@@ -147,39 +163,55 @@ def validate_part(onnx_path: str | os.PathLike, reference_fn: ReferenceFn,
     ``{io name: {axis index: axis name}}`` (``ExportedGraph.dynamic_axes``).
     ``tolerance`` overrides the precision's default.
     """
-    tol = tolerance or tolerance_for(precision)
-    results: list[CheckResult] = []
-    where = f"{part} ({precision}, {os.fspath(onnx_path)})"
-
-    def record(check: str, passed: bool, diff: float | None = None, bound: float | None = None) -> None:
-        results.append(CheckResult(part, precision, check, diff, bound, passed))
-
-    def fail(check: str, message: str, diff: float | None = None, bound: float | None = None) -> None:
-        record(check, False, diff, bound)
-        raise ValidationError(f"{where}: {message}", results)
-
+    run = _Run(part, precision, onnx_path)
     sess = _session(onnx_path, providers, threads)
     feeds = {k: np.asarray(v) for k, v in inputs.items()}
 
     # 1. output names
     names = [o.name for o in sess.get_outputs()]
     if names != list(expected_outputs):
-        fail("output_names", f"the graph's outputs are {names} but {list(expected_outputs)} were expected; "
-                             "re-export the part")
-    record("output_names", True)
-
+        run.fail("output_names", f"the graph's outputs are {names} but {list(expected_outputs)} were expected; "
+                                 "re-export the part")
+    run.record("output_names", True)
     # 2. dynamic axes: declared as dim_param, and the graph runs with two sizes of each
-    graph_shapes = _declared_shapes(onnx_path)
+    _check_declared_axes(run, _declared_shapes(onnx_path), dynamic_axes)
+    _check_axes_run(run, sess, names, feeds, dynamic_axes)
+    run.record("dynamic_axes", True)
+    # 3. shapes
+    try:
+        actual = dict(zip(names, sess.run(None, feeds)))
+    except Exception as exc:  # onnxruntime raises several types
+        run.fail("shapes", f"onnxruntime cannot run the graph on the validation inputs: {str(exc).splitlines()[0]}")
+    reference = {k: np.asarray(v) for k, v in reference_fn(dict(feeds)).items()}
+    for name in expected_outputs:
+        if name not in reference:
+            run.fail("shapes", f"the PyTorch reference returned no output {name!r} (it returned {sorted(reference)})")
+        if actual[name].shape != reference[name].shape:
+            run.fail("shapes", f"output {name} has shape {list(actual[name].shape)} but the PyTorch reference has "
+                               f"{list(reference[name].shape)}")
+    run.record("shapes", True)
+    # 4. values
+    _check_values(run, actual, reference, expected_outputs, tolerance or tolerance_for(precision))
+    return run.results
+
+
+def _check_declared_axes(run: _Run, graph_shapes: Mapping[str, list], dynamic_axes: Mapping[str, Mapping[int, str]]
+                         ) -> None:
     for io_name, axes in dynamic_axes.items():
         if io_name not in graph_shapes:
-            fail("dynamic_axes", f"dynamic axes are declared for {io_name!r}, which is no input or output of the "
-                                 f"graph ({sorted(graph_shapes)})")
+            run.fail("dynamic_axes", f"dynamic axes are declared for {io_name!r}, which is no input or output of the "
+                                     f"graph ({sorted(graph_shapes)})")
         shape = graph_shapes[io_name]
         for axis, axis_name in axes.items():
             if not -len(shape) <= axis < len(shape) or shape[axis] != axis_name:
                 got = shape[axis] if -len(shape) <= axis < len(shape) else "no such axis"
-                fail("dynamic_axes", f"{io_name} axis {axis} should be the dynamic axis {axis_name!r} but the graph "
-                                     f"declares {got!r} (shape {shape}); export it with that axis dynamic")
+                run.fail("dynamic_axes", f"{io_name} axis {axis} should be the dynamic axis {axis_name!r} but the "
+                                         f"graph declares {got!r} (shape {shape}); export it with that axis dynamic")
+
+
+def _check_axes_run(run: _Run, sess, names: list[str], feeds: dict[str, np.ndarray],
+                    dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Run with two other sizes of every dynamic input axis; outputs sharing the axis name must follow."""
     by_name: dict[str, list[tuple[str, int]]] = {}
     for io_name, axes in dynamic_axes.items():
         for axis, axis_name in axes.items():
@@ -196,28 +228,15 @@ def validate_part(onnx_path: str | os.PathLike, reference_fn: ReferenceFn,
             try:
                 outs = dict(zip(names, sess.run(None, trial)))
             except Exception as exc:  # onnxruntime raises several types
-                fail("dynamic_axes", f"running with {axis_name}={size} failed: {str(exc).splitlines()[0]}")
+                run.fail("dynamic_axes", f"running with {axis_name}={size} failed: {str(exc).splitlines()[0]}")
             for n, a in uses:
                 if n in outs and outs[n].shape[a] != size:
-                    fail("dynamic_axes", f"with {axis_name}={size} output {n} has shape {list(outs[n].shape)}; "
-                                         f"axis {a} should follow {axis_name}")
-    record("dynamic_axes", True)
+                    run.fail("dynamic_axes", f"with {axis_name}={size} output {n} has shape {list(outs[n].shape)}; "
+                                             f"axis {a} should follow {axis_name}")
 
-    # 3. shapes
-    try:
-        actual = dict(zip(names, sess.run(None, feeds)))
-    except Exception as exc:
-        fail("shapes", f"onnxruntime cannot run the graph on the validation inputs: {str(exc).splitlines()[0]}")
-    reference = {k: np.asarray(v) for k, v in reference_fn(dict(feeds)).items()}
-    for name in expected_outputs:
-        if name not in reference:
-            fail("shapes", f"the PyTorch reference returned no output {name!r} (it returned {sorted(reference)})")
-        if actual[name].shape != reference[name].shape:
-            fail("shapes", f"output {name} has shape {list(actual[name].shape)} but the PyTorch reference has "
-                           f"{list(reference[name].shape)}")
-    record("shapes", True)
 
-    # 4. values
+def _check_values(run: _Run, actual: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                  expected_outputs: Sequence[str], tol: Tolerance) -> None:
     worst_diff, worst_bound = 0.0, 0.0
     for name in expected_outputs:
         ref = reference[name].astype(np.float32)
@@ -226,8 +245,7 @@ def validate_part(onnx_path: str | os.PathLike, reference_fn: ReferenceFn,
         worst_diff, worst_bound = max(worst_diff, diff), max(worst_bound, bound)
         if not diff <= bound:
             got = actual[name][index]
-            fail("values", f"output {name} differs from the PyTorch reference by {diff:.6g} at index {list(index)} "
-                           f"(onnx {float(got):.6g}, reference {float(ref[index]):.6g}); tolerance {bound:.6g} "
-                           f"({tol.describe()})", diff, bound)
-    record("values", True, worst_diff, worst_bound)
-    return results
+            run.fail("values", f"output {name} differs from the PyTorch reference by {diff:.6g} at index "
+                               f"{list(index)} (onnx {float(got):.6g}, reference {float(ref[index]):.6g}); "
+                               f"tolerance {bound:.6g} ({tol.describe()})", diff, bound)
+    run.record("values", True, worst_diff, worst_bound)
