@@ -15,6 +15,14 @@ deliberate differences, each marked ``DELIBERATE`` below:
    llama.cpp's ViT appends CLS *after* the patches, the original puts it first;
 3. ``clip.use_gelu`` follows the vision activation (``true`` for EVA-CLIP's GELU);
    without it llama.cpp's ViT runs quick-GELU.
+4. the ``mlp`` (LLaVA) mmproj has no CLS token (no ``v.class_embd``, no CLS position row).
+   Its converter is llama.cpp's legacy ``convert_image_encoder_to_gguf.py`` (``convert_hf_to_gguf.py
+   --mmproj`` rejects CLIP towers); llama.cpp 0.3.36 runs that converter's file with every
+   patch on its neighbour's position row, the first patch dropped and CLS handed to the LLM
+   (upstream issue 25814), and one ViT block short (issue 25817). Without CLS the graph keeps
+   the patches in order; the remaining difference (no CLS in the ViT's attention) is measured
+   by the build and recorded. Like that converter, the mmproj states its feature layers
+   (``clip.vision.feature_layer``) and holds only the blocks up to the deepest one.
 
 Streaming: every tensor's name, shape and type are planned from the checkpoint header,
 then header, metadata and tensor infos are written, then the tensor data one tensor at a
@@ -89,20 +97,27 @@ class _Projector:
     norm_placement: str  # the ViT block form of that projector's graph
     # DELIBERATE (2): llama.cpp's ViT for this projector appends CLS after the patches
     cls_last: bool
-    known_issue: str = ""  # a llama.cpp behaviour that keeps the GGUF from reproducing the model
+    # DELIBERATE (4): write no CLS token (and no CLS position row), so that the graph's patch
+    # selection keeps the patches in order; the ViT then runs without CLS (a recorded deviation)
+    drop_cls: bool = False
+    known_issue: str = ""  # what llama.cpp runs instead of the model, when it cannot run the model
 
 
 # connector kind (ConnectorSpec.kind) -> llama.cpp projector. "mlp" is llama.cpp's
 # PROJECTOR_TYPE_MLP name (tools/mtmd/clip-impl.h); gguf-py has no constant for it.
 _PROJECTORS = {
     "glu": _Projector(gguf.VisionProjectorType.COGVLM, "post", cls_last=True),  # tools/mtmd/models/cogvlm.cpp
-    # tools/mtmd/models/llava.cpp concatenates CLS after the patches and then keeps embedding rows
-    # 1..n ("patches" input in clip.cpp), i.e. it drops the first patch and keeps CLS; measured
-    # with llama-cpp-python 0.3.36 (tests/runtimes/test_llamacpp_backend.py asserts it, so a fix
-    # upstream shows).
-    "mlp": _Projector("mlp", "pre", cls_last=True, known_issue=(
-        "gguf: llama.cpp's mlp (llava) projector returns patches 2..n followed by the CLS token instead of "
-        "patches 1..n (tools/mtmd/models/llava.cpp), so GGUF image embeddings differ from the reference")),
+    # tools/mtmd/models/llava.cpp concatenates CLS *after* the patches, then adds position rows
+    # 0..n in order and keeps sequence rows 1..n ("positions" / "patches" inputs in clip.cpp):
+    # with a CLS token, the first patch is dropped and CLS is handed to the LLM as an image token
+    # (upstream llama.cpp issue 25814; measured with llama-cpp-python 0.3.36, also on a file written
+    # by llama.cpp's own legacy converter). Without a CLS tensor the graph keeps every patch in
+    # order, so the mmproj is written without it: what still differs is that the ViT runs without
+    # the CLS token, which the build measures (tests/exporter/test_gguf_llava.py).
+    "mlp": _Projector("mlp", "pre", cls_last=False, drop_cls=True, known_issue=(
+        "gguf: llama.cpp's llava (mlp) graph cannot place the CLS token (it appends it after the patches and "
+        "then drops the first patch); the mmproj is written without CLS, so llama.cpp's ViT runs on the patches "
+        "alone")),
 }
 _FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # KEY_FEATURE_LAYERS in tools/mtmd/clip-impl.h
 
@@ -210,12 +225,14 @@ class _Planner:
         self.names = set(src.tensors.keys())
 
     def add(self, key: Any, source: str, bid: int | None = None, suffix: str = ".weight",
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "") -> None:
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "",
+            shape: tuple[int, ...] | None = None) -> None:
+        """``shape``: the stored shape when ``transform`` changes it (else the checkpoint's)."""
         name = _tensor_name(self.arch, key, bid, suffix)
         if source not in self.names:
             raise ConfigError(f"{self.src.path}: the checkpoint has no tensor {source} (needed for GGUF {name}); "
                               "it is incomplete or of another architecture")
-        shape = tuple(self.src.tensors.shape(source))
+        shape = tuple(shape or self.src.tensors.shape(source))
         self.out.append(PlannedTensor(name, source, shape, _qtype(name, len(shape), self.outtype, self.mmproj),
                                       transform, note))
 
@@ -307,13 +324,39 @@ def projector_for(specs: PartSpecs) -> _Projector:
                           f"{list(v.feature_layers)}")
     if c.kind == "mlp" and c.activation != "gelu":
         raise ConfigError(f"llama.cpp's mlp projector applies GELU; this model's projector uses {c.activation!r}")
+    if c.kind == "mlp" and list(v.feature_layers) != sorted(set(v.feature_layers)):
+        raise ConfigError(f"llama.cpp stacks the ViT feature layers in increasing order; this model reads "
+                          f"{list(v.feature_layers)} (unsorted or repeated), so it cannot be exported to GGUF")
     return proj
+
+
+def vit_blocks(specs: PartSpecs) -> int:
+    """ViT blocks the mmproj holds (``clip.vision.block_count``): the mlp projector reads an
+    explicit feature layer, so the blocks after the deepest one are not written (as llama.cpp's
+    llava converter does); the cogvlm graph runs every block."""
+    v = specs.vision
+    return v.layers_used if projector_for(specs).projector_type == "mlp" else v.num_layers
+
+
+def _swap_ffn_names(specs: PartSpecs) -> bool:
+    """llama.cpp swaps a ViT block's ffn_up / ffn_down when ffn_down's input width equals the
+    embedding width (``is_ffn_swapped`` in tools/mtmd/clip.cpp: files from the legacy llava
+    converter name fc1 ffn_down). For the mlp projector with intermediate_size == hidden_size
+    that test fires on correctly named files too, so they are written in the legacy naming,
+    which the swap then undoes."""
+    v = specs.vision
+    return projector_for(specs).projector_type == "mlp" and v.intermediate_size == v.hidden_size
 
 
 def _reorder_cls_last(w: torch.Tensor) -> torch.Tensor:
     # DELIBERATE (2): original rows 1..n (the patches) first, then row 0 (CLS), matching
     # llama.cpp's ViT, which concatenates CLS after the patches and then adds the rows in order.
     return torch.cat((w[1:], w[:1]), dim=0)
+
+
+def _drop_cls_row(w: torch.Tensor) -> torch.Tensor:
+    # DELIBERATE (4): the patch rows 1..n only (no CLS token in the file)
+    return w[1:]
 
 
 def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
@@ -337,20 +380,27 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
             p.add(MT.V_MMPROJ, c.weights[role], bid)
             if role + "_bias" in c.weights:
                 p.add(MT.V_MMPROJ, c.weights[role + "_bias"], bid, suffix=".bias")
-    p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
     rows = v.num_patches + 1
-    if tuple(src.tensors.shape(v.positions))[0] != rows:
-        raise ConfigError(f"{src.path}: {v.positions} has {src.tensors.shape(v.positions)[0]} rows, expected "
+    pos_shape = tuple(src.tensors.shape(v.positions))
+    if pos_shape[0] != rows:
+        raise ConfigError(f"{src.path}: {v.positions} has {pos_shape[0]} rows, expected "
                           f"{rows} (CLS + {v.num_patches} patches)")
-    p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
-          note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
+    if proj.drop_cls:  # DELIBERATE (4)
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_drop_cls_row, shape=(rows - 1, *pos_shape[1:]),
+              note="CLS row dropped (no CLS token: llama.cpp's llava graph would drop the first patch)")
+    else:
+        p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
+              note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
     if v.patch_bias is not None:
         p.add(MT.V_ENC_EMBD_PATCH, v.patch_bias, suffix=".bias")
     p.add(MT.V_ENC_EMBD_PATCH, v.patch_weight)
     if v.pre_norm is not None:
         p.add(MT.V_PRE_NORM, v.pre_norm[0])
         p.add(MT.V_PRE_NORM, v.pre_norm[1], suffix=".bias")
-    for i in range(v.num_layers):
+    up, down = (MT.V_ENC_FFN_DOWN, MT.V_ENC_FFN_UP) if _swap_ffn_names(src.specs) else (MT.V_ENC_FFN_UP,
+                                                                                      MT.V_ENC_FFN_DOWN)
+    for i in range(vit_blocks(src.specs)):
         f = lambda s: s.format(i=i)  # noqa: E731
         p.add_with_bias(MT.V_ENC_ATTN_O, f(v.o), i)
         if isinstance(v.qkv, str):
@@ -359,8 +409,8 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
             for key, n in zip((MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V), v.qkv):
                 p.add_with_bias(key, f(n), i)
         p.add_with_bias(MT.V_ENC_INPUT_NORM, f(v.norm1), i)
-        p.add_with_bias(MT.V_ENC_FFN_UP, f(v.fc1), i)
-        p.add_with_bias(MT.V_ENC_FFN_DOWN, f(v.fc2), i)
+        p.add_with_bias(up, f(v.fc1), i)
+        p.add_with_bias(down, f(v.fc2), i)
         p.add_with_bias(MT.V_ENC_POST_ATTN_NORM, f(v.norm2), i)
     return p.out
 
@@ -438,7 +488,7 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
     w.add_vision_patch_size(v.patch_size)
     w.add_vision_embedding_length(v.hidden_size)
     w.add_vision_feed_forward_length(v.intermediate_size)
-    w.add_vision_block_count(v.num_layers)
+    w.add_vision_block_count(vit_blocks(src.specs))
     w.add_vision_head_count(v.num_heads)
     w.add_vision_image_mean(list(pre.image_mean))
     w.add_vision_image_std(list(pre.image_std))
@@ -450,9 +500,11 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
         w.add_vision_use_gelu(True)
     elif v.activation == "silu":
         w.add_vision_use_silu(True)
-    # llama.cpp's llava graph defaults to the output of layer n-1 (hidden_states[-2]); other
-    # feature layers are given explicitly (indices into [embeddings, layer 1, ..., layer n]).
-    if proj.projector_type == "mlp" and tuple(v.feature_layers) != (v.num_layers - 1,):
+    # The feature layers, always explicit (indices into [embeddings, layer 1, ..., layer n]), as
+    # llama.cpp's llava converter writes them from vision_feature_layer: without the key the
+    # llava graph runs block_count - 1 blocks (upstream issue 25817 proposes block_count), so an
+    # implicit default would change meaning with the llama.cpp version.
+    if proj.projector_type == "mlp":
         w.add_array(_FEATURE_LAYER_KEY, [int(x) for x in v.feature_layers])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
