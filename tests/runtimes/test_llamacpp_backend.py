@@ -263,19 +263,31 @@ def test_reset_and_context_limits(cog, exact_session):
 
 
 @pytest.mark.llamacpp
-def test_hf_cogvlm_layouts_run_with_a_warning(cog, exact_session, caplog):
-    """llama.cpp accepts repeated position ids, but routes eoi to the visual expert: warn once."""
+def test_hf_cogvlm_layouts_run_in_llama_cpps_semantics_with_a_warning(cog, exact_session, caplog):
+    """An hf_cogvlm layout (repeated image positions, eoi on the language expert) runs as llama.cpp's
+    own cogvlm semantics (sequential positions, boi..eoi on the visual expert), decode positions
+    included, with one warning that says so; not the third semantics that repeated positions give
+    llama.cpp's position-based mask."""
     model, _ = cog
-    lay = build_layout([TextPiece((1, 5)), ImagePiece(model.image_tokens()), TextPiece((6, 7))], "hf_cogvlm",
-                       "hf_cogvlm")
-    emb = np.zeros((1, model.image_tokens(), model.config.hidden_size), np.float32)
+    pieces = [TextPiece((1, 5)), ImagePiece(model.image_tokens()), TextPiece((6, 7))]
+    lay = build_layout(pieces, "hf_cogvlm", "hf_cogvlm")
+    runs = build_layout(pieces, *lb.LLAMA_CPP_SEMANTICS)
+    assert lay.next_position < len(lay) and runs.next_position == len(runs)
+    emb = np.random.default_rng(3).normal(size=(1, model.image_tokens(), model.config.hidden_size)).astype(np.float32)
+    ref = torch_session(model)
     s = exact_session
     s._warned_routing = False
     with caplog.at_level(logging.WARNING, logger=lb.__name__):
-        assert np.isfinite(s.prefill(lay, emb)).all()
+        got = [s.prefill(lay, emb), s.decode(9, lay.next_position), s.decode(10, lay.next_position + 1)]
         s.prefill(lay, emb)
+    want = [ref.prefill(runs, emb), ref.decode(9, runs.next_position), ref.decode(10, runs.next_position + 1)]
+    for a, b in zip(got, want):
+        assert rel(a, b) < EXACT_RTOL
+    assert rel(got[0], ref.prefill(lay, emb)) > 10 * EXACT_RTOL  # and that is not the hf_cogvlm reference
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "1 position(s)" in caplog.records[0].message
+    msg = caplog.records[0].message
+    assert "llama.cpp runs its own semantics" in msg and "1 routed to the other expert" in msg
+    assert f"{int((lay.position_ids != np.arange(len(lay))).sum())} position(s) on another position id" in msg
 
 
 @pytest.mark.llamacpp

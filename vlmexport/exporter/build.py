@@ -24,6 +24,7 @@ from ..models.spec import PartSpecs
 from ..runtimes.torch_backend import CHAT_TEMPLATE
 from .onnx_decoder import export_text_decoder, export_token_embedding
 from .onnx_vision import export_connector, export_vision_encoder
+from .validate import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -357,10 +358,15 @@ class BuildResult:
 def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] = ("onnx",),
           precisions: Sequence[str] = ("fp32", "fp16"), reference: bool = True, validate: bool = True,
           e2e_prompts: int = 50, progress: Progress = lambda s: None, imatrix_pairs: int = 64,
-          quant=None) -> BuildResult:
+          quant=None, allow_deviations: bool = False) -> BuildResult:
     """Build a bundle from a model directory (default: the shipped demo model).
 
-    ``quant`` (a :class:`vlmexport.quant.api.QuantOptions`) configures the int8/int4 ONNX parts."""
+    ``quant`` (a :class:`vlmexport.quant.api.QuantOptions`) configures the int8/int4 ONNX parts.
+    A format that cannot run the model as it is (a GGUF of ``hf_cogvlm`` semantics, llama.cpp's
+    llava projector) is refused before any work unless ``allow_deviations``; then it is built,
+    what it runs is measured against PyTorch and recorded (manifest and model card). A format
+    that fails validation is left out of the bundle and the others are kept: the bundle is
+    written and :class:`PartialBuildError` then says what was left out."""
     from ..assets import demo_model_dir
 
     t0 = time.perf_counter()
@@ -370,6 +376,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     plan = precisions_for(formats, precisions)
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
+    deviations = planned_deviations(src, plan, allow_deviations)
     with BundleWriter(out) as w:
         write_common_files(src, w)
         parts: list[ExportedPart] = []
@@ -385,11 +392,8 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
                 parts += q_parts
                 w.set_section("calibration", q_section)
         if "gguf" in plan:
-            gguf_parts, deviations = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
+            gguf_parts, _ = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
             parts += gguf_parts
-            for d in deviations:
-                w.add_semantics_deviation(d)
-        add_artifacts(w, parts)
         report: dict = {"skipped": True}
         if validate:
             from .validate_bundle import validate_exports
@@ -398,6 +402,67 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (
                 p.format == "onnx" and p.precision in ONNX_QUANT_PRECISIONS)], e2e_prompts,
                                       progress)
+        parts, dropped = drop_failed_formats(report, parts, w.root)
+        for fmt, what in deviations.items():
+            if fmt not in dropped:
+                w.add_semantics_deviation(deviation_record(fmt, what, report if validate else None))
+        add_artifacts(w, parts)
         w.set_section("validation", report)
         progress("package")
+    if dropped:
+        raise PartialBuildError(f"{', '.join(dropped)} failed validation and {'was' if len(dropped) == 1 else 'were'} "
+                                f"left out of the bundle written to {out} ({report['failed'][0]['error']}); the "
+                                f"manifest records the failure: fix it and rebuild, or build without that format")
     return BuildResult(Path(out), parts, report, time.perf_counter() - t0, q_section)
+
+
+class PartialBuildError(ValidationError):
+    """A format failed validation: the bundle was written with the formats that passed."""
+
+
+class DeviationRefused(ConfigError):
+    """A requested format cannot run the model as it is, and ``allow_deviations`` was not given."""
+
+
+def planned_deviations(src: SourceModel, plan: dict, allow: bool) -> dict[str, list[str]]:
+    """{format: what it runs differently from the model}, decided before any work: a refusal
+    naming why and the flag that builds it anyway, unless ``allow``."""
+    from .gguf import gguf_deviations
+
+    found = {"gguf": gguf_deviations(src.specs, src.config)} if "gguf" in plan else {}
+    found = {f: d for f, d in found.items() if d}
+    if found and not allow:
+        what = "; ".join(d.removeprefix(f"{f}: ") for f, ds in found.items() for d in ds)
+        raise DeviationRefused(f"{src.path}: {' and '.join(found)} cannot run this model as it is ({what}); build it "
+                               f"anyway with --allow-deviations (the deviation is then measured against PyTorch and "
+                               f"recorded in the manifest and the model card), or leave {' and '.join(found)} out "
+                               f"of --format")
+    return found
+
+
+def deviation_record(fmt: str, what: Sequence[str], report: dict | None) -> dict:
+    """The manifest's ``semantics_deviations`` entry for ``fmt``: what differs and, when the build
+    validated, what was measured (per precision, against PyTorch)."""
+    measured = [m for m in (report or {}).get("deviations", []) if m.get("format") == fmt]
+    return {"format": fmt, "what": list(what),
+            "measured": measured or "not measured: built with --no-validate"}
+
+
+def drop_failed_formats(report: dict, parts: list[ExportedPart], root: Path) -> tuple[list[ExportedPart], list[str]]:
+    """Leave every format with a failed validation out of the bundle (its files deleted), keep the
+    others; the failure stays in the report. Raises the first failure when nothing would be left."""
+    failed = sorted({f["format"] for f in report.get("failed", [])})
+    if not failed:
+        return parts, []
+    kept = [p for p in parts if p.format not in failed]
+    if not [p for p in kept if p.format in FORMATS]:
+        raise ValidationError(report["failed"][0]["error"])
+    keep_files = {f for p in kept for f in (p.file, *p.data_files)}
+    for p in parts:
+        if p.format in failed:
+            for f in (p.file, *p.data_files):
+                if f not in keep_files:
+                    (root / f).unlink(missing_ok=True)
+    for f in report["failed"]:
+        f["left_out_of_bundle"] = True
+    return kept, failed

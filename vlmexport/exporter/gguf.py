@@ -574,15 +574,26 @@ def write_mmproj_gguf(src: GGUFSource, path: str | os.PathLike, outtype: str = "
 
 # ------------------------------------------------------------------------ semantics
 def semantics_deviations(config: VLMConfig) -> list[str]:
-    """What llama.cpp cannot reproduce of this model's routing / position semantics."""
+    """What llama.cpp cannot reproduce of this model's routing / position semantics, and what it
+    runs instead (the llamacpp backend runs a layout in llama.cpp's semantics)."""
     notes = []
     if config.expert_routing != ExpertRouting.IMAGE_CHUNK.value:
-        notes.append(f"gguf: llama.cpp routes every image position (boi..eoi) to the visual expert; this model's "
-                     f"expert_routing is {config.expert_routing!r}, so GGUF outputs differ from the reference")
+        notes.append(f"gguf: llama.cpp routes every image position (boi..eoi) to the visual expert (its cogvlm "
+                     f"semantics); this model's expert_routing is {config.expert_routing!r}, so GGUF outputs "
+                     f"differ from the reference")
     if config.position_ids != PositionIds.SEQUENTIAL.value:
-        notes.append(f"gguf: llama.cpp's multimodal prompt gives every image token its own position; this model's "
-                     f"position_ids are {config.position_ids!r}, so GGUF outputs differ from the reference")
+        notes.append(f"gguf: llama.cpp's causal mask compares position ids, so it is run with one position per "
+                     f"token (image tokens included); this model's position_ids are {config.position_ids!r}, so "
+                     f"GGUF outputs differ from the reference")
     return notes
+
+
+def gguf_deviations(specs: PartSpecs, config: VLMConfig) -> list[str]:
+    """Everything a GGUF export of this model runs differently from the model, known before any
+    file is written (``vlmexport build`` refuses them unless told to measure and record them)."""
+    notes = semantics_deviations(config)
+    issue = projector_for(specs).known_issue
+    return notes + ([issue] if issue else [])
 
 
 # --------------------------------------------------------------------------- export
@@ -611,16 +622,14 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, outtyp
                 name: str = "model", tensors: TensorSource | None = None) -> GGUFExport:
     """Write the text GGUF and the mmproj GGUF of a model directory into ``out_dir``.
 
-    A model whose routing / position semantics llama.cpp cannot reproduce (``hf_cogvlm``)
-    is exported with a warning, and the deviation is returned for the bundle manifest.
+    A model that llama.cpp cannot reproduce (:func:`gguf_deviations`: ``hf_cogvlm`` semantics,
+    the llava projector) is exported with a warning, and the deviations are returned; ``vlmexport
+    build`` decides about them before calling this.
     """
     t0 = time.perf_counter()
     outtype = normalize_outtype(outtype)
     src = GGUFSource.open(model_dir, tensors)
-    deviations = semantics_deviations(src.config)
-    issue = projector_for(src.specs).known_issue
-    if issue:
-        deviations.append(issue)
+    deviations = gguf_deviations(src.specs, src.config)
     for note in deviations:
         warnings.warn(note, stacklevel=2)
         log.warning("%s", note)
