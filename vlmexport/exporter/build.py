@@ -444,8 +444,13 @@ def deviation_record(fmt: str, what: Sequence[str], report: dict | None) -> dict
     """The manifest's ``semantics_deviations`` entry for ``fmt``: what differs and, when the build
     validated, what was measured (per precision, against PyTorch)."""
     measured = [m for m in (report or {}).get("deviations", []) if m.get("format") == fmt]
+    lines = [f"measured against PyTorch ({m['precision']}): image embeddings differ by "
+             f"{m['embeddings_relative']:.2g} of max|reference|, prompt logits by {m['logits_relative']:.2g} (top-1 "
+             f"{'agrees' if m['top1_agrees'] else 'differs'}); greedy answers identical {m['greedy_identical']} "
+             f"({m['greedy_agree_with_near_ties']} counting near-ties)" for m in measured]
     return {"format": fmt, "what": list(what),
-            "measured": measured or "not measured: built with --no-validate"}
+            "measured": measured or "not measured: built with --no-validate",
+            "summary": "; ".join(lines) or "not measured: built with --no-validate"}
 
 
 def drop_failed_formats(report: dict, parts: list[ExportedPart], root: Path) -> tuple[list[ExportedPart], list[str]]:
