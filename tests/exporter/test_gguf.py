@@ -4,12 +4,14 @@ The converter (``convert_hf_to_gguf.py``, unmodified, from ``VLMEXPORT_LLAMA_CPP
 tests/models/test_llamacpp_convert.py) runs in a subprocess on the same saved tiny
 checkpoint; both files are read back with the ``gguf`` package and compared tensor by
 tensor (names, shapes, types, values) and key by key (names, value types, values). The
-only differences allowed are the three deliberate ones, each asserted by name:
+only differences allowed are the deliberate ones, each asserted by name:
 
 1. the text GGUF holds the ``blk.N.vis_*`` visual-expert tensors (and so its
    ``general.size_label`` counts them);
 2. ``v.position_embd.weight`` has its rows reordered (patches first, CLS last);
-3. the mmproj has ``clip.use_gelu = true``.
+3. the mmproj has ``clip.use_gelu = true``;
+4. the llava mmproj has no CLS token (the converter has no llava mmproj to compare with:
+   scripts/llava_mmproj_vs_llamacpp.py compares with llama.cpp's legacy tools).
 """
 
 from __future__ import annotations
