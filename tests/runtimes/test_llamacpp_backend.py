@@ -291,18 +291,25 @@ def test_hf_cogvlm_layouts_run_in_llama_cpps_semantics_with_a_warning(cog, exact
 
 
 @pytest.mark.llamacpp
+@pytest.mark.parametrize("square", [False, True], ids=["vit-mlp-2x", "vit-mlp-square"])
 def test_llava_decoder_matches_and_the_mmproj_keeps_the_patches_in_order(tiny_model, tmp_path_factory,
-                                                                         tokenizer_path):
+                                                                         tokenizer_path, square):
     """A plain LLaMA decoder (q/k permuted for llama.cpp's interleaved RoPE) matches torch. The
     mmproj is written without CLS (exporter/gguf.py, DELIBERATE 4): llama.cpp 0.3.36's llava graph
     then returns every patch in order; what remains is the ViT running without the CLS token.
     Measured on this seed: 7.6e-3 of max|reference| (with CLS, the same graph returned patches
     2..n then CLS: a relative error of ~1). The bound is loose on purpose: it separates "aligned,
-    without CLS" from "shifted", not a parity claim."""
+    without CLS" from "shifted", not a parity claim. ``square``: a ViT MLP with intermediate ==
+    hidden, where llama.cpp swaps ffn_up / ffn_down whatever their names (the writer uses the
+    legacy names then)."""
     llama_cpp_or_skip()
-    model = tiny_model("llava", seed=6, jitter=True)
+    from vlmexport.models import VisionConfig
+
+    vision = {"vision_config": VisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=48,
+                                            num_hidden_layers=3, num_heads=6)} if square else {}
+    model = tiny_model("llava", seed=6, jitter=True, **vision)
     with pytest.warns(UserWarning, match="CLS"):
-        out = export(model, tmp_path_factory, tokenizer_path, "llava")
+        out = export(model, tmp_path_factory, tokenizer_path, "llava-square" if square else "llava")
     ref = torch_session(model)
     px = pixels(2, seed=5)
     emb = ref.encode_images(px)
