@@ -113,7 +113,8 @@ _PROJECTORS = {
     # (upstream llama.cpp issue 25814; measured with llama-cpp-python 0.3.36, also on a file written
     # by llama.cpp's own legacy converter). Without a CLS tensor the graph keeps every patch in
     # order, so the mmproj is written without it: what still differs is that the ViT runs without
-    # the CLS token, which the build measures (tests/exporter/test_gguf_llava.py).
+    # the CLS token, which the build measures (tests/runtimes/test_llamacpp_backend.py, and
+    # scripts/llava_mmproj_vs_llamacpp.py against llama.cpp's own legacy converter).
     "mlp": _Projector("mlp", "pre", cls_last=False, drop_cls=True, known_issue=(
         "gguf: llama.cpp's llava (mlp) graph cannot place the CLS token (it appends it after the patches and "
         "then drops the first patch); the mmproj is written without CLS, so llama.cpp's ViT runs on the patches "
