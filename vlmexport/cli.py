@@ -383,7 +383,7 @@ def _print_validation(v: dict) -> None:
     e = Table(title="end to end: greedy generations against PyTorch (near-ties: the reference's top two "
                     "within tolerance)")
     for col in ("backend", "prompts", "identical", "near-ties", "diverged", "agree", "needed"):
-        e.add_column(col, justify="right")
+        e.add_column(col, justify="right", no_wrap=col == "backend")
     for r in v.get("end_to_end", []):
         e.add_row(r.get("backend", r.get("format", "")), str(r["prompts"]), str(r["identical"]),
                   str(r.get("near_ties", 0)), str(r.get("diverged", r["prompts"] - r["identical"])),
