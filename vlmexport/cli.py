@@ -380,14 +380,14 @@ def _print_validation(v: dict) -> None:
               "[red]no[/red]")  # measured: a recorded deviation, not a check
         t.add_row(r["part"], r["precision"], r["check"], f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.2e}", ok)
     out.print(t)
-    e = Table(title="end to end: greedy generations against PyTorch (near-ties: the reference's top two "
-                    "within tolerance)")
-    for col in ("backend", "prompts", "identical", "near-ties", "diverged", "agree", "needed"):
+    e = Table(title="end to end: greedy answers against PyTorch (same; ties: differ where the reference's top "
+                    "two logits are within tolerance; diverged)")
+    for col in ("backend", "prompts", "same", "ties", "diverged", "agree", "needed"):
         e.add_column(col, justify="right", no_wrap=col == "backend")
     for r in v.get("end_to_end", []):
         e.add_row(r.get("backend", r.get("format", "")), str(r["prompts"]), str(r["identical"]),
                   str(r.get("near_ties", 0)), str(r.get("diverged", r["prompts"] - r["identical"])),
-                  f"{r['rate']:.1%}", f"{r['threshold']:.0%}" if r.get("required", True) else "reported")
+                  f"{r['rate']:.1%}", f"{r['threshold']:.0%}" if r.get("required", True) else "-")
     out.print(e)
     for f in v.get("failed", []):
         out.print(f"[red]{f['format']} {f['precision']} failed validation[/red]: {f['error']}")
