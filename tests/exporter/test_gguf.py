@@ -4,12 +4,14 @@ The converter (``convert_hf_to_gguf.py``, unmodified, from ``VLMEXPORT_LLAMA_CPP
 tests/models/test_llamacpp_convert.py) runs in a subprocess on the same saved tiny
 checkpoint; both files are read back with the ``gguf`` package and compared tensor by
 tensor (names, shapes, types, values) and key by key (names, value types, values). The
-only differences allowed are the three deliberate ones, each asserted by name:
+only differences allowed are the deliberate ones, each asserted by name:
 
 1. the text GGUF holds the ``blk.N.vis_*`` visual-expert tensors (and so its
    ``general.size_label`` counts them);
 2. ``v.position_embd.weight`` has its rows reordered (patches first, CLS last);
-3. the mmproj has ``clip.use_gelu = true``.
+3. the mmproj has ``clip.use_gelu = true``;
+4. the llava mmproj has no CLS token (the converter has no llava mmproj to compare with:
+   scripts/llava_mmproj_vs_llamacpp.py compares with llama.cpp's legacy tools).
 """
 
 from __future__ import annotations
@@ -198,24 +200,44 @@ def test_converter_cannot_write_our_llava_mmproj(converted):
 # ---------------------------------------------------------- without the converter
 def test_llava_mmproj_layout_follows_libmtmd(llava_dir, tmp_path):
     """llama.cpp's llava graph reads v.* ViT tensors with separate q/k/v, v.pre_ln and mm.0 / mm.2;
-    no v.post_ln (LLaVA reads hidden_states[-2], before any post-norm)."""
+    no v.post_ln (LLaVA reads hidden_states[-2], before any post-norm). DELIBERATE (4): no CLS
+    token and no CLS position row; the feature layer is explicit and the blocks after it are not
+    written (as llama.cpp's legacy llava converter does)."""
     src = gw.GGUFSource.open(llava_dir)
     path = gw.write_mmproj_gguf(src, tmp_path / "mmproj.gguf", "f32")
     kv, ts = read(path)
     assert kv["clip.projector_type"][1] == "mlp" and "clip.use_gelu" not in kv  # CLIP: quick-GELU
     assert kv["clip.vision.projection_dim"][1] == src.config.hidden_size
-    assert _FEATURE_KEY not in kv  # the default (layer n-1) is llama.cpp's own default
+    n = src.specs.vision.num_layers
+    assert kv[_FEATURE_KEY][1] == [n - 1] and kv["clip.vision.block_count"][1] == n - 1
+    assert {f"v.blk.{n - 2}.attn_q.weight"} <= set(ts) and not [t for t in ts if t.startswith(f"v.blk.{n - 1}.")]
     ckpt = CanonicalTensors(SafetensorsCheckpoint(llava_dir), src.arch)
     expected = {"mm.0.weight": "multi_modal_projector.linear_1.weight", "mm.2.bias": "multi_modal_projector.linear_2.bias",
                 "v.pre_ln.weight": "vision_tower.pre_layrnorm.weight",
-                "v.blk.1.attn_k.weight": "vision_tower.encoder.layers.1.self_attn.k_proj.weight",
+                "v.blk.0.attn_k.weight": "vision_tower.encoder.layers.0.self_attn.k_proj.weight",
                 "v.blk.0.ln2.bias": "vision_tower.encoder.layers.0.layer_norm2.bias",
-                "v.class_embd": "vision_tower.embeddings.class_embedding"}
+                "v.blk.0.ffn_up.weight": "vision_tower.encoder.layers.0.mlp.fc1.weight"}
     for name, source in expected.items():
         np.testing.assert_array_equal(data(ts[name]), ckpt.get(source).numpy(), err_msg=name)
     pos = ckpt.get("vision_tower.embeddings.position_embedding.weight").numpy()
-    np.testing.assert_array_equal(data(ts["v.position_embd.weight"]), np.concatenate([pos[1:], pos[:1]]))
+    np.testing.assert_array_equal(data(ts["v.position_embd.weight"]), pos[1:])
+    assert "v.class_embd" not in ts
     assert not [n for n in ts if n.startswith("v.post_ln") or n.startswith("blk.")]
+
+
+def test_llava_mmproj_with_square_vit_mlp_uses_the_legacy_ffn_names(tiny_model, tmp_path_factory, tokenizer_path,
+                                                                    tmp_path):
+    """intermediate == hidden: llama.cpp's up/down swap test (ffn_down input width == n_embd) fires
+    on any naming, so fc1 is written as ffn_down, which llama.cpp swaps back into ffn_up."""
+    model = tiny_model("llava", seed=3, vision_config=VisionConfig(image_size=32, patch_size=8, hidden_size=48,
+                                                                   intermediate_size=48, num_hidden_layers=3,
+                                                                   num_heads=6))
+    d = save(tmp_path_factory, tokenizer_path, model, "llava-square")
+    src = gw.GGUFSource.open(d)
+    _, ts = read(gw.write_mmproj_gguf(src, tmp_path / "mmproj.gguf", "f32"))
+    ckpt = CanonicalTensors(SafetensorsCheckpoint(d), src.arch)
+    np.testing.assert_array_equal(data(ts["v.blk.0.ffn_down.weight"]),
+                                  ckpt.get("vision_tower.encoder.layers.0.mlp.fc1.weight").numpy())
 
 
 _FEATURE_KEY = "clip.vision.feature_layer"
@@ -285,7 +307,8 @@ def test_hf_cogvlm_semantics_export_with_a_warning(tiny_model, tmp_path_factory,
 def test_llava_export_records_llama_cpps_cls_handling(llava_dir, tmp_path):
     with pytest.warns(UserWarning, match="CLS"):
         out = gw.export_gguf(llava_dir, tmp_path, "f16")
-    assert out.gguf_arch == "llama" and any("patches 2..n" in n for n in out.deviations)
+    assert out.gguf_arch == "llama" and any("without CLS" in n for n in out.deviations)
+    assert "CLS row dropped" in out.notes["v.position_embd.weight"]
 
 
 def test_an_interrupted_export_leaves_no_file(cogvlm_dir, tmp_path):

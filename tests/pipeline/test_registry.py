@@ -72,7 +72,20 @@ def test_gguf_is_built_where_llama_cpp_has_the_projector_and_refused_where_not(a
             build(d, tmp_path / "bundle", formats=("gguf",), precisions=("f32",), validate=False)
         assert not (tmp_path / "bundle").exists()
         return
-    build(d, tmp_path / "bundle", formats=("gguf",), precisions=("f32",), validate=False)
+    from vlmexport.bundle import Bundle
+    from vlmexport.exporter.gguf_writer import gguf_deviations
+    from vlmexport.pipeline.deviations import DeviationRefused
+
+    A = get_architecture(arch)
+    config = A.tiny_config()
+    deviations = gguf_deviations(A.part_specs(config), config)
+    if deviations:  # decided up front: refused unless asked for, then measured and recorded
+        with pytest.raises(DeviationRefused, match="--allow-deviations"):
+            build(d, tmp_path / "bundle", formats=("gguf",), precisions=("f32",))
+        assert not (tmp_path / "bundle").exists()
+    build(d, tmp_path / "bundle", formats=("gguf",), precisions=("f32",), e2e_prompts=4,
+          allow_deviations=bool(deviations))
+    assert bool(Bundle.open(tmp_path / "bundle").semantics_deviations) == bool(deviations)
     pipe = vlmexport.load(tmp_path / "bundle", backend="llamacpp", precision="f32")
     size = pipe.preprocess_config.image_size
     import numpy as np

@@ -43,7 +43,7 @@ def render_model_card(manifest: Mapping[str, Any]) -> str:
     if deviations:
         out += ["## Semantics deviations", "",
                 "> **Warning:** some artifacts cannot reproduce the model's semantics exactly:", ">"]
-        out += [f"> - {_text(d)}" for d in deviations] + [""]
+        out += [f"> - {_deviation(d)}" for d in deviations] + [""]
     out += _artifacts(manifest.get("artifacts") or [])
     for name in RESULT_SECTIONS:
         value = manifest.get(name)
@@ -200,6 +200,14 @@ def _cell(v: Any, key: str = "") -> str:
     if isinstance(v, dict):
         v = json.dumps(v, separators=(",", ":"))
     return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _deviation(d: Any) -> str:
+    """A recorded deviation: what differs, then what was measured (exporter/build.py's record)."""
+    if isinstance(d, dict) and "summary" in d:
+        what = d.get("what") or []
+        return _cell("; ".join(what) if isinstance(what, list) else str(what)) + f". **{_cell(d['summary'])}**"
+    return _text(d)
 
 
 def _text(v: Any) -> str:

@@ -15,6 +15,14 @@ deliberate differences, each marked ``DELIBERATE`` below:
    llama.cpp's ViT appends CLS *after* the patches, the original puts it first;
 3. ``clip.use_gelu`` follows the vision activation (``true`` for EVA-CLIP's GELU);
    without it llama.cpp's ViT runs quick-GELU.
+4. the ``mlp`` (LLaVA) mmproj has no CLS token (no ``v.class_embd``, no CLS position row).
+   Its converter is llama.cpp's legacy ``convert_image_encoder_to_gguf.py`` (``convert_hf_to_gguf.py
+   --mmproj`` rejects CLIP towers); llama.cpp 0.3.36 runs that converter's file with every
+   patch on its neighbour's position row, the first patch dropped and CLS handed to the LLM
+   (upstream issue 25814), and one ViT block short (issue 25817). Without CLS the graph keeps
+   the patches in order; the remaining difference (no CLS in the ViT's attention) is measured
+   by the build and recorded. Like that converter, the mmproj states its feature layers
+   (``clip.vision.feature_layer``) and holds only the blocks up to the deepest one.
 
 Streaming: every tensor's name, shape and type are planned from the checkpoint header,
 then header, metadata and tensor infos are written, then the tensor data one tensor at a
@@ -184,12 +192,14 @@ class _Planner:
         self.names = set(src.tensors.keys())
 
     def add(self, key: Any, source: str, bid: int | None = None, suffix: str = ".weight",
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "") -> None:
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, note: str = "",
+            shape: tuple[int, ...] | None = None) -> None:
+        """``shape``: the stored shape when ``transform`` changes it (else the checkpoint's)."""
         name = _tensor_name(self.arch, key, bid, suffix)
         if source not in self.names:
             raise ConfigError(f"{self.src.path}: the checkpoint has no tensor {source} (needed for GGUF {name}); "
                               "it is incomplete or of another architecture")
-        shape = tuple(self.src.tensors.shape(source))
+        shape = tuple(shape or self.src.tensors.shape(source))
         self.out.append(PlannedTensor(name, source, shape, _qtype(name, len(shape), self.outtype, self.mmproj),
                                       transform, note))
 
@@ -266,10 +276,33 @@ def projector_for(specs: PartSpecs) -> GGUFProjector:
     return get_connector(specs.connector.kind).check_gguf(specs)
 
 
+def vit_blocks(specs: PartSpecs) -> int:
+    """ViT blocks the mmproj holds (``clip.vision.block_count``): a projector that reads an
+    explicit feature layer (llava's mlp) gets only the blocks up to the deepest one (as llama.cpp's
+    llava converter writes them); the others (cogvlm) run every block."""
+    v = specs.vision
+    return v.layers_used if projector_for(specs).explicit_feature_layers else v.num_layers
+
+
+def _swap_ffn_names(specs: PartSpecs) -> bool:
+    """llama.cpp swaps a ViT block's ffn_up / ffn_down when ffn_down's input width equals the
+    embedding width (``is_ffn_swapped`` in tools/mtmd/clip.cpp: files from the legacy llava
+    converter name fc1 ffn_down). For the mlp projector with intermediate_size == hidden_size
+    that test fires on correctly named files too, so they are written in the legacy naming,
+    which the swap then undoes (``GGUFProjector.legacy_square_ffn``)."""
+    v = specs.vision
+    return projector_for(specs).legacy_square_ffn and v.intermediate_size == v.hidden_size
+
+
 def _reorder_cls_last(w: torch.Tensor) -> torch.Tensor:
     # DELIBERATE (2): original rows 1..n (the patches) first, then row 0 (CLS), matching
     # llama.cpp's ViT, which concatenates CLS after the patches and then adds the rows in order.
     return torch.cat((w[1:], w[:1]), dim=0)
+
+
+def _drop_cls_row(w: torch.Tensor) -> torch.Tensor:
+    # DELIBERATE (4): the patch rows 1..n only (no CLS token in the file)
+    return w[1:]
 
 
 def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
@@ -281,20 +314,27 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
     special = {"@boi": c.boi, "@eoi": c.eoi}
     for t in get_connector(c.kind).gguf_tensors(c):
         p.add(MT[t.key], special[t.role] if t.role in special else c.weights[t.role], t.bid, suffix=t.suffix)
-    p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
     rows = v.num_patches + 1
-    if tuple(src.tensors.shape(v.positions))[0] != rows:
-        raise ConfigError(f"{src.path}: {v.positions} has {src.tensors.shape(v.positions)[0]} rows, expected "
+    pos_shape = tuple(src.tensors.shape(v.positions))
+    if pos_shape[0] != rows:
+        raise ConfigError(f"{src.path}: {v.positions} has {pos_shape[0]} rows, expected "
                           f"{rows} (CLS + {v.num_patches} patches)")
-    p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
-          note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
+    if proj.drop_cls:  # DELIBERATE (4)
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_drop_cls_row, shape=(rows - 1, *pos_shape[1:]),
+              note="CLS row dropped (no CLS token: llama.cpp's llava graph would drop the first patch)")
+    else:
+        p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
+              note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
     if v.patch_bias is not None:
         p.add(MT.V_ENC_EMBD_PATCH, v.patch_bias, suffix=".bias")
     p.add(MT.V_ENC_EMBD_PATCH, v.patch_weight)
     if v.pre_norm is not None:
         p.add(MT.V_PRE_NORM, v.pre_norm[0])
         p.add(MT.V_PRE_NORM, v.pre_norm[1], suffix=".bias")
-    for i in range(v.num_layers):
+    up, down = (MT.V_ENC_FFN_DOWN, MT.V_ENC_FFN_UP) if _swap_ffn_names(src.specs) else (MT.V_ENC_FFN_UP,
+                                                                                      MT.V_ENC_FFN_DOWN)
+    for i in range(vit_blocks(src.specs)):
         f = lambda s: s.format(i=i)  # noqa: E731
         p.add_with_bias(MT.V_ENC_ATTN_O, f(v.o), i)
         if isinstance(v.qkv, str):
@@ -303,8 +343,8 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
             for key, n in zip((MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V), v.qkv):
                 p.add_with_bias(key, f(n), i)
         p.add_with_bias(MT.V_ENC_INPUT_NORM, f(v.norm1), i)
-        p.add_with_bias(MT.V_ENC_FFN_UP, f(v.fc1), i)
-        p.add_with_bias(MT.V_ENC_FFN_DOWN, f(v.fc2), i)
+        p.add_with_bias(up, f(v.fc1), i)
+        p.add_with_bias(down, f(v.fc2), i)
         p.add_with_bias(MT.V_ENC_POST_ATTN_NORM, f(v.norm2), i)
     return p.out
 
@@ -382,7 +422,7 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
     w.add_vision_patch_size(v.patch_size)
     w.add_vision_embedding_length(v.hidden_size)
     w.add_vision_feed_forward_length(v.intermediate_size)
-    w.add_vision_block_count(v.num_layers)
+    w.add_vision_block_count(vit_blocks(src.specs))
     w.add_vision_head_count(v.num_heads)
     w.add_vision_image_mean(list(pre.image_mean))
     w.add_vision_image_std(list(pre.image_std))
@@ -394,10 +434,11 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
         w.add_vision_use_gelu(True)
     elif v.activation == "silu":
         w.add_vision_use_silu(True)
-    # where the projector's graph has a default feature layer (llava: n-1, hidden_states[-2]), other
-    # feature layers are given explicitly (indices into [embeddings, layer 1, ..., layer n]).
-    default = proj.default_feature_layer
-    if default is not None and tuple(v.feature_layers) != (v.num_layers + default,):
+    # The feature layers, always explicit where the graph reads them (indices into [embeddings,
+    # layer 1, ..., layer n]), as llama.cpp's llava converter writes them from vision_feature_layer:
+    # without the key the llava graph runs block_count - 1 blocks (upstream issue 25817 proposes
+    # block_count), so an implicit default would change meaning with the llama.cpp version.
+    if proj.explicit_feature_layers:
         w.add_array(_FEATURE_LAYER_KEY, [int(x) for x in v.feature_layers])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -467,15 +508,26 @@ def write_mmproj_gguf(src: GGUFSource, path: str | os.PathLike, outtype: str = "
 
 # ------------------------------------------------------------------------ semantics
 def semantics_deviations(config: VLMConfig) -> list[str]:
-    """What llama.cpp cannot reproduce of this model's routing / position semantics."""
+    """What llama.cpp cannot reproduce of this model's routing / position semantics, and what it
+    runs instead (the llamacpp backend runs a layout in llama.cpp's semantics)."""
     notes = []
     if config.expert_routing != ExpertRouting.IMAGE_CHUNK.value:
-        notes.append(f"gguf: llama.cpp routes every image position (boi..eoi) to the visual expert; this model's "
-                     f"expert_routing is {config.expert_routing!r}, so GGUF outputs differ from the reference")
+        notes.append(f"gguf: llama.cpp routes every image position (boi..eoi) to the visual expert (its cogvlm "
+                     f"semantics); this model's expert_routing is {config.expert_routing!r}, so GGUF outputs "
+                     f"differ from the reference")
     if config.position_ids != PositionIds.SEQUENTIAL.value:
-        notes.append(f"gguf: llama.cpp's multimodal prompt gives every image token its own position; this model's "
-                     f"position_ids are {config.position_ids!r}, so GGUF outputs differ from the reference")
+        notes.append(f"gguf: llama.cpp's causal mask compares position ids, so it is run with one position per "
+                     f"token (image tokens included); this model's position_ids are {config.position_ids!r}, so "
+                     f"GGUF outputs differ from the reference")
     return notes
+
+
+def gguf_deviations(specs: PartSpecs, config: VLMConfig) -> list[str]:
+    """Everything a GGUF export of this model runs differently from the model, known before any
+    file is written (``vlmexport build`` refuses them unless told to measure and record them)."""
+    notes = semantics_deviations(config)
+    issue = projector_for(specs).known_issue
+    return notes + ([issue] if issue else [])
 
 
 # --------------------------------------------------------------------------- export
@@ -504,16 +556,14 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, outtyp
                 name: str = "model", tensors: TensorSource | None = None) -> GGUFExport:
     """Write the text GGUF and the mmproj GGUF of a model directory into ``out_dir``.
 
-    A model whose routing / position semantics llama.cpp cannot reproduce (``hf_cogvlm``)
-    is exported with a warning, and the deviation is returned for the bundle manifest.
+    A model that llama.cpp cannot reproduce (:func:`gguf_deviations`: ``hf_cogvlm`` semantics,
+    the llava projector) is exported with a warning, and the deviations are returned; ``vlmexport
+    build`` decides about them before calling this.
     """
     t0 = time.perf_counter()
     outtype = normalize_outtype(outtype)
     src = GGUFSource.open(model_dir, tensors)
-    deviations = semantics_deviations(src.config)
-    issue = projector_for(src.specs).known_issue
-    if issue:
-        deviations.append(issue)
+    deviations = gguf_deviations(src.specs, src.config)
     for note in deviations:
         warnings.warn(note, stacklevel=2)
         log.warning("%s", note)

@@ -32,6 +32,8 @@ from ..models.checkpoint import (
 )
 from ..models.spec import PartSpecs
 from ..runtimes.torch_backend import CHAT_TEMPLATE
+from .deviations import (DeviationRefused, PartialBuildError, deviation_record,  # noqa: F401
+                          drop_failed_formats, planned_deviations)
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +360,15 @@ class BuildResult:
 def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] = ("onnx",),
           precisions: Sequence[str] = ("fp32", "fp16"), reference: bool = True, validate: bool = True,
           e2e_prompts: int = 50, progress: Progress = lambda s: None, imatrix_pairs: int = 64,
-          quant=None) -> BuildResult:
+          quant=None, allow_deviations: bool = False) -> BuildResult:
     """Build a bundle from a model directory (default: the shipped demo model).
 
-    ``quant`` (a :class:`vlmexport.pipeline.quantize.QuantOptions`) configures the int8/int4 ONNX parts."""
+    ``quant`` (a :class:`vlmexport.pipeline.quantize.QuantOptions`) configures the int8/int4 ONNX parts.
+    A format that cannot run the model as it is (a GGUF of ``hf_cogvlm`` semantics, llama.cpp's
+    llava projector) is refused before any work unless ``allow_deviations``; then it is built,
+    what it runs is measured against PyTorch and recorded (manifest and model card). A format
+    that fails validation is left out of the bundle and the others are kept: the bundle is
+    written and :class:`PartialBuildError` then says what was left out."""
     from ..assets import demo_model_dir
 
     t0 = time.perf_counter()
@@ -371,6 +378,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     plan = precisions_for(formats, precisions)
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
+    deviations = planned_deviations(src, plan, allow_deviations)
     with BundleWriter(out) as w:
         write_common_files(src, w)
         parts: list[ExportedPart] = []
@@ -386,11 +394,8 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
                 parts += q_parts
                 w.set_section("calibration", q_section)
         if "gguf" in plan:
-            gguf_parts, deviations = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
+            gguf_parts, _ = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
             parts += gguf_parts
-            for d in deviations:
-                w.add_semantics_deviation(d)
-        add_artifacts(w, parts)
         report: dict = {"skipped": True}
         if validate:
             from .validate import validate_exports
@@ -399,6 +404,15 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (
                 p.format == "onnx" and p.precision in ONNX_QUANT_PRECISIONS)], e2e_prompts,
                                       progress)
+        parts, dropped = drop_failed_formats(report, parts, w.root)
+        for fmt, what in deviations.items():
+            if fmt not in dropped:
+                w.add_semantics_deviation(deviation_record(fmt, what, report if validate else None))
+        add_artifacts(w, parts)
         w.set_section("validation", report)
         progress("package")
+    if dropped:
+        raise PartialBuildError(f"{', '.join(dropped)} failed validation and {'was' if len(dropped) == 1 else 'were'} "
+                                f"left out of the bundle written to {out} ({report['failed'][0]['error']}); the "
+                                f"manifest records the failure: fix it and rebuild, or build without that format")
     return BuildResult(Path(out), parts, report, time.perf_counter() - t0, q_section)

@@ -14,10 +14,15 @@ How it maps the :class:`~vlmexport.core.generation.DecoderSession` protocol:
     pixels libmtmd computes are bit-identical to ours. Pixels that did not come from an
     8-bit image are rounded to 8 bits (logged, with the largest change).
 ``prefill``
-    Text runs are decoded as token batches and image chunks as embedding batches, at the
-    layout's positions. llama.cpp's ``cogvlm`` graph picks the expert per batch: token
+    Text runs are decoded as token batches and image chunks as embedding batches, at
+    positions 0..n-1. llama.cpp's ``cogvlm`` graph picks the expert per batch: token
     batches run the language expert, embedding batches the visual expert, which is the
-    ``image_chunk`` routing (a layout that routes otherwise is run anyway, with a warning).
+    ``image_chunk`` routing; and its causal mask compares positions, so it runs
+    ``sequential`` positions only (:data:`LLAMA_CPP_SEMANTICS`). A layout of other
+    semantics (``hf_cogvlm``: repeated image positions, eoi on the language expert) is run
+    in llama.cpp's semantics, with a warning saying so: handing llama.cpp the repeated
+    positions would let the image positions attend to each other both ways, which is
+    neither the model's semantics nor llama.cpp's. ``decode`` positions follow.
     Logits: that graph does not select output rows, so when only the last position of a
     multi-token batch asks for logits, llama.cpp returns the row of the batch's *first*
     token. We therefore decode the prompt's last position alone, in a batch of one.
@@ -48,6 +53,8 @@ from .llamacpp_lib import INSTALL_HINT, LOG_SINK, init_backend, llamacpp_availab
 
 log = logging.getLogger(__name__)
 
+# (expert_routing, position_ids) that llama.cpp runs, whatever the layout asks for (module doc)
+LLAMA_CPP_SEMANTICS = ("image_chunk", "sequential")
 GGUF_MAGIC = b"GGUF"
 
 
@@ -258,6 +265,7 @@ class LlamaCppSession:
         self._tok = self._new_batch(0)
         self._emb = self._new_batch(self.n_embd)
         self._warned_routing = False
+        self._pos_shift = 0  # llama.cpp position - layout position, after a prefill (module doc)
         self._warned_pixels = False  # the 8-bit rounding warning, once per session
         # a text model with visual experts picks the expert per batch kind (tokens vs embeddings)
         self.has_experts = any(gguf_is_visual_expert(name) for name in self.text_info.tensors)
@@ -427,7 +435,8 @@ class LlamaCppSession:
             if flat.shape[0] != n_img:
                 raise ValueError(f"the prompt has {n_img} image positions but {flat.shape[0]} image embeddings "
                                  "were given")
-        self._check_routing(layout)
+        self._check_semantics(layout)
+        self._pos_shift = n - int(layout.next_position)
         self.reset()
         runs = _runs(layout)
         # the last position is decoded alone and is the only one asking for logits (see module doc)
@@ -440,7 +449,7 @@ class LlamaCppSession:
             want = np.zeros(e - s, bool)
             if k == len(runs) - 1:
                 want[-1] = True
-            pos = layout.position_ids[s:e]
+            pos = np.arange(s, e)  # llama.cpp's sequential positions (module doc)
             if is_img:
                 o = int(img_offset[s])
                 self._decode_embeds(flat[o:o + (e - s)], pos, want)
@@ -449,19 +458,24 @@ class LlamaCppSession:
         return self._logits(-1)
 
     def decode(self, token: int, position: int) -> np.ndarray:
-        self._decode_tokens([int(token)], [int(position)], [True])
+        self._decode_tokens([int(token)], [int(position) + self._pos_shift], [True])
         return self._logits(-1)
 
-    def _check_routing(self, layout: SequenceLayout) -> None:
-        if self._warned_routing or not self.has_experts:
+    def _check_semantics(self, layout: SequenceLayout) -> None:
+        """Warn once when ``layout`` asks for semantics llama.cpp does not run (module doc)."""
+        if self._warned_routing:
             return
         wrong = int(np.sum((layout.is_image & (layout.token_type != VISION))
-                           | (~layout.is_image & (layout.token_type != LANGUAGE))))
-        if wrong:
+                           | (~layout.is_image & (layout.token_type != LANGUAGE)))) if self.has_experts else 0
+        moved = int(np.sum(layout.position_ids != np.arange(len(layout))))
+        if wrong or moved:
             self._warned_routing = True
-            log.warning("llama.cpp routes image embeddings to the visual expert and text to the language expert; "
-                        "this prompt's layout routes %d position(s) otherwise (hf_cogvlm semantics), so outputs will "
-                        "differ from the reference (see the bundle's semantics_deviations)", wrong)
+            log.warning("llama.cpp runs its own semantics: every position its own position id%s; this prompt was "
+                        "laid out otherwise (%d position(s) on another position id, %d routed to the other expert: "
+                        "hf_cogvlm semantics), so it runs as llama.cpp's cogvlm model, not as the reference; the "
+                        "difference measured at build time is in the bundle's semantics_deviations",
+                        ", image embeddings (boi..eoi) on the visual expert and text on the language expert"
+                        if self.has_experts else "", moved, wrong)
 
 
 def _runs(layout: SequenceLayout) -> list[tuple[int, int, bool]]:

@@ -8,6 +8,7 @@ hands the backend the files of the artifacts it runs. Backends are looked up in
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Callable
 
@@ -115,6 +116,12 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
     elif precision not in available:
         raise BundleError(f"{bundle.root}: has no {precision} GGUF (it has {available}); pick one of those or "
                           f"rebuild with `--format gguf --precision {precision}`")
+    for d in bundle.semantics_deviations:  # recorded by the build, measured against PyTorch
+        if (d.get("format") if isinstance(d, dict) else str(d).split(":")[0]) == "gguf":
+            what = "; ".join(d.get("what", [])) if isinstance(d, dict) else str(d)
+            summary = d.get("summary", "") if isinstance(d, dict) else ""
+            logging.getLogger(__name__).warning("this bundle's GGUF does not run the model as it is: %s. %s",
+                                                what, summary)
     text = bundle.file(bundle.find(Part.TEXT_DECODER, "gguf", precision).file)
     mmproj = bundle.file(bundle.find(Part.MMPROJ, "gguf", precision).file)
     session = LlamaCppSession(text, mmproj, n_ctx=m["max_length"], n_threads=threads,

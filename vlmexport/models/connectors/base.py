@@ -50,12 +50,17 @@ class GGUFProjector:
     projector_type: str  # clip.projector_type
     norm_placement: str  # the ViT block form of that projector's graph ("pre" | "post")
     cls_last: bool  # llama.cpp's ViT for this projector appends CLS after the patches
+    # write no CLS token (and no CLS position row), so that the graph's patch selection keeps the
+    # patches in order; the ViT then runs without CLS (a recorded, measured deviation)
+    drop_cls: bool = False
     reads_last_layer_only: bool = False  # the projector's graph reads the last ViT layer, whatever the config
-    # the ViT layer the graph reads unless clip.vision.feature_layer says otherwise, counted from
-    # the end (-1: layer n-1); None where the graph takes no such key
-    default_feature_layer: int | None = None
+    # the graph reads clip.vision.feature_layer: written always, and only the ViT blocks up to the deepest
+    explicit_feature_layers: bool = False
+    # llama.cpp swaps ffn_up/ffn_down of a ViT block whose MLP is square (is_ffn_swapped in clip.cpp):
+    # such files are written in the legacy naming, which the swap undoes
+    legacy_square_ffn: bool = False
     activations: tuple[str, ...] = ()  # connector activations its graph can run; () = any
-    known_issue: str = ""  # a llama.cpp behaviour that keeps the GGUF from reproducing the model
+    known_issue: str = ""  # what llama.cpp runs instead of the model, when it cannot run the model
 
 
 class ConnectorKind:
@@ -115,6 +120,9 @@ class ConnectorKind:
         if proj.reads_last_layer_only and tuple(v.feature_layers) not in ((), (v.num_layers,)):
             raise ConfigError(f"llama.cpp's {proj.projector_type} projector reads the last ViT layer; this model "
                               f"reads {list(v.feature_layers)}")
+        if proj.explicit_feature_layers and list(v.feature_layers) != sorted(set(v.feature_layers)):
+            raise ConfigError(f"llama.cpp stacks the ViT feature layers in increasing order; this model reads "
+                              f"{list(v.feature_layers)} (unsorted or repeated), so it cannot be exported to GGUF")
         if proj.activations and c.activation not in proj.activations:
             raise ConfigError(f"llama.cpp's {proj.projector_type} projector applies {'/'.join(proj.activations)}; "
                               f"this model's projector uses {c.activation!r}")

@@ -9,13 +9,19 @@ from .base import ConnectorKind, GGUFProjector, GGUFTensor, register_connector
 class MLP(ConnectorKind):
     name = "mlp"
     # "mlp" is llama.cpp's PROJECTOR_TYPE_MLP name (tools/mtmd/clip-impl.h); gguf-py has no constant.
-    # tools/mtmd/models/llava.cpp concatenates CLS after the patches and then keeps embedding rows
-    # 1..n ("patches" input in clip.cpp), i.e. it drops the first patch and keeps CLS; measured
-    # with llama-cpp-python 0.3.36 (tests/runtimes/test_llamacpp_backend.py asserts it, so a fix
-    # upstream shows).
-    gguf = GGUFProjector("mlp", "pre", cls_last=True, activations=("gelu",), default_feature_layer=-1, known_issue=(
-        "gguf: llama.cpp's mlp (llava) projector returns patches 2..n followed by the CLS token instead of "
-        "patches 1..n (tools/mtmd/models/llava.cpp), so GGUF image embeddings differ from the reference"))
+    # tools/mtmd/models/llava.cpp concatenates CLS *after* the patches, then adds position rows
+    # 0..n in order and keeps sequence rows 1..n ("positions" / "patches" inputs in clip.cpp):
+    # with a CLS token, the first patch is dropped and CLS is handed to the LLM as an image token
+    # (upstream llama.cpp issue 25814; measured with llama-cpp-python 0.3.36, also on a file written
+    # by llama.cpp's own legacy converter). Without a CLS tensor the graph keeps every patch in
+    # order, so the mmproj is written without it: what still differs is that the ViT runs without
+    # the CLS token, which the build measures (tests/runtimes/test_llamacpp_backend.py, and
+    # scripts/llava_mmproj_vs_llamacpp.py against llama.cpp's own legacy converter).
+    gguf = GGUFProjector("mlp", "pre", cls_last=False, drop_cls=True, explicit_feature_layers=True,
+                         legacy_square_ffn=True, activations=("gelu",), known_issue=(
+        "gguf: llama.cpp's llava (mlp) graph cannot place the CLS token (it appends it after the patches and "
+        "then drops the first patch); the mmproj is written without CLS, so llama.cpp's ViT runs on the patches "
+        "alone"))
 
     @staticmethod
     def patch_tokens(spec, vision_tokens: int) -> int:
