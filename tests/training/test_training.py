@@ -207,7 +207,7 @@ def test_memory_estimate_counts_adamw_state():
 def test_gradient_checkpointing_gives_the_same_gradients(tok):
     model = tiny()
     batch = data_for(model, tok).batch(0, 2)
-    from vlmexport.training.trainer import loss_on_batch
+    from vlmexport.training.objectives import loss_on_batch
 
     model.train()
     grads = []

@@ -22,15 +22,14 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..core.atomic import atomic_directory
 from ..core.errors import CheckpointError, ConfigError
 from ..models.base import VLM
 from ..models.checkpoint import state_dict_for_saving
-from .batching import IGNORE, Batch
 from .memory import MemoryEstimate, estimate_memory
+from .objectives import Objective, objective_for
 from .stages import Stage, apply_stage
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,7 @@ def init_distributed(device: torch.device) -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def param_groups(objective: "Objective", cfg: TrainConfig) -> list[dict]:
+def param_groups(objective: Objective, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on vectors (norms, biases, boi/eoi); per-role LR scale
     (training-only heads count as role "head")."""
     groups: dict[tuple[float, bool], list] = {}
@@ -176,7 +175,7 @@ def param_groups(objective: "Objective", cfg: TrainConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_training_state(run_dir: Path, objective: "Objective", optimizer: torch.optim.Optimizer, step: int,
+def save_training_state(run_dir: Path, objective: Objective, optimizer: torch.optim.Optimizer, step: int,
                         stage: str, cfg: TrainConfig, extra: dict | None = None) -> Path:
     """model.safetensors (checkpoint names) + objective.safetensors (training-only heads) +
     optimizer.safetensors + trainer_state.json, written atomically."""
@@ -199,7 +198,7 @@ def save_training_state(run_dir: Path, objective: "Objective", optimizer: torch.
     return out
 
 
-def load_training_state(run_dir: Path, objective: "Objective", optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(run_dir: Path, objective: Objective, optimizer: torch.optim.Optimizer) -> dict:
     ckpt = run_dir / CHECKPOINT_DIR
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -228,49 +227,6 @@ def load_training_state(run_dir: Path, objective: "Objective", optimizer: torch.
 
 
 # --------------------------------------------------------------------- the loop
-def loss_on_batch(model: VLM, batch: Batch, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over supervised tokens (LM head evaluated only there)."""
-    if image_embeds is None and batch.pixel_values is not None:
-        image_embeds = model.image_embeddings(batch.pixel_values)
-    emb = model.embed(batch.input_ids, batch.is_image, image_embeds)
-    flat_t = batch.targets.reshape(-1)
-    select = torch.nonzero(flat_t != IGNORE).flatten()
-    logits = model.decode(emb, batch.token_type, batch.position_ids, select=select)
-    return F.cross_entropy(logits.float(), flat_t.index_select(0, select)), int(select.numel())
-
-
-class Objective(torch.nn.Module):
-    """What a stage minimises. Wraps the model (so DDP's hooks see the loss's forward)
-    and owns any training-only heads, which are checkpointed but never exported."""
-
-    def __init__(self, model: VLM):
-        super().__init__()
-        self.model = model
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(state, strict=False)
-
-
-class NextTokenObjective(Objective):
-    def forward(self, batch: Batch):
-        return loss_on_batch(self.model, batch)
-
-
-def objective_for(stage: Stage, model: VLM, dense_weight: float = 0.0) -> Objective:
-    if stage is Stage.VISION:
-        from .vision_pretrain import DensePatchObjective
-
-        return DensePatchObjective(model)
-    if dense_weight > 0:
-        from .vision_pretrain import NextTokenWithDenseObjective
-
-        return NextTokenWithDenseObjective(model, dense_weight)
-    return NextTokenObjective(model)
-
-
 class _StopFlag:
     """SIGINT/SIGTERM finish the current step, save, and stop (no finished step is lost)."""
 
