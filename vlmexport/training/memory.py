@@ -57,7 +57,10 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         where = f" per process ({self.shard.upper()} over {self.world})" if self.world > 1 else ""
-        return (f"memory estimate{where}: {self.total / GIB:.2f} GiB = weights {self.weights / GIB:.2f} + gradients "
+        return f"memory estimate{where}: {self.breakdown()}"
+
+    def breakdown(self) -> str:
+        return (f"{self.total / GIB:.2f} GiB = weights {self.weights / GIB:.2f} + gradients "
                 f"{self.gradients / GIB:.2f} + optimizer state {self.optimizer / GIB:.2f} + activations "
                 f"{self.activations / GIB:.2f} + overhead {self.overhead / GIB:.2f} ({self.trainable_params:,} of "
                 f"{self.total_params:,} parameters train)")
@@ -132,15 +135,17 @@ def _estimate(s: _Shape, micro_batch: int, seq_len: int, mixed: bool, gc: bool, 
     gradients = 4 * s.trainable / div
     opt_bytes = 8.0 if optimizer == "adamw" else 2 + 4 / 256
     opt = opt_bytes * s.trainable / div
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len  # 0: the decoder does not run (the vision stage)
     block = block_activation_bytes(tokens, seq_len, s.hidden, s.ffn, s.heads, mixed)
     text = (s.layers * 4 * s.hidden * tokens + block) if gc else s.layers * block
     text += block  # activation gradients in flight during backward
+    if mixed and tokens == 0:
+        weights -= 2 * (s.block_params if gc else s.decoder_params)
     vision = 0.0
     if s.vision_trains:
         vt = micro_batch * images * s.vis_tokens
         vblock = block_activation_bytes(vt, s.vis_tokens, s.vis_hidden, s.vis_ffn, s.vis_heads, mixed)
-        vision = (s.vis_layers * 4 * s.vis_hidden * vt + vblock) if gc else s.vis_layers * vblock
+        vision = ((s.vis_layers * 4 * s.vis_hidden * vt + vblock) if gc else s.vis_layers * vblock) + vblock
     logits = 3 * 4 * tokens * s.vocab // 8  # fp32 logits, softmax and grad at the supervised tokens (~1/8)
     overhead = CUDA_CONTEXT if device == "cuda" else CPU_OVERHEAD
     label = f"{'bf16' if mixed else 'fp32'}{' + grad ckpt' if gc else ''}{' + 8-bit AdamW' if optimizer != 'adamw' else ''}"
@@ -174,7 +179,8 @@ def largest_fitting(model: VLM, budget_bytes: int, micro_batch: int, seq_len: in
 def settings_table(model: VLM, micro_batch: int, seq_len: int, world: int = 1, shard: str = "none",
                    optimizer: str = "adamw", devices: dict[str, int] | None = None) -> list[dict]:
     """For fp32 / bf16 x with / without gradient checkpointing: the estimate for this model
-    (on CPU) and the largest model of its family that fits each device's memory (on CUDA)."""
+    (on CPU) and the largest model of its family that fits each device's memory (on CUDA,
+    one device per process)."""
     devices = devices or DEVICES
     rows = []
     for mixed in (False, True):

@@ -50,11 +50,15 @@ def collect(objective, optimizer: torch.optim.Optimizer, state: dict) -> Snapsho
         heads = {k: v.detach().cpu().contiguous() for k, v in objective.extra_state().items()}
     names = {id(p): n for n, p in objective.named_parameters()}
     opt: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()  # bitsandbytes shares one quantization map between parameters
     for group in optimizer.param_groups:
         for p in group["params"]:
             for slot, val in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(val):
-                    opt[f"{names[id(p)]}::{slot}"] = full_tensor(val).detach().cpu().contiguous()
+                    t = full_tensor(val).detach().cpu().contiguous()
+                    ptr = t.untyped_storage().data_ptr()
+                    opt[f"{names[id(p)]}::{slot}"] = t.clone() if ptr in storages else t
+                    storages.add(ptr)
                 elif isinstance(val, (int, float)):
                     kind = "int" if isinstance(val, int) else "float"
                     opt[f"{names[id(p)]}::{slot}::{kind}"] = torch.tensor(val)

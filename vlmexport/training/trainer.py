@@ -252,7 +252,7 @@ def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage
     elif objective_init:  # e.g. the dense heads trained by the previous stage
         objective.load_extra_state(objective_init)
     amp = autocast_dtype(cfg.precision, device)
-    mem = estimate_memory(model, per_rank, _sequence_length(data, per_rank, model), amp is not None,
+    mem = estimate_memory(model, per_rank, sequence_length_of(data, per_rank), amp is not None,
                           cfg.grad_checkpointing, world=env.world, shard=cfg.shard if env.world > 1 else "none",
                           optimizer=cfg.optimizer)
     if cfg.compile:
@@ -273,13 +273,10 @@ def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage
                 int(snap.state["step"]) if snap else 0, list(snap.state.get("history", [])) if snap else [], mem)
 
 
-def _sequence_length(data: TrainData, per_rank: int, model: VLM) -> int:
-    """Sequence length for the memory estimate: the first batch's, else the context length."""
-    try:
-        ids = getattr(data.batch(0, per_rank), "input_ids", None)
-    except Exception:  # an estimate must not stop training
-        ids = None
-    return int(ids.shape[1]) if ids is not None else model.config.max_position_embeddings
+def sequence_length_of(data: TrainData, per_rank: int) -> int:
+    """Sequence length for the memory estimate: the first batch's (0: batches without text)."""
+    ids = getattr(data.batch(0, per_rank), "input_ids", None)
+    return int(ids.shape[1]) if ids is not None else 0
 
 
 def _optimizer_step(run: _Run, data: TrainData, cfg: TrainConfig, step: int) -> tuple[float, int, float]:
