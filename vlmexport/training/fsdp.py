@@ -113,6 +113,7 @@ def unshard_into(model: nn.Module) -> None:
     copy), and the fresh instance's submodules, parameters and buffers replace the
     sharded ones. Non-persistent buffers (RoPE tables), which FSDP never shards, are kept.
     """
+    device = next(model.parameters()).device  # a DTensor's device is its local shard's
     full = gathered_state_dict(model, drop_tied=False)
     buffers = {n: b.detach().to("cpu") for n, b in model.named_buffers()}
     with torch.device("meta"):
@@ -133,5 +134,6 @@ def unshard_into(model: nn.Module) -> None:
     missing = [n for n, p in fresh.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"gathering the sharded model left {len(missing)} parameters unset, e.g. {missing[:3]}")
+    fresh.to(device)
     for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
         setattr(model, attr, getattr(fresh, attr))
