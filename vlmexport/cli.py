@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -100,11 +101,29 @@ class StageChoice(str, Enum):
     fuse = "fuse"
 
 
+class TrainPrecision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class ShardChoice(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class OptimizerChoice(str, Enum):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+
+
 # ----------------------------------------------------------------------- train
 @app.command(epilog=_examples(
     "vlmexport train --recipe demo --out runs/demo",
     "vlmexport train runs/demo/model --stage fuse --data data/train.jsonl --steps 500 --out runs/fuse",
     "torchrun --nproc_per_node 2 --no-python vlmexport train --recipe demo --out runs/demo-ddp",
+    "torchrun --nproc_per_node 8 --no-python vlmexport train MODEL --shard fsdp --device cuda --out runs/fsdp",
+    "vlmexport train --recipe demo --out runs/demo --estimate --nproc 2",
 ))
 @friendly_errors
 def train(
@@ -123,6 +142,15 @@ def train(
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
     device: Device = typer.Option(Device.CPU, help="Training device."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop (and save) after this many minutes."),
+    precision: Optional[TrainPrecision] = typer.Option(None, help="auto: bf16 autocast on CUDA and AMX CPUs."),
+    shard: Optional[ShardChoice] = typer.Option(None, help="Under torchrun: ddp replicas, or fsdp (FSDP2) sharding "
+                                                "of weights, gradients and optimizer state."),
+    optimizer: Optional[OptimizerChoice] = typer.Option(None, help="adamw (fused where torch has it) or adamw8bit "
+                                                        "(bitsandbytes, 8-bit states)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
+    estimate: bool = typer.Option(False, help="Print the memory estimate of each stage and exit (no training)."),
+    nproc: Optional[int] = typer.Option(None, help="Processes for --estimate's DDP/FSDP rows (default: "
+                                        "$WORLD_SIZE or 2)."),
     show_recipe: bool = typer.Option(False, help="Print the recipe as JSON and exit."),
     verbose: bool = typer.Option(True, help="Log progress details."),
 ):
@@ -130,11 +158,17 @@ def train(
     _setup_logging(verbose)
     from .training import api
 
+    options = dict(precision=precision and precision.value, shard=shard and shard.value,
+                   optimizer=optimizer and optimizer.value, compile=compile_ or None)
+    nproc = nproc or int(os.environ.get("WORLD_SIZE", "2"))
     if recipe is not None:
         r = api.resolve_recipe(recipe, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                               grad_checkpointing=grad_checkpointing, max_minutes=max_minutes)
+                               grad_checkpointing=grad_checkpointing, max_minutes=max_minutes, **options)
         if show_recipe:
             out.print_json(r.to_json())
+            return
+        if estimate:
+            _print_estimates(api.estimate_recipe(r, nproc, device=device.value))
             return
         cb, finish = _train_callbacks()
         try:
@@ -145,16 +179,38 @@ def train(
         return
     if model is None:
         raise VlmexportError("pass a model directory to fine-tune, or --recipe demo to train from scratch")
+    stage_args = dict(stage=stage.value, data=data, steps=steps or 1000, batch_size=batch_size or 16,
+                      grad_accum=grad_accum or 1, lr=lr or 1e-4, train_language=train_language,
+                      train_vision=train_vision, grad_checkpointing=grad_checkpointing, device=device.value,
+                      max_minutes=max_minutes, **options)
+    if estimate:
+        _print_estimates([api.train_stage(model, out, estimate_nproc=nproc, **stage_args)])
+        return
     cb, finish = _train_callbacks()
     try:
-        model_dir = api.train_stage(model, out, stage=stage.value, data=data, steps=steps or 1000,
-                                    batch_size=batch_size or 16, grad_accum=grad_accum or 1, lr=lr or 1e-4,
-                                    train_language=train_language, train_vision=train_vision,
-                                    grad_checkpointing=grad_checkpointing, device=device.value,
-                                    max_minutes=max_minutes, callbacks=cb)
+        model_dir = api.train_stage(model, out, callbacks=cb, **stage_args)
     finally:
         finish()
     console.print(f"[green]model written to[/green] {model_dir}")
+
+
+def _print_estimates(stages) -> None:
+    for est in stages:
+        console.print(f"[bold]stage {est.stage}[/bold]: micro-batch {est.micro_batch} (one process), "
+                      f"sequence length {est.seq_len}")
+        for name, mem in est.setups.items():
+            console.print(f"  {name}{' (per process)' if mem.world > 1 else ''}: {mem.breakdown()}")
+        t = Table(title="one process: the estimate here, and the largest model of this family (width and depth "
+                        "scaled together) that fits one device")
+        t.add_column("setting")
+        t.add_column("estimate (GiB)", justify="right")
+        devices = [k for k in est.table[0] if k not in ("setting", "estimate_gib")] if est.table else []
+        for d in devices:
+            t.add_column(f"fits {d}", justify="right")
+        for row in est.table:
+            t.add_row(row["setting"], f"{row['estimate_gib']:.2f}",
+                      *[f"{row[d] / 1e9:.2f} B params" if row[d] else "none" for d in devices])
+        console.print(t)
 
 
 def _train_callbacks():

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.labels import LABEL_SETS
 from ..models.base import VLM
 from .batching import IGNORE, Batch
+from ..data.labels import LABEL_SETS
 from .stages import Stage
 
 

@@ -1,5 +1,5 @@
 """The training loop: AdamW + warmup/cosine, gradient accumulation and checkpointing,
-bf16 autocast, safetensors checkpoints with exact resume, and DDP under torchrun.
+bf16 autocast, safetensors checkpoints with exact resume, and DDP or FSDP2 under torchrun.
 
 Data is addressed by a global example index (``TrainData.examples(first, n)``; the
 micro-batch of step s, micro-step m, rank r starts at ((s * accum + m) * world + r) * n),
@@ -10,7 +10,6 @@ saved optimizer and RNG state this makes resume bit-exact.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -22,19 +21,18 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from ..core.atomic import atomic_directory
 from ..core.errors import CheckpointError, ConfigError
 from ..models.base import VLM
-from ..models.checkpoint import state_dict_for_saving
+from . import run_state
+from .device import OPTIMIZERS, compile_blocks, make_optimizer, move_batch, rank_device
+from .fsdp import local_storage_bytes, set_gradient_sync, shard_blocks, unshard_into
 from .memory import MemoryEstimate, estimate_memory
 from .objectives import Objective, objective_for
+from .run_state import CHECKPOINT_DIR
 from .stages import Stage, apply_stage
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -57,12 +55,19 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
+    shard: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: weights, grads and AdamW state sharded)
+    optimizer: str = "adamw"  # "adamw" (fused where torch has it) or "adamw8bit" (bitsandbytes)
+    compile: bool = False  # torch.compile each transformer block
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("steps, batch_size and grad_accum must be positive")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("precision must be auto, bf16 or fp32")
+        if self.shard not in ("ddp", "fsdp"):
+            raise ConfigError(f"shard must be ddp or fsdp, not {self.shard!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup then cosine decay to ``min_lr_ratio * lr``."""
@@ -106,6 +111,9 @@ class TrainResult:
     checkpoint: Path
     history: list[dict] = field(default_factory=list)
     reason: str = "completed"  # "completed" | "time_budget" | "interrupted"
+    # trainable parameters' storage: this process's tensors (its shards under FSDP), and the whole
+    trainable_bytes_local: int = 0
+    trainable_bytes: int = 0
 
 
 # ------------------------------------------------------------------ environment
@@ -174,58 +182,6 @@ def param_groups(objective: Objective, cfg: TrainConfig) -> list[dict]:
             for (scale, decay), ps in sorted(groups.items(), key=lambda kv: kv[0])]
 
 
-# ---------------------------------------------------------------- checkpoints
-def save_training_state(run_dir: Path, objective: Objective, optimizer: torch.optim.Optimizer, step: int,
-                        stage: str, cfg: TrainConfig, extra: dict | None = None) -> Path:
-    """model.safetensors (checkpoint names) + objective.safetensors (training-only heads) +
-    optimizer.safetensors + trainer_state.json, written atomically."""
-    out = run_dir / CHECKPOINT_DIR
-    names = {id(p): n for n, p in objective.named_parameters()}
-    opt_tensors: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, val in optimizer.state.get(p, {}).items():
-                t = val if torch.is_tensor(val) else torch.tensor(val)
-                opt_tensors[f"{names[id(p)]}::{key}"] = t.detach().cpu().contiguous()
-    opt_tensors["__rng__::torch"] = torch.get_rng_state()
-    state = {"step": step, "stage": stage, "config": asdict(cfg), **(extra or {})}
-    heads = {k: v.detach().cpu().contiguous() for k, v in objective.extra_state().items()}
-    with atomic_directory(out) as tmp:
-        save_file(state_dict_for_saving(objective.model), str(tmp / "model.safetensors"))
-        save_file(heads or {"__none__": torch.zeros(0)}, str(tmp / "objective.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    return out
-
-
-def load_training_state(run_dir: Path, objective: Objective, optimizer: torch.optim.Optimizer) -> dict:
-    ckpt = run_dir / CHECKPOINT_DIR
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        weights = load_file(str(ckpt / "model.safetensors"))
-        heads = load_file(str(ckpt / "objective.safetensors"))
-        opt = load_file(str(ckpt / "optimizer.safetensors"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{ckpt}: incomplete training checkpoint ({Path(exc.filename).name} missing); "
-                              "delete the run directory to start over") from None
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt}: unreadable training checkpoint ({str(exc).splitlines()[0]}); "
-                              "delete the run directory to start over") from None
-    objective.model.load_state_dict(weights, strict=False)
-    heads.pop("__none__", None)
-    if heads:
-        objective.load_extra_state(heads)
-    params = dict(objective.named_parameters())
-    for key, val in opt.items():
-        name, slot = key.split("::")
-        if name == "__rng__":
-            torch.set_rng_state(val)
-            continue
-        p = params[name]
-        optimizer.state[p][slot] = val.to(p.device) if slot != "step" else val
-    return state
-
-
 # --------------------------------------------------------------------- the loop
 class _StopFlag:
     """SIGINT/SIGTERM finish the current step, save, and stop (no finished step is lost)."""
@@ -253,6 +209,106 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@dataclass
+class _Run:
+    """What one stage's loop works with, set up by ``_prepare``."""
+
+    env: DistEnv
+    device: torch.device
+    objective: Objective
+    runner: torch.nn.Module  # the objective, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    params: list
+    amp: torch.dtype | None
+    per_rank: int
+    sharded: bool
+    start_step: int
+    history: list[dict]
+    memory: MemoryEstimate
+
+
+def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage: Stage, train_language: bool,
+             train_vision: bool, device: torch.device, dense_weight: float,
+             objective_init: dict[str, torch.Tensor] | None) -> _Run:
+    env = init_distributed(device)
+    device = rank_device(device, env.local_rank)
+    per_rank = cfg.batch_size // (env.world * cfg.grad_accum)
+    if per_rank * env.world * cfg.grad_accum != cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by world size {env.world} x grad_accum "
+                          f"{cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    resuming = run_state.exists(run_dir)
+    apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    objective = objective_for(stage, model, dense_weight).to(device)
+    snap = run_state.read(run_dir) if resuming else None
+    if snap is not None:
+        if snap.state.get("stage") != stage.value:
+            raise CheckpointError(f"{run_dir / CHECKPOINT_DIR}: holds a {snap.state.get('stage')} checkpoint, not "
+                                  f"{stage.value}; use another run directory")
+        run_state.restore_weights(objective, snap)
+        log.info("resuming %s from step %d", stage.value, int(snap.state["step"]))
+    elif objective_init:  # e.g. the dense heads trained by the previous stage
+        objective.load_extra_state(objective_init)
+    amp = autocast_dtype(cfg.precision, device)
+    mem = estimate_memory(model, per_rank, sequence_length_of(data, per_rank), amp is not None,
+                          cfg.grad_checkpointing, world=env.world, shard=cfg.shard if env.world > 1 else "none",
+                          optimizer=cfg.optimizer)
+    if cfg.compile:
+        log.info("torch.compile: %d blocks", compile_blocks(objective))
+    sharded = cfg.shard == "fsdp" and env.world > 1
+    runner: torch.nn.Module = objective
+    if sharded:
+        shard_blocks(objective, device, env.world, amp)
+    elif env.world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.has_experts)  # a batch without images leaves the visual experts idle
+    optimizer = make_optimizer(param_groups(objective, cfg), cfg.optimizer, cfg.lr, cfg.betas, device, sharded)
+    if snap is not None:
+        run_state.restore_optimizer(objective, optimizer, snap)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    return _Run(env, device, objective, runner, optimizer, params, amp, per_rank, sharded,
+                int(snap.state["step"]) if snap else 0, list(snap.state.get("history", [])) if snap else [], mem)
+
+
+def sequence_length_of(data: TrainData, per_rank: int) -> int:
+    """Sequence length for the memory estimate: the first batch's (0: batches without text)."""
+    ids = getattr(data.batch(0, per_rank), "input_ids", None)
+    return int(ids.shape[1]) if ids is not None else 0
+
+
+def _optimizer_step(run: _Run, data: TrainData, cfg: TrainConfig, step: int) -> tuple[float, int, float]:
+    """One optimizer step (all micro-batches); returns (mean loss over ranks, tokens, lr)."""
+    lr = cfg.lr_at(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    total_loss = torch.zeros((), device=run.device)
+    total_tokens = 0
+    for micro in range(cfg.grad_accum):
+        first = ((step * cfg.grad_accum + micro) * run.env.world + run.env.rank) * run.per_rank
+        batch = move_batch(data.batch(first, run.per_rank), run.device)
+        sync = micro == cfg.grad_accum - 1
+        if run.sharded:
+            set_gradient_sync(run.runner, sync)
+        ctx = run.runner.no_sync() if (run.env.world > 1 and not run.sharded and not sync) else contextlib.nullcontext()
+        with ctx, attention_kernel(run.device):
+            with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+                loss, ntok = run.runner(batch)
+            (loss / cfg.grad_accum).backward()
+        total_loss += loss.detach() / cfg.grad_accum
+        total_tokens += ntok
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.env.world > 1:
+        dist.all_reduce(total_loss)
+        total_loss /= run.env.world
+    return float(total_loss), total_tokens, lr
+
+
 def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathLike,
           stage: Stage | str = Stage.SCRATCH, train_language: bool = False, train_vision: bool = False,
           device: str | torch.device = "cpu", callbacks: Callbacks | None = None,
@@ -261,84 +317,28 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
           objective_init: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train one stage; resumes from ``run_dir/checkpoint`` when it exists."""
     cb = callbacks or Callbacks()
-    stage = Stage(stage)
-    run_dir = Path(run_dir)
-    device = torch.device(device)
-    env = init_distributed(device)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    resuming = (run_dir / CHECKPOINT_DIR / "trainer_state.json").is_file()
-    apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    objective = objective_for(stage, model, dense_weight).to(device)
-    if objective_init and not resuming:  # e.g. the dense heads trained by the previous stage
-        objective.load_extra_state(objective_init)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(objective, cfg), lr=cfg.lr, betas=cfg.betas, foreach=True)
-    start_step = 0
-    history: list[dict] = []
-    if resuming:
-        state = load_training_state(run_dir, objective, optimizer)
-        if state.get("stage") != stage.value:
-            raise CheckpointError(f"{run_dir / CHECKPOINT_DIR}: holds a {state.get('stage')} checkpoint, not "
-                                  f"{stage.value}; use another run directory")
-        start_step = int(state["step"])
-        history = list(state.get("history", []))
-        log.info("resuming %s from step %d", stage.value, start_step)
-    runner: torch.nn.Module = objective
-    if env.world > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(
-            runner, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=model.has_experts)  # a batch without images leaves the visual experts idle
-    amp = autocast_dtype(cfg.precision, device)
-    per_rank = cfg.batch_size // (env.world * cfg.grad_accum)
-    if per_rank * env.world * cfg.grad_accum != cfg.batch_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by world size {env.world} x grad_accum "
-                          f"{cfg.grad_accum}")
-    mem = estimate_memory(model, per_rank, model.config.max_position_embeddings, amp is not None,
-                          cfg.grad_checkpointing)
-    if env.is_main:
-        log.info("%s", mem.describe())
-    cb.on_start(cfg.steps, start_step, mem)
-
+    stage, run_dir = Stage(stage), Path(run_dir)
+    run = _prepare(model, data, cfg, run_dir, stage, train_language, train_vision, torch.device(device),
+                   dense_weight, objective_init)
+    if run.env.is_main:
+        log.info("%s", run.memory.describe())
+    if run.sharded and eval_fn is not None and eval_every:
+        log.warning("no evaluation during FSDP training (the model is sharded); evaluate the saved model after it")
+        eval_fn = None
+    cb.on_start(cfg.steps, run.start_step, run.memory)
     t_start = time.perf_counter()
-    last_loss = float("nan")
-    step = start_step
+    last_loss, step, history = float("nan"), run.start_step, run.history
     model.train()
     with _StopFlag() as flag:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            lr = cfg.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            total_loss = torch.zeros((), device=device)
-            total_tokens = 0
-            for micro in range(cfg.grad_accum):
-                first = ((step * cfg.grad_accum + micro) * env.world + env.rank) * per_rank
-                batch = data.batch(first, per_rank).to(device)
-                sync = micro == cfg.grad_accum - 1
-                ctx = runner.no_sync() if (env.world > 1 and not sync) else contextlib.nullcontext()
-                with ctx, attention_kernel(device):
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss, ntok = runner(batch)
-                    (loss / cfg.grad_accum).backward()
-                total_loss += loss.detach() / cfg.grad_accum
-                total_tokens += ntok
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            last_loss, tokens, lr = _optimizer_step(run, data, cfg, step)
             step += 1
-            if env.world > 1:
-                dist.all_reduce(total_loss)
-                total_loss /= env.world
-            last_loss = float(total_loss)
             dt = time.perf_counter() - t0
-            entry = StepLog(step, last_loss, lr, total_tokens, dt, cfg.batch_size / dt)
-            cb.on_step(entry)
+            cb.on_step(StepLog(step, last_loss, lr, tokens, dt, cfg.batch_size / dt))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": last_loss, "lr": lr, "elapsed_s": time.perf_counter() - t_start})
-            if eval_fn is not None and eval_every and (step % eval_every == 0 or step == cfg.steps) and env.is_main:
+            if eval_fn is not None and eval_every and (step % eval_every == 0 or step == cfg.steps) and run.env.is_main:
                 model.eval()
                 metrics = eval_fn(model)
                 model.train()
@@ -346,21 +346,25 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
                 cb.on_eval(step, metrics)
             out_of_time = stop_after_s is not None and time.perf_counter() - t_start >= stop_after_s
             if step % cfg.save_every == 0 or step == cfg.steps or flag.stop or out_of_time:
-                _save(env, run_dir, objective, optimizer, step, stage, cfg, history, cb)
+                _save(run, run_dir, step, stage, cfg, history, cb)
             if flag.stop or out_of_time:
                 reason = "interrupted" if flag.stop else "time_budget"
                 break
         else:
             reason = "completed"
+    local = local_storage_bytes(run.params)
+    whole = sum(p.numel() * p.element_size() for p in run.params)
+    if run.sharded:
+        unshard_into(model)  # the caller gets a plain model back, as after any other run
     model.eval()
     return TrainResult(stage.value, step, last_loss, time.perf_counter() - t_start, run_dir / CHECKPOINT_DIR, history,
-                       reason)
+                       reason, local, whole)
 
 
-def _save(env: DistEnv, run_dir, objective, optimizer, step, stage, cfg, history, cb) -> None:
-    if env.is_main:
-        path = save_training_state(run_dir, objective, optimizer, step, stage.value, cfg, {"history": history})
-        cb.on_save(step, path)
-    if env.world > 1:
+def _save(run: _Run, run_dir: Path, step: int, stage: Stage, cfg: TrainConfig, history: list, cb: Callbacks) -> None:
+    state = {"step": step, "stage": stage.value, "config": asdict(cfg), "world": run.env.world, "history": history}
+    snap = run_state.collect(run.objective, run.optimizer, state)  # collective under FSDP
+    if run.env.is_main:
+        cb.on_save(step, run_state.write(run_dir, snap))
+    if run.env.world > 1:
         dist.barrier()
-

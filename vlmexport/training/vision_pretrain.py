@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from ..core.preprocess import PreprocessConfig
+from .batching import pixels_from_uint8
 from ..data import SyntheticVQA
 from ..data.labels import stacked_patch_labels
-from .batching import pixels_from_uint8
 
 
 @dataclass
