@@ -9,7 +9,8 @@ installs numpy and onnxruntime alone. The one exception is lazy: when a bundle i
 Layout (paths are POSIX, relative to the bundle directory)::
 
     manifest.json            this module's schema (see ``SCHEMA_VERSION``)
-    tokenizer.model, preprocessor_config.json, chat_template.json
+    tokenizer.model and/or tokenizer.json (+ tokenizer_config.json), preprocessor_config.json,
+    chat_template.jinja
     onnx/<part>.<precision>.onnx (+ .onnx.data), onnx/token_embedding.<precision>.safetensors
     gguf/..., engines/...    other formats; nothing here assumes ONNX
     README.md                model card generated from the manifest
@@ -55,7 +56,7 @@ SECTIONS = (
     "model",  # model config: arch, semantics (expert_routing, position_ids), sizes, params
     "tokenizer",  # file, kind, vocab size, special ids
     "preprocessing",  # image size, mean/std, resampling (also in preprocessor_config.json)
-    "chat_template",  # also in chat_template.json
+    "chat_template",  # settings; the jinja itself is chat_template.jinja
     "semantics_deviations",  # list of warnings: an artifact that cannot reproduce the semantics
     "calibration",
     "validation",  # rows {part, precision, check, max_abs_diff, tolerance, passed}, end_to_end
@@ -671,6 +672,7 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "semantics_deviations": b.semantics_deviations,
         "tokenizer": b.section("tokenizer", {}),
         "preprocessing": b.section("preprocessing", {}),
+        "chat_template": _chat_template_summary(b),
         "artifacts": [{"part": a.part, "format": a.format, "precision": a.precision, "file": a.file,
                        "size_bytes": a.total_size_bytes, "data_files": [d["file"] for d in a.data_files],
                        "inputs": [t.to_dict() for t in a.inputs], "outputs": [t.to_dict() for t in a.outputs]}
@@ -680,6 +682,17 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "file_count": len(sizes),
         "total_size_bytes": sum(int(s) for s in sizes.values()),
     }
+
+
+def _chat_template_summary(b: "Bundle") -> dict[str, Any]:
+    """The chat_template section with the template's jinja text (older bundles: the section alone)."""
+    section = dict(b.section("chat_template", {}) or {})
+    if isinstance(section.get("file"), str) and section["file"].endswith(".jinja"):
+        try:
+            section["jinja"] = b.file(section["file"]).read_text()
+        except (OSError, UnicodeDecodeError, BundleError) as exc:
+            section["jinja"] = f"(unreadable: {exc})"
+    return section
 
 
 def format_size(n: int) -> str:
@@ -704,6 +717,10 @@ def format_inspection(summary: Mapping[str, Any]) -> str:
     lines += [f"  WARNING      {w if isinstance(w, str) else _kv(w)}" for w in s.get("semantics_deviations", [])]
     lines.append(f"Tokenizer      {_kv(s.get('tokenizer') or {})}")
     lines.append(f"Preprocessing  {_kv(s.get('preprocessing') or {})}")
+    tmpl = dict(s.get("chat_template") or {})
+    jinja = tmpl.pop("jinja", None)
+    lines.append(f"Chat template  {_kv(tmpl)}")
+    lines += [f"  | {line}" for line in (jinja.splitlines() if isinstance(jinja, str) else [])]
     lines.append("Artifacts")
     for a in s.get("artifacts", []):
         lines.append(f"  {a['part']:<16} {a['format']:<12} {a['precision']:<8} {format_size(a['size_bytes']):>9}  "
