@@ -8,10 +8,12 @@ whole rendered chat prompt the way a transformers tokenizer does: special and ad
 (and the image placeholder) are split out first, the text between them is encoded, BOS is
 added where the tokenizer adds it unless the prompt already starts with it.
 
-SentencePiece fallback, as transformers' LLaMA tokenizer does it: ``legacy`` (the default
-of a bare ``tokenizer.model``, and how the project's own models were trained) gives every
-text run between special tokens SentencePiece's dummy-prefix "▁"; ``legacy: false`` gives
-it only to the start of the prompt. The SentencePiece model's own normalizer applies.
+SentencePiece fallback, as transformers' LLaMA tokenizer (its Metaspace pre-tokenizer) does
+it: ``legacy`` (the default of a bare ``tokenizer.model``, and how the project's own models
+were trained) gives every text run between special tokens SentencePiece's dummy-prefix "▁";
+``legacy: false`` gives it only to the start of the prompt; a run that starts with a space
+gets none (the space is its "▁"). The SentencePiece model's own normaliser applies (LLaMA's
+is the identity; a model trained with whitespace folding keeps folding it).
 
 ``train_tokenizer`` builds the project's own tokenizer for models trained from scratch;
 the file it writes is a regular ``tokenizer.model`` that llama.cpp's converter, the
@@ -139,7 +141,8 @@ class Tokenizer:
             return out
         for i, t in (self.config.get("added_tokens_decoder") or {}).items():
             s = _token_str(t)
-            if s is not None and self.sp.PieceToId(s) == int(i):
+            # a token beyond the SentencePiece vocabulary was added by transformers (e.g. <image>)
+            if s is not None and (self.sp.PieceToId(s) == int(i) or int(i) >= self.sp.GetPieceSize()):
                 out[s] = int(i)
         for i in range(self.sp.GetPieceSize()):  # <s>, </s>, <unk> and user-defined symbols
             if self.sp.IsControl(i) or self.sp.IsUnknown(i) or self.sp.IsUnused(i):
@@ -207,17 +210,16 @@ class Tokenizer:
         if self.add_bos and not (bos and text.startswith(bos)) and self.bos_id >= 0:
             ids.append(self.bos_id)
             offsets.append((0, 0))
-        first = True
         for start, end, special in self._split(text, tuple(placeholders)):
             chunk = text[start:end]
             if special:
                 ids.append(chunk if chunk in placeholders else self._added[chunk])
                 offsets.append((start, end))
                 continue
-            chunk_ids, chunk_offsets = self._encode_text(chunk, first=first or runs_apart)
+            # only a run at the very start of the prompt is its start (Metaspace's "first" scheme)
+            chunk_ids, chunk_offsets = self._encode_text(chunk, first=start == 0 or runs_apart)
             ids += chunk_ids
             offsets += [(start + a, start + b) for a, b in chunk_offsets]
-            first = False
         return ids, offsets
 
     def _hf_encode_prompt(self, text: str, placeholders: tuple[str, ...]
@@ -260,9 +262,11 @@ class Tokenizer:
         if self.hf is not None:
             enc = self.hf.encode(text, add_special_tokens=False)
             return list(enc.ids), [tuple(o) for o in enc.offsets]
-        if first or self.legacy:
+        if (first or self.legacy) and not text.startswith(" "):
             return self._sp_encode(text)
-        # legacy=False: no dummy prefix after a special token (transformers' "<unk>" + text trick)
+        # no dummy prefix: after a special token with legacy=False, or a run that starts with a space
+        # (transformers' Metaspace prepends "▁" only where there is none); "<unk>" + text, as
+        # transformers' slow LLaMA tokenizer does it
         unk = self.sp.IdToPiece(self.sp.unk_id())
         n_unk = len(self.sp.EncodeAsIds(unk))
         ids, offs = self._sp_encode(unk + text)
