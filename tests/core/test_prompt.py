@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from vlmexport.core.layout import ImagePiece, TextPiece
-from vlmexport.core.prompt import (IMAGE_TOKEN, ChatTemplate, PromptError, TemplateError, Turn, detect_content_format,
-                                   render, render_text)
+from vlmexport.core.prompt import (
+    IMAGE_TOKEN,
+    ChatTemplate,
+    PromptError,
+    TemplateError,
+    Turn,
+    detect_content_format,
+    render,
+    render_text,
+)
 from vlmexport.models import architectures
 
 IMG = 5  # chunk length used below
@@ -142,7 +150,7 @@ def test_answer_spans_without_generation_blocks(tokenizer):
 def test_training_examples_end_with_eos_when_the_template_writes_none(tokenizer):
     tmpl = architectures()["llava"].default_chat_template()
     r = render(tmpl, [Turn("What colour?", 1, "red")], tokenizer, IMG)
-    (s, e), = r.answer_spans
+    (_, e), = r.answer_spans
     assert flat(r)[e - 1] == tokenizer.eos_id and r.text.endswith("red </s>")
     r = render(tmpl, [Turn("What colour?", 1, "red")], tokenizer, IMG, stop_after_answer=False)
     assert tokenizer.eos_id not in flat(r)

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from vlmexport.core.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from vlmexport.core.prompt import Turn, render  # noqa: E402
-from vlmexport.core.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from vlmexport.models.checkpoint import read_chat_template, read_preprocess  # noqa: E402
-from vlmexport.models.cogvlm import CogVLM, CogVLMConfig  # noqa: E402
-from vlmexport.models.llava import LLAVA_CHAT_TEMPLATE, Llava, LlavaConfig  # noqa: E402
+from vlmexport.core.preprocess import PreprocessConfig, preprocess
+from vlmexport.core.prompt import Turn, render
+from vlmexport.core.tokenizer import Tokenizer
+from vlmexport.models.checkpoint import read_chat_template, read_preprocess
+from vlmexport.models.cogvlm import CogVLM, CogVLMConfig
+from vlmexport.models.llava import LLAVA_CHAT_TEMPLATE, Llava, LlavaConfig
 
 IMAGE_SIZE, PATCH = 32, 8
 N_IMAGE = (IMAGE_SIZE // PATCH) ** 2
@@ -36,7 +36,9 @@ CORPUS = ["What is shown in the image? A red circle and a blue square.", "How ma
 
 def clip_processor(**kw):
     try:  # transformers 5: the PIL backend is CLIPImageProcessorPil
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as cls,
+        )
     except ImportError:  # transformers 4.x
         from transformers import CLIPImageProcessor as cls
     return cls(**kw)
@@ -90,12 +92,14 @@ def conversations():
     out = []
     for n_img, text in [(1, "What is shown in the image?"), (2, "Compare them."), (0, "How many shapes?"),
                         (1, "How  many\nshapes? Café naïve 12345")]:
-        hf = [{"role": "user", "content": [{"type": "image"}] * n_img + [{"type": "text", "text": text}]}]
+        content = [{"type": "image"} for _ in range(n_img)] + [{"type": "text", "text": text}]
+        hf = [{"role": "user", "content": content}]
         out.append(([Turn(text, n_img)], hf))
     turns = [Turn("What colour?", 1, "red"), Turn("And the shape?", 0, "a circle"), Turn("Where is it?", 1)]
     hf = []
     for t in turns:
-        hf.append({"role": "user", "content": [{"type": "image"}] * t.images + [{"type": "text", "text": t.user}]})
+        hf.append({"role": "user", "content": [{"type": "image"} for _ in range(t.images)]
+                   + [{"type": "text", "text": t.user}]})
         if t.answer is not None:
             hf.append({"role": "assistant", "content": [{"type": "text", "text": t.answer}]})
     out.append((turns, hf))
@@ -205,8 +209,8 @@ def thudm_history_to_prompt(signal_type, history, query):
     answer_format = {"vqa": "Short answer:", "chat": "Answer:"}[signal_type]
     prompt = ""
     for old_query, response in history:
-        prompt += "Question: " + old_query + " {} ".format(answer_format) + response + "\n"
-    prompt += "Question: {} {}".format(query, answer_format)
+        prompt += "Question: " + old_query + f" {answer_format} " + response + "\n"
+    prompt += f"Question: {query} {answer_format}"
     return prompt
 
 
