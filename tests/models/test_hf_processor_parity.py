@@ -135,7 +135,7 @@ def test_llava_prompts_equal_the_processor(llama_sp, tmp_path, legacy, layout):
         sp_dir_with_config(llama_sp, d, legacy, image_id)
         (d / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_CHAT_TEMPLATE}))
     ours = Tokenizer(d)
-    assert ours.kind == ("sentencepiece" if layout == "sentencepiece-only" else "tokenizers")
+    assert ours.kind == ("tokenizers" if (d / "tokenizer.json").is_file() else "sentencepiece")
     template = read_chat_template(d, Llava, LlavaConfig.tiny())
     assert template.jinja == LLAVA_CHAT_TEMPLATE
     for k, (turns, messages) in enumerate(conversations()):
@@ -163,6 +163,11 @@ def test_llama_tokenizer_ids(llama_sp, tmp_path, legacy):
     for d in (tmp_path / "json", sp):
         ours = Tokenizer(d)
         for text in texts:
+            if legacy and " b<" in text and transformers.__version__ < "5" and ours.kind == "sentencepiece":
+                # transformers 4 (slow, and the fast converter's Prepend normaliser) gives a run after a
+                # special token that starts with a space a second "▁" in legacy mode; transformers 5's
+                # Metaspace does not, and the SentencePiece fallback follows the installed 5.x
+                continue
             ids, _ = ours.encode_prompt(text)
             expected = tok(text, add_special_tokens=not text.startswith("<s>"))["input_ids"]
             assert [i if isinstance(i, int) else -1 for i in ids] == expected, (d.name, text)
@@ -242,7 +247,9 @@ def test_cogvlm_prompts_equal_thudm(llama_sp, tmp_path, version):
 
 
 # --------------------------------------------------------------------------- pixels
-SIZES = [(45, 37), (37, 45), (32, 32), (31, 31), (33, 17), (17, 33), (3, 200), (200, 3), (640, 480), (64, 64),
+# no side of 1 or 3 pixels: transformers 4 guesses the channel axis from the array shape and takes
+# a 3-pixel-high image for channels-first (it warns "The channel dimension is ambiguous")
+SIZES = [(45, 37), (37, 45), (32, 32), (31, 31), (33, 17), (17, 33), (5, 200), (200, 5), (640, 480), (64, 64),
          (2, 2), (101, 99)]
 
 
