@@ -172,6 +172,10 @@ def test_thudm_layout_cogvlm_builds(tiny_model, tmp_path, tokenizer_path):
     assert "Short answer:" in pipe.template.jinja and pipe.template.encode_runs_apart
     layout, _ = pipe.prepare([vlmexport.core.prompt.Turn("What colour?", 1)], [image(1)])
     assert layout.image_spans[0][0] == 1  # right after BOS, as THUDM's build_conversation_input_ids
+    from vlmexport.bundle import format_inspection, inspect_bundle
+
+    shown = format_inspection(inspect_bundle(tmp_path / "bundle"))  # `vlmexport inspect` shows the template
+    assert "Chat template  file=chat_template.jinja" in shown and "Short answer:" in shown
     files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
     assert "chat_template.jinja" in files and "chat_template.json" not in files
     assert not list((tmp_path / "bundle").rglob("chat_template.json"))
