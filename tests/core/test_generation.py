@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmexport.core.generation import GenerationConfig, Sampler, generate_tokens, stream_text
-from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
+from vlmexport.core.layout import TextPiece, build_layout
 from vlmexport.core.preprocess import preprocess
 from vlmexport.core.prompt import PromptError, Turn, render
 from vlmexport.models import architectures
