@@ -234,16 +234,17 @@ def test_cogvlm_prompts_equal_thudm(llama_sp, tmp_path, version):
     ref = LlamaTokenizer.from_pretrained(str(d), legacy=False)
     config = CogVLMConfig.tiny(template_version=version)
     template = read_chat_template(d, CogVLM, config)
-    ours = Tokenizer(d)
+    ref.save_pretrained(tmp_path / "json")  # the same tokenizer as transformers saves it (tokenizer.json in 5.x)
     n = 7
     cases = [([], "What is shown?"), ([("What is shown?", "A red circle.")], "How many shapes?"),
              ([("What colour?", "red"), ("Shape?", "a  circle")], "Where\nis it? Café")]
-    for history, query in cases:
-        turns = [Turn(q, 1 if i == 0 else 0, a) for i, (q, a) in enumerate(history)] + [
-            Turn(query, 0 if history else 1)]
-        r = render(template, turns, ours, n)
-        got = [x for p in r.pieces for x in ([-1] * p.length if not hasattr(p, "ids") else p.ids)]
-        assert got == thudm_input_ids(ref, version, history, query, True, n), (history, query)
+    for ours in (Tokenizer(d), Tokenizer(tmp_path / "json")):
+        for history, query in cases:
+            turns = [Turn(q, 1 if i == 0 else 0, a) for i, (q, a) in enumerate(history)] + [
+                Turn(query, 0 if history else 1)]
+            r = render(template, turns, ours, n)
+            got = [x for p in r.pieces for x in ([-1] * p.length if not hasattr(p, "ids") else p.ids)]
+            assert got == thudm_input_ids(ref, version, history, query, True, n), (ours.kind, history, query)
 
 
 # --------------------------------------------------------------------------- pixels
