@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmexport.core.generation import GenerationConfig, Sampler, generate_tokens, stream_text
-from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
+from vlmexport.core.layout import TextPiece, build_layout
 from vlmexport.core.preprocess import preprocess
 from vlmexport.core.prompt import PromptError, Turn, render
 from vlmexport.models import architectures
@@ -243,12 +243,17 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
     finally:
         del pipe.session.prefill
     (layout,) = seen
-    before, after = t.user.format(content="<image>What colour?").split(t.image_token)
-    expected = ([tok.bos_id] + (tok.encode(before) if before.strip() else []) + [-1] * n + tok.encode(after)
-                + tok.encode(t.assistant.format(content="red")) + [tok.eos_id]
-                + tok.encode(t.turn_separator + t.user.format(content="And the shape?")))
+    # the history goes through the family's own template (THUDM's for cogvlm, llava-hf's for llava):
+    # answers in the text, no EOS between turns, the text tokenized as the template says
+    expected_text = {
+        "cogvlm": "<s>Question: <image>What colour? Answer: red\nQuestion: And the shape? Answer:",
+        "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
+    }[type(pipe.session.model).arch_name]
+    ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
+    expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
     got = np.where(layout.is_image, -1, layout.input_ids)
     assert got.tolist() == expected
+    assert tok.eos_id not in expected
     # and the answer is greedy decoding of exactly that sequence
     pieces = render(t, [Turn("<image>What colour?", 1, "red"), Turn("And the shape?")], tok, n).pieces
     assert answer == tok.decode(greedy_by_hand(pipe, pieces, imgs[:1], 4))
@@ -271,22 +276,24 @@ def test_placeholder_image_mismatch_is_a_prompt_error(pipe, imgs):
         pipe.generate(PROMPT, imgs[:1])
     with pytest.raises(PromptError, match=r"placeholder\(s\) but 0 image"):
         pipe.generate("What is <image>?", [])
-    with pytest.raises(PromptError, match="no <image> placeholder in turn 2"):
-        pipe.chat([Message("user", "hi"), Message("assistant", "hello"), Message("user", "and this?", (imgs[0],))])
     # errors come when the call is made, not when the stream is first read
     with pytest.raises(PromptError):
         pipe.stream(PROMPT, imgs[:1])
 
 
-def test_images_without_placeholders_go_first(pipe, imgs):
-    """CogVLM's convention: images without <image> sit right after BOS."""
+def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs):
+    """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text."""
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
-    q = pipe.template.user.format(content="What colour is it?")
+    n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
-    assert layout.image_spans == ((1, pipe.session.model.image_tokens()),)
-    assert a == pipe.tokenizer.decode(greedy_by_hand(
-        pipe, [TextPiece((pipe.tokenizer.bos_id,)), ImagePiece(pipe.session.model.image_tokens()),
-               TextPiece(tuple(pipe.tokenizer.encode(q)))], imgs[:1], 4))
+    prefix = {"cogvlm": "<s>", "llava": "<s>USER: "}[type(pipe.session.model).arch_name]
+    ids, _ = pipe.tokenizer.encode_prompt(prefix + "<image>", ("<image>",))
+    assert layout.image_spans == ((len(ids) - 1, n),)
+    # an image in a later turn goes where the template puts it too
+    layout2, _ = pipe.prepare([Turn("hi", 0, "hello"), Turn("and this?", 1)], imgs[:1])
+    assert len(layout2.image_spans) == 1
+    pieces = render(pipe.template, [Turn(user="What colour is it?", images=1)], pipe.tokenizer, n).pieces
+    assert a == pipe.tokenizer.decode(greedy_by_hand(pipe, pieces, imgs[:1], 4))
 
 
 def test_prompt_longer_than_the_context(pipe, tokenizer, preprocess_config):

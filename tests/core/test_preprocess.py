@@ -119,8 +119,8 @@ def test_shortest_edge_center_crop(w, h):
     img = Image.fromarray(rgb(w, h))
     out = resize(img, cfg)
     assert out.size == (16, 16)
-    scale = 16 / min(w, h)
-    nw, nh = max(16, round(w * scale)), max(16, round(h * scale))
+    # transformers' get_resize_output_image_size: the long side is int(16 * long / short) (floored)
+    nw, nh = (16, int(16 * h / w)) if w <= h else (int(16 * w / h), 16)
     big = np.asarray(img.resize((nw, nh), Image.Resampling.BILINEAR))
     top, left = (nh - 16) // 2, (nw - 16) // 2
     np.testing.assert_array_equal(np.asarray(out), big[top:top + 16, left:left + 16])
@@ -167,11 +167,11 @@ def test_config_file_round_trip(cfg, tmp_path):
 
 @pytest.mark.parametrize("hf, expected", [
     ({"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
-      "resample": 3}, PreprocessConfig(336, resize_mode="shortest_edge_center_crop")),
+      "resample": 3}, PreprocessConfig(336, resize_mode="shortest_edge_center_crop", rescale="float64_mul")),
     ({"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5, 0.5, 0.5],
       "image_std": [0.5, 0.5, 0.5]}, PreprocessConfig(224, resample="bilinear", image_mean=(0.5,) * 3,
-                                                       image_std=(0.5,) * 3)),
-    ({"image_size": 490}, PreprocessConfig(490)),
+                                                       image_std=(0.5,) * 3, rescale="float64_mul")),
+    ({"image_size": 490}, PreprocessConfig(490, rescale="float64_mul")),
 ])
 def test_plain_hf_image_processor_configs(hf, expected):
     assert PreprocessConfig.from_hf(hf) == expected

@@ -114,8 +114,6 @@ def _validation_headline(validation: Any) -> list[str]:
 
 
 def _how_to_run(manifest: Mapping[str, Any]) -> list[str]:
-    template = manifest.get("chat_template") or {}
-    token = template.get("image_token", "<image>") if isinstance(template, dict) else "<image>"
     return [
         "## How to run", "",
         "`BUNDLE` is this directory.", "",
@@ -126,7 +124,8 @@ def _how_to_run(manifest: Mapping[str, Any]) -> list[str]:
         "import vlmexport",
         "",
         'pipe = vlmexport.load("BUNDLE")  # backend="auto": the best backend installed here',
-        f'print(pipe.generate("{token}Describe the image.", images=["photo.jpg"]))',
+        "# images without an <image> placeholder go where the model's chat template puts them",
+        'print(pipe.generate("Describe the image.", images=["photo.jpg"]))',
         "```", "",
     ]
 

@@ -9,7 +9,8 @@ in this package) renders its README.
 Layout (paths are POSIX, relative to the bundle directory)::
 
     manifest.json            this module's schema (see ``SCHEMA_VERSION``)
-    tokenizer.model, preprocessor_config.json, chat_template.json
+    tokenizer.model and/or tokenizer.json (+ tokenizer_config.json), preprocessor_config.json,
+    chat_template.jinja
     onnx/<part>.<precision>.onnx (+ .onnx.data), onnx/token_embedding.<precision>.safetensors
     gguf/..., engines/...    other formats; nothing here assumes ONNX
     README.md                model card generated from the manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from .format import Bundle
+from .format import Bundle, BundleError
 from .summary import format_size, model_facts, validation_summary
 
 
@@ -22,6 +22,7 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "semantics_deviations": b.semantics_deviations,
         "tokenizer": b.section("tokenizer", {}),
         "preprocessing": b.section("preprocessing", {}),
+        "chat_template": _chat_template_summary(b),
         "artifacts": [{"part": a.part, "format": a.format, "precision": a.precision, "file": a.file,
                        "size_bytes": a.total_size_bytes, "data_files": [d["file"] for d in a.data_files],
                        "inputs": [t.to_dict() for t in a.inputs], "outputs": [t.to_dict() for t in a.outputs]}
@@ -32,6 +33,17 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "total_size_bytes": sum(int(s) for s in sizes.values()),
     }
 
+
+
+def _chat_template_summary(b: Bundle) -> dict[str, Any]:
+    """The chat_template section with the template's jinja text (older bundles: the section alone)."""
+    section = dict(b.section("chat_template", {}) or {})
+    if isinstance(section.get("file"), str) and section["file"].endswith(".jinja"):
+        try:
+            section["jinja"] = b.file(section["file"]).read_text()
+        except (OSError, UnicodeDecodeError, BundleError) as exc:
+            section["jinja"] = f"(unreadable: {exc})"
+    return section
 
 
 def _kv(d: Mapping[str, Any]) -> str:
@@ -49,6 +61,10 @@ def format_inspection(summary: Mapping[str, Any]) -> str:
     lines += [f"  WARNING      {w if isinstance(w, str) else _kv(w)}" for w in s.get("semantics_deviations", [])]
     lines.append(f"Tokenizer      {_kv(s.get('tokenizer') or {})}")
     lines.append(f"Preprocessing  {_kv(s.get('preprocessing') or {})}")
+    tmpl = dict(s.get("chat_template") or {})
+    jinja = tmpl.pop("jinja", None)
+    lines.append(f"Chat template  {_kv(tmpl)}")
+    lines += [f"  | {line}" for line in (jinja.splitlines() if isinstance(jinja, str) else [])]
     lines.append("Artifacts")
     for a in s.get("artifacts", []):
         lines.append(f"  {a['part']:<16} {a['format']:<12} {a['precision']:<8} {format_size(a['size_bytes']):>9}  "

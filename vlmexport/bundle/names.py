@@ -16,7 +16,7 @@ SECTIONS = (
     "model",  # model config: arch, semantics (expert_routing, position_ids), sizes, params
     "tokenizer",  # file, kind, vocab size, special ids
     "preprocessing",  # image size, mean/std, resampling (also in preprocessor_config.json)
-    "chat_template",  # also in chat_template.json
+    "chat_template",  # settings; the jinja itself is chat_template.jinja
     "semantics_deviations",  # list of warnings: an artifact that cannot reproduce the semantics
     "calibration",
     "validation",  # rows {part, precision, check, max_abs_diff, tolerance, passed}, end_to_end

@@ -25,6 +25,7 @@ from .errors import ConfigError, ImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+RESCALE = ("float32_div", "float64_mul")
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 MIN_IMAGE_SIDE = 2  # a 1x1 "image" carries no picture
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb limit (~8000x8000)
@@ -42,6 +43,10 @@ class PreprocessConfig:
     # "shortest_edge_center_crop": CLIPImageProcessor's resize + centre crop (LLaVA)
     resize_mode: str = "squash"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # how uint8 becomes [0, 1]: "float32_div" (x / 255 in float32: torchvision's ToTensor, THUDM's CogVLM,
+    # and vlmexport's own models) or "float64_mul" (x * rescale_factor in float64, then float32:
+    # transformers' image processors)
+    rescale: str = "float32_div"
 
     def __post_init__(self) -> None:
         if self.resample not in RESAMPLE:
@@ -49,6 +54,8 @@ class PreprocessConfig:
         if self.resize_mode not in ("squash", "shortest_edge_center_crop"):
             raise ConfigError(f"preprocessor resize_mode {self.resize_mode!r} is unknown; use 'squash' or "
                               "'shortest_edge_center_crop'")
+        if self.rescale not in RESCALE:
+            raise ConfigError(f"preprocessor rescale {self.rescale!r} is unknown; use one of {list(RESCALE)}")
 
     def to_hf(self) -> dict[str, Any]:
         s = self.image_size
@@ -61,7 +68,8 @@ class PreprocessConfig:
             "image_mean": list(self.image_mean), "image_std": list(self.image_std),
             "resample": RESAMPLE[self.resample],
             # vlmexport's own, read back by every backend
-            "vlmexport": {"image_size": s, "resample": self.resample, "resize_mode": self.resize_mode},
+            "vlmexport": {"image_size": s, "resample": self.resample, "resize_mode": self.resize_mode,
+                          **({"rescale": self.rescale} if self.rescale != "float32_div" else {})},
         }
         d.update(self.extra)
         return d
@@ -72,18 +80,29 @@ class PreprocessConfig:
         try:
             if own:
                 size, resample, mode = own["image_size"], own["resample"], own["resize_mode"]
+                rescale = own.get("rescale", "float32_div")
             else:  # a plain Hugging Face image processor
-                crop = d.get("crop_size") or {}
-                sz = d.get("size") or {}
-                size = crop.get("height") or sz.get("height") or sz.get("shortest_edge") or d["image_size"]
-                inv = {v: k for k, v in RESAMPLE.items()}
-                resample = inv.get(d.get("resample", 3), "bicubic")
-                mode = "shortest_edge_center_crop" if d.get("do_center_crop") and "shortest_edge" in sz else "squash"
+                size, resample, mode = _hf_geometry(d, source)
+                rescale = "float64_mul"
+                if abs(float(d.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12 or d.get("do_rescale") is False \
+                        or d.get("do_normalize") is False:
+                    raise ConfigError(f"{source}: only do_rescale with rescale_factor 1/255 and do_normalize are "
+                                      "supported; re-save the image processor with them")
             return cls(image_size=int(size), image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
-                       image_std=tuple(d.get("image_std", CLIP_STD)), resample=resample, resize_mode=mode)
+                       image_std=tuple(d.get("image_std", CLIP_STD)), resample=resample, resize_mode=mode,
+                       rescale=rescale)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: cannot read the image size/mean/std ({exc}); "
                               "write image_size, image_mean and image_std into it") from None
+
+    @classmethod
+    def from_processor_config(cls, d: dict[str, Any], source: str = "processor_config.json") -> "PreprocessConfig":
+        """transformers 5 keeps the image processor inside processor_config.json."""
+        ip = d.get("image_processor")
+        if not isinstance(ip, dict):
+            raise ConfigError(f"{source} has no image_processor; save the processor with transformers or add a "
+                              "preprocessor_config.json")
+        return cls.from_hf(ip, source=f"{source} (image_processor)")
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
@@ -99,6 +118,36 @@ class PreprocessConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _hf_geometry(d: dict[str, Any], source: str) -> tuple[int, str, str]:
+    """(size, resample, resize_mode) of a transformers image processor's keys."""
+    crop = d.get("crop_size") or {}
+    sz = d.get("size") or {}
+    if isinstance(sz, int):  # very old processors: size: 224
+        sz = {"shortest_edge": sz} if d.get("do_center_crop") else {"height": sz, "width": sz}
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    inv = {v: k for k, v in RESAMPLE.items()}
+    resample = inv.get(d.get("resample", 3), "bicubic")
+    if d.get("do_resize") is False:
+        raise ConfigError(f"{source}: do_resize is false; vlmexport needs images resized to the model's size")
+    if "shortest_edge" in sz:
+        if not d.get("do_center_crop", True):
+            raise ConfigError(f"{source}: a shortest_edge resize without a centre crop gives images of varying "
+                              "size; set do_center_crop")
+        if crop and (crop.get("height"), crop.get("width")) != (sz["shortest_edge"],) * 2:
+            raise ConfigError(f"{source}: crop_size {crop} differs from size.shortest_edge {sz['shortest_edge']}; "
+                              "only equal sizes are supported")
+        return int(sz["shortest_edge"]), resample, "shortest_edge_center_crop"
+    if "height" in sz:
+        if sz.get("height") != sz.get("width"):
+            raise ConfigError(f"{source}: size {sz} is not square; vlmexport models take square images")
+        if d.get("do_center_crop") and crop and crop.get("height") != sz["height"]:
+            raise ConfigError(f"{source}: a crop after a resize to {sz} is not supported; re-save the processor "
+                              "without do_center_crop")
+        return int(sz["height"]), resample, "squash"
+    return int(crop.get("height") or d["image_size"]), resample, "squash"
 
 
 def open_image(src: ImageInput, name: str | None = None) -> Image.Image:
@@ -140,22 +189,35 @@ def open_image(src: ImageInput, name: str | None = None) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def resize_shape(w: int, h: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) before the crop: CLIPImageProcessor's shortest-edge rule floors the long side."""
+    s = cfg.image_size
+    if cfg.resize_mode == "squash":
+        return s, s
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)  # transformers' get_resize_output_image_size: int(), not round()
+    return (s, new_long) if w <= h else (new_long, s)
+
+
 def resize(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     s = cfg.image_size
     method = RESAMPLE[cfg.resample]
+    nw, nh = resize_shape(*img.size, cfg)
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), method)
     if cfg.resize_mode == "squash":
-        return img if img.size == (s, s) else img.resize((s, s), method)
-    w, h = img.size
-    scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    img = img.resize((nw, nh), method)
-    left, top = (nw - s) // 2, (nh - s) // 2
+        return img
+    left, top = (nw - s) // 2, (nh - s) // 2  # transformers' center_crop
     return img.crop((left, top, left + s, top + s))
 
 
 def to_pixels(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """An already-resized image -> normalised float32 CHW pixels."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    """An already-resized image -> normalised float32 CHW pixels, with the arithmetic (and so the
+    rounding) of the checkpoint's own processor."""
+    if cfg.rescale == "float64_mul":  # transformers' rescale(): float64 multiply, then float32
+        arr = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    else:  # torchvision's ToTensor: float32 divide
+        arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     arr = (arr - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 

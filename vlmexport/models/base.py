@@ -21,6 +21,7 @@ from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
 from ..core.names import Part  # noqa: F401  (re-exported: models.Part)
 from ..core.plugins import import_package_modules
+from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from .layers import KVCache, Route, rope_cos_sin, rope_inv_freq
 
@@ -290,9 +291,15 @@ class VLM(nn.Module):
         return iter(())
 
     @classmethod
-    def default_chat_template(cls) -> ChatTemplate:
-        """THUDM CogVLM's chat template; architectures with another convention override this."""
-        return ChatTemplate()
+    def default_preprocess(cls, config: VLMConfig) -> PreprocessConfig | None:
+        """The image transform when a checkpoint ships no image-processor file (None: required)."""
+        return None
+
+    @classmethod
+    def default_chat_template(cls, config: VLMConfig | None = None) -> ChatTemplate:
+        """The family's chat template (jinja, as transformers renders it), used when a model
+        directory brings none; every architecture defines its own."""
+        raise NotImplementedError(f"{cls.__name__} defines no chat template")
 
 
 class TextDecoder(nn.Module):

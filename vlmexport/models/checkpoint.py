@@ -2,8 +2,11 @@
 
     config.json                 the architecture's own keys (THUDM's / transformers')
     model.safetensors           or model-0000N-of-0000M.safetensors + model.safetensors.index.json
-    tokenizer.model             SentencePiece
-    preprocessor_config.json    image size, mean, std, resampling
+    tokenizer.json              (tokenizers) and/or tokenizer.model (SentencePiece), tokenizer_config.json
+    preprocessor_config.json    image size, mean, std, resampling (transformers 5: inside processor_config.json;
+                                THUDM's CogVLM: none, its transform follows from config.json)
+    chat_template.jinja         or chat_template.json / processor_config.json / tokenizer_config.json's
+                                chat_template; else the architecture's own template
 
 Weights are read with safetensors only (memory-mapped, lazily, tensor by tensor);
 pickled ``*.bin`` checkpoints are refused.
@@ -26,7 +29,8 @@ from safetensors.torch import save_file
 from ..core.atomic import atomic_directory
 from ..core.errors import CheckpointError, ConfigError
 from ..core.preprocess import PreprocessConfig
-from ..core.tokenizer import Tokenizer
+from ..core.prompt import CHAT_TEMPLATE_FILE, ChatTemplate, TemplateError
+from ..core.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer, tokenizer_file
 from .base import VLM, VLMConfig, architecture_for_hf
 from .layers import rope_inv_freq
 
@@ -35,8 +39,10 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
 PREPROCESSOR = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+CHAT_TEMPLATE_JSON = "chat_template.json"
 MODEL_DIR_HINT = ("point to a model directory in the Hugging Face layout (config.json, model.safetensors, "
-                  "tokenizer.model, preprocessor_config.json)")
+                  "tokenizer.json or tokenizer.model, preprocessor_config.json)")
 
 
 def _err(path: Path, msg: str) -> CheckpointError:
@@ -183,12 +189,90 @@ def read_config(model_dir: str | os.PathLike) -> tuple[type[VLM], VLMConfig, dic
     return arch, config, hf
 
 
+# ------------------------------------------------- tokenizer, image processor, template
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _err(path, f"is not valid JSON ({exc}); fix or regenerate it") from None
+    if not isinstance(d, dict):
+        raise _err(path, "is not a JSON object; fix or regenerate it")
+    return d
+
+
+def read_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
+    """``tokenizer.json`` (tokenizers) where it exists, else ``tokenizer.model`` (SentencePiece)."""
+    d = Path(model_dir)
+    if tokenizer_file(d) is None:
+        raise _err(d, "has no tokenizer.json or tokenizer.model; copy the model's tokenizer files there (THUDM's "
+                   "CogVLM uses lmsys/vicuna-7b-v1.5's)")
+    return Tokenizer(d)
+
+
+def read_preprocess(model_dir: str | os.PathLike, arch: type[VLM] | None = None,
+                    config: VLMConfig | None = None) -> PreprocessConfig:
+    """preprocessor_config.json, else processor_config.json's image_processor (transformers 5),
+    else the architecture's own transform (THUDM's CogVLM ships none)."""
+    d = Path(model_dir)
+    if (d / PREPROCESSOR).is_file():
+        return PreprocessConfig.load(d / PREPROCESSOR)
+    if (d / PROCESSOR_CONFIG).is_file():
+        proc = _json(d / PROCESSOR_CONFIG)
+        if "image_processor" in proc:
+            return PreprocessConfig.from_processor_config(proc, source=str(d / PROCESSOR_CONFIG))
+    if arch is not None and config is not None:
+        pre = arch.default_preprocess(config)
+        if pre is not None:
+            return pre
+    raise ConfigError(f"{d}: no {PREPROCESSOR} (nor an image_processor in {PROCESSOR_CONFIG}); every model "
+                      "directory needs its image processor's settings")
+
+
+def _template_text(d: Path) -> tuple[str, str] | None:
+    """(jinja, file) from the places transformers keeps a chat template, in its order."""
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return (d / CHAT_TEMPLATE_FILE).read_text(), CHAT_TEMPLATE_FILE
+    for name in (CHAT_TEMPLATE_JSON, PROCESSOR_CONFIG, "tokenizer_config.json"):
+        if not (d / name).is_file():
+            continue
+        t = _json(d / name).get("chat_template")
+        if isinstance(t, list):  # tokenizer_config.json: [{"name": "default", "template": ...}, ...]
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        if isinstance(t, str) and t.strip():
+            return t, name
+    return None
+
+
+def read_chat_template(model_dir: str | os.PathLike, arch: type[VLM], config: VLMConfig) -> ChatTemplate:
+    """The model's own chat template (jinja), else the architecture's. An older vlmexport
+    chat_template.json (format strings) is read as the template it described."""
+    d = Path(model_dir)
+    family = arch.default_chat_template(config)
+    found = _template_text(d)
+    if found is None:
+        if (d / CHAT_TEMPLATE_JSON).is_file():
+            old = _json(d / CHAT_TEMPLATE_JSON)
+            if "user" in old:
+                return ChatTemplate.from_dict(old)
+        return family
+    jinja, name = found
+    image_token = family.image_token
+    if (d / PROCESSOR_CONFIG).is_file():
+        image_token = _json(d / PROCESSOR_CONFIG).get("image_token") or image_token
+    try:
+        return ChatTemplate(jinja=jinja, image_token=image_token, encode_runs_apart=family.encode_runs_apart,
+                            source=name)
+    except TemplateError as exc:
+        raise TemplateError(f"{d / name}: {exc}") from None
+
+
 @dataclass
 class LoadedModel:
     model: VLM
     tokenizer: Tokenizer | None
     preprocess: PreprocessConfig
     path: Path
+    template: ChatTemplate | None = None
 
 
 def load_pretrained(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -227,22 +311,24 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: torch.dtype = torch.flo
         model.lm_head_module().weight = model.token_embedding().weight
     model.to(dtype).eval()
     tok = None
-    if (d / TOKENIZER).is_file() or require_tokenizer:
-        tok = Tokenizer(d / TOKENIZER)
+    if tokenizer_file(d) is not None or require_tokenizer:
+        tok = read_tokenizer(d)
         if tok.vocab_size > config.vocab_size:
-            raise _err(d / TOKENIZER, f"has {tok.vocab_size} pieces but config.json vocab_size is "
+            raise _err(tok.path, f"has {tok.vocab_size} pieces but config.json vocab_size is "
                        f"{config.vocab_size}; they must come from the same model")
-    pre = PreprocessConfig.load(d / PREPROCESSOR)
+    pre = read_preprocess(d, arch, config)
     if pre.image_size != config.vision_config.image_size:
         raise _err(d / PREPROCESSOR, f"image size {pre.image_size} differs from config.json's vision image_size "
                    f"{config.vision_config.image_size}; make them agree")
-    return LoadedModel(model=model, tokenizer=tok, preprocess=pre, path=d)
+    return LoadedModel(model=model, tokenizer=tok, preprocess=pre, path=d,
+                       template=read_chat_template(d, arch, config))
 
 
 def save_pretrained(model: VLM, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer | None,
                     preprocess: PreprocessConfig, dtype: torch.dtype | None = None,
-                    metadata: dict | None = None) -> Path:
-    """Write a model directory atomically (an old copy survives until the new one is complete)."""
+                    metadata: dict | None = None, template: ChatTemplate | None = None) -> Path:
+    """Write a model directory atomically (an old copy survives until the new one is complete).
+    ``template`` (the one the model was trained with) is written as chat_template.jinja."""
     with atomic_directory(out_dir) as tmp:
         hf = type(model).config_to_hf(model.config)
         if dtype is not None:
@@ -251,9 +337,13 @@ def save_pretrained(model: VLM, out_dir: str | os.PathLike, tokenizer: str | os.
         save_file(state_dict_for_saving(model, dtype), str(tmp / WEIGHTS),
                   metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
         if tokenizer is not None:
-            src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
-            shutil.copyfile(src, tmp / TOKENIZER)
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+            shutil.copyfile(tok.path, tmp / (TOKENIZER_JSON if tok.kind == "tokenizers" else TOKENIZER_MODEL))
+            for src in tok.files()[1:]:
+                shutil.copyfile(src, tmp / src.name)
         preprocess.save(tmp / PREPROCESSOR)
+        if template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(template.jinja)
     return Path(out_dir)
 
 

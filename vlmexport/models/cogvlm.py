@@ -15,10 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
+from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
 from .layers import RMSNorm, SwiGLU, ViTMLP, apply_rope, attention, routed, sincos_2d, vit_self_attention
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
+
+
+# THUDM cogvlm-chat-hf: build_conversation_input_ids puts [BOS] and the image tokens first, then
+# tokenizer.encode(_history_to_prompt(template_version, history, query)) on its own:
+#   base: the query alone (no history); chat / vqa: "Question: {q} Answer: {a}\n" per past turn,
+#   then "Question: {query} Answer:" ("Short answer:" for vqa). No EOS between turns.
+# A conversation that ends with an answer (training) ends with EOS.
+COGVLM_CHAT_TEMPLATE = """\
+{%- set version = "@VERSION@" -%}
+{%- set answer_format = {"chat": "Answer:", "vqa": "Short answer:"}.get(version, "") -%}
+{%- macro text(m) -%}
+{%- if m.content is string %}{{ m.content }}{% else %}{% for c in m.content if c.type == 'text' %}{{ c.text }}{% endfor %}\
+{% endif -%}
+{%- endmacro -%}
+{{- bos_token -}}
+{#- images without a placeholder: right after BOS, as THUDM puts its image -#}
+{%- for m in messages if m.role == 'user' and m.content is not string -%}
+{%- for c in m.content if c.type == 'image' %}{{ '<image>' }}{% endfor -%}
+{%- endfor -%}
+{%- if version == 'base' -%}
+{%- for m in messages -%}
+{%- if m.role == 'user' and loop.index0 >= messages | length - 2 %}{{ text(m) }}\
+{% elif m.role == 'assistant' and loop.last %}{% generation %}{{ ' ' + text(m) + eos_token }}{% endgeneration %}\
+{% endif -%}
+{%- endfor -%}
+{%- else -%}
+{%- for m in messages -%}
+{%- if m.role == 'user' %}{{ 'Question: ' + text(m) + ' ' + answer_format }}\
+{% elif m.role == 'assistant' %}{% generation %}{{ ' ' + text(m) }}{% if loop.last %}{{ eos_token }}{% endif %}\
+{% endgeneration %}{% if not loop.last %}{{ '\\n' }}{% endif %}\
+{% endif -%}
+{%- endfor -%}
+{%- endif -%}
+"""
+TEMPLATE_VERSIONS = ("base", "chat", "vqa")
 
 
 @dataclass
@@ -311,6 +349,23 @@ class CogVLM(VLM):
                 pos[1:] = sincos_2d(grid, pos.shape[1]).to(pos.dtype)
         nn.init.normal_(v.boi, std=0.02)
         nn.init.normal_(v.eoi, std=0.02)
+
+    @classmethod
+    def default_preprocess(cls, config: CogVLMConfig) -> PreprocessConfig:
+        """THUDM's transform (its checkpoints ship no preprocessor_config.json): torchvision
+        Resize((s, s), BICUBIC) of the PIL image, ToTensor (x / 255 in float32), CLIP mean/std."""
+        return PreprocessConfig(image_size=config.vision_config.image_size, resample="bicubic", resize_mode="squash",
+                                rescale="float32_div")
+
+    @classmethod
+    def default_chat_template(cls, config: CogVLMConfig | None = None) -> ChatTemplate:
+        """THUDM's prompt format for ``template_version`` (base / chat / vqa), as jinja."""
+        version = config.template_version if config is not None else "chat"
+        if version not in TEMPLATE_VERSIONS:
+            raise ConfigError(f"template_version {version!r} is unknown; THUDM's CogVLM knows {list(TEMPLATE_VERSIONS)}")
+        # THUDM tokenizes the text apart from the image tokens it puts after BOS
+        return ChatTemplate(jinja=COGVLM_CHAT_TEMPLATE.replace("@VERSION@", version), encode_runs_apart=True,
+                            source=f"vlmexport:cogvlm (THUDM template_version={version})")
 
     @classmethod
     def part_specs(cls, c: CogVLMConfig) -> PartSpecs:

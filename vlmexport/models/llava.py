@@ -22,6 +22,18 @@ from .layers import RMSNorm, SwiGLU, ViTMLP, activation, apply_rope, attention, 
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 
 
+# llava-hf/llava-1.5-7b-hf chat_template.json (transformers' processor renders it)
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
 @dataclass
 class LlavaConfig(VLMConfig):
     image_token_index: int = 32000
@@ -325,9 +337,9 @@ class Llava(VLM):
         nn.init.normal_(self.vision_tower.embeddings.class_embedding, std=0.02)
 
     @classmethod
-    def default_chat_template(cls) -> ChatTemplate:
-        # LLaVA-1.5: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
-        return ChatTemplate(user="USER: {content} ASSISTANT:", turn_separator=" ")
+    def default_chat_template(cls, config: LlavaConfig | None = None) -> ChatTemplate:
+        """llava-hf/llava-1.5-7b-hf's chat template, verbatim: "USER: <image>\n{question} ASSISTANT:"."""
+        return ChatTemplate(jinja=LLAVA_CHAT_TEMPLATE, source="vlmexport:llava (llava-hf/llava-1.5-7b-hf)")
 
     @classmethod
     def part_specs(cls, c: LlavaConfig) -> PartSpecs:

@@ -17,23 +17,15 @@ from ..bundle import BundleWriter, artifact_file
 from ..core.errors import ConfigError
 from ..core.names import Part
 from ..core.preprocess import PreprocessConfig
-from ..core.prompt import ChatTemplate
+from ..core.prompt import CHAT_TEMPLATE_FILE, ChatTemplate
 from ..exporter.onnx_decoder import export_text_decoder, export_token_embedding
 from ..exporter.onnx_vision import export_connector, export_vision_encoder
 from ..models.base import VLM, VLMConfig
-from ..models.checkpoint import (
-    INDEX,
-    PREPROCESSOR,
-    TOKENIZER,
-    WEIGHTS,
-    CanonicalTensors,
-    SafetensorsCheckpoint,
-    read_config,
-)
+from ..models.checkpoint import (INDEX, PREPROCESSOR, WEIGHTS, CanonicalTensors, SafetensorsCheckpoint,
+                                 read_chat_template, read_config, read_preprocess, read_tokenizer)
 from ..models.spec import PartSpecs
-from ..runtimes.torch_backend import CHAT_TEMPLATE
 from .deviations import (DeviationRefused, PartialBuildError, deviation_record,  # noqa: F401
-                          drop_failed_formats, planned_deviations)
+                         drop_failed_formats, planned_deviations)
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +97,9 @@ def load_source(model_dir: str | Path) -> SourceModel:
     path = Path(model_dir)
     arch, config, hf = read_config(path)
     tensors = CanonicalTensors(SafetensorsCheckpoint(path), arch)
-    pre = PreprocessConfig.load(path / PREPROCESSOR)
-    if not (path / TOKENIZER).is_file():
-        from ..core.errors import CheckpointError
-
-        raise CheckpointError(f"{path}: tokenizer.model is missing; a bundle needs the model's SentencePiece file")
-    template = (ChatTemplate.from_dict(json.loads((path / CHAT_TEMPLATE).read_text()))
-                if (path / CHAT_TEMPLATE).is_file() else arch.default_chat_template())
+    pre = read_preprocess(path, arch, config)
+    read_tokenizer(path)  # a bundle needs the model's tokenizer: refuse now, not after the export
+    template = read_chat_template(path, arch, config)
     return SourceModel(path=path, arch=arch, config=config, hf_config=hf, specs=arch.part_specs(config),
                        tensors=tensors, preprocess=pre, template=template, num_parameters=tensors.num_parameters())
 
@@ -172,7 +160,8 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
         progress("export fp32 parts (the quantization source and fallback)")
         fp32 = new = export_onnx(src, root, ["fp32"], progress)
     t0 = time.perf_counter()
-    r = quantize_onnx({e.part: root / e.file for e in fp32}, root, precisions, tokenizer_path=src.path / TOKENIZER,
+    r = quantize_onnx({e.part: root / e.file for e in fp32}, root, precisions,
+                      tokenizer_path=read_tokenizer(src.path).path,
                       template=src.template, preprocess=src.preprocess, model=src.model_section(), arch=src.arch,
                       options=options, progress=progress)
     dt = time.perf_counter() - t0
@@ -312,33 +301,37 @@ def copy_reference(src: SourceModel, root: Path) -> ExportedPart:
     rel_dir = Path(artifact_file("model", "torch", "reference"))
     dest = root / rel_dir
     dest.mkdir(parents=True, exist_ok=True)
-    names = ["config.json", TOKENIZER, PREPROCESSOR]
+    names = ["config.json"] + [f.name for f in read_tokenizer(src.path).files()]
+    if (src.path / PREPROCESSOR).is_file():
+        names.append(PREPROCESSOR)
+    else:  # transformers 5 / THUDM layouts: the reference gets the image processor as a file of its own
+        src.preprocess.save(dest / PREPROCESSOR)
     if (src.path / INDEX).is_file():
         names.append(INDEX)
         names += sorted({v for v in json.loads((src.path / INDEX).read_text())["weight_map"].values()})
     else:
         names.append(WEIGHTS)
-    if (src.path / CHAT_TEMPLATE).is_file():
-        names.append(CHAT_TEMPLATE)
+    # the chat template is the bundle's own chat_template.jinja (one file, read by every backend)
     for n in names:
         shutil.copyfile(src.path / n, dest / n)
+    if PREPROCESSOR not in names:
+        names.append(PREPROCESSOR)
     files = [str(rel_dir / n) for n in names]
     return ExportedPart("model", "torch", "reference", str(rel_dir / "config.json"), tuple(files[1:]), (), (), 0.0)
 
 
 # -------------------------------------------------------------------- package
 def write_common_files(src: SourceModel, w: BundleWriter) -> None:
-    w.add_file(TOKENIZER, src.path / TOKENIZER)
+    tok = read_tokenizer(src.path)
+    for f in tok.files():
+        w.add_file(f.name, f)
     src.preprocess.save(w.path(PREPROCESSOR))
-    w.write_json(CHAT_TEMPLATE, src.template.to_dict())
+    w.path(CHAT_TEMPLATE_FILE).write_text(src.template.jinja)
     w.set_section("model", src.model_section())
-    from ..core.tokenizer import Tokenizer
-
-    tok = Tokenizer(src.path / TOKENIZER)
-    w.set_section("tokenizer", {"file": TOKENIZER, "type": "sentencepiece", "vocab_size": tok.vocab_size,
+    w.set_section("tokenizer", {"file": tok.path.name, "type": tok.kind, "vocab_size": tok.vocab_size,
                                 "bos_id": tok.bos_id, "eos_id": tok.eos_id})
     w.set_section("preprocessing", {"file": PREPROCESSOR, **src.preprocess.as_dict()})
-    w.set_section("chat_template", {"file": CHAT_TEMPLATE, **src.template.to_dict()})
+    w.set_section("chat_template", {"file": CHAT_TEMPLATE_FILE, **src.template.settings()})
 
 
 def add_artifacts(w: BundleWriter, parts: Sequence[ExportedPart]) -> None:

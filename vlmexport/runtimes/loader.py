@@ -162,6 +162,6 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     session, name = BACKENDS[choice](b, precision, device, threads, spin)
     tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
     pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
-    template = ChatTemplate.from_dict(b.section("chat_template"))
+    template = ChatTemplate.from_dict(b.section("chat_template"), read=lambda f: b.file(f).read_text())
     return Pipeline(session, tok, template, pre, model_spec(b.section("model")), backend=name)
 

@@ -78,6 +78,7 @@ def train_stage(model_dir: str | Path, out: str | Path, stage: str = "fuse", dat
     if result.reason == "interrupted":
         raise KeyboardInterrupt
     model_dir_out = out / "model"
-    save_pretrained(model.to("cpu"), model_dir_out, tok, pre, metadata={"stage": stage, "steps": result.steps_done})
+    save_pretrained(model.to("cpu"), model_dir_out, tok, pre, metadata={"stage": stage, "steps": result.steps_done},
+                    template=template)
     (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
     return model_dir_out

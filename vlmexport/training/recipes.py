@@ -194,7 +194,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
         raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the recipe's vocab_size is "
                           f"{model.config.vocab_size}")
     pre = PreprocessConfig(image_size=recipe.image_size)
-    template = model.default_chat_template()
+    template = model.default_chat_template(model.config)
     info = ModelLayoutInfo.of(model)
     timings = []
     heads: dict | None = None
@@ -235,7 +235,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
             raise KeyboardInterrupt  # stopped by a signal: the checkpoint is saved, rerun to resume
     model_dir = out / "model"
     dtype = getattr(torch, recipe.save_dtype)
-    save_pretrained(model, model_dir, tok, pre, dtype=dtype, metadata={"recipe": recipe.name})
+    save_pretrained(model, model_dir, tok, pre, dtype=dtype, metadata={"recipe": recipe.name}, template=template)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     (out / "learning_curve.json").write_text(json.dumps(learning_curve(out, recipe), indent=2) + "\n")
     return model_dir
