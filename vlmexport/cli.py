@@ -518,6 +518,45 @@ def bench(
     console.print(escape(f"report written to {json_out} and {png}"))
 
 
+# ----------------------------------------------------------------------- serve
+@app.command(epilog=_examples(
+    "vlmexport serve demo-bundle --port 8000",
+    "vlmexport serve demo-bundle --backend llamacpp --precision q8_0 --max-concurrency 2 --max-queue 32",
+    "vlmexport serve /bundle --host 0.0.0.0 --device cuda --allowed-image-dir /images --request-timeout 60",
+))
+@friendly_errors
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    backend: BackendChoice = typer.Option(BackendChoice.auto, help="Backend."),
+    precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
+    device: Device = typer.Option(Device.cpu, help="Device."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 inside a container)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_concurrency: int = typer.Option(1, help="Generations at once; each holds its own copy of the model."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for a slot; more are answered 429."),
+    request_timeout: float = typer.Option(120.0, help="Seconds a request may take, queueing included."),
+    allowed_image_dir: Optional[Path] = typer.Option(None, help="Accept local image paths / file:// URLs under "
+                                                     "this directory (default: data: URLs only)."),
+    allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs (off by default)."),
+    max_image_bytes: int = typer.Option(20 << 20, help="Largest encoded image accepted (bytes); larger is 413."),
+    default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
+    model_name: Optional[str] = typer.Option(None, help="Model id in /v1/models (default: the bundle's name)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per model copy (default: cores / max-concurrency)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+):
+    """Serve a bundle with OpenAI's chat-completions API (images as image_url parts, SSE streaming, /metrics)."""
+    _setup_logging(False)
+    from .serve import ServeConfig, serve as run_server
+
+    cfg = ServeConfig(bundle=bundle, backend=backend.value, precision=precision, device=device.value, host=host,
+                      port=port, max_concurrency=max_concurrency, max_queue=max_queue,
+                      request_timeout_s=request_timeout, allowed_image_dir=allowed_image_dir,
+                      allow_remote_images=allow_remote_images, max_image_bytes=max_image_bytes,
+                      default_max_tokens=default_max_tokens, model_name=model_name, threads=threads)
+    console.print(f"loading {escape(str(bundle))} ({max_concurrency} cop{'y' if max_concurrency == 1 else 'ies'})")
+    run_server(cfg, log_level=log_level)
+
+
 def main() -> None:
     app()
 
