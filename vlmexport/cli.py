@@ -557,6 +557,49 @@ def serve(
     run_server(cfg, log_level=log_level)
 
 
+# ------------------------------------------------------------------------ plan
+@app.command(epilog=_examples(
+    "vlmexport plan demo-bundle --device orin-nano-8gb",
+    "vlmexport plan demo-bundle --device host --context 256 --json",
+    "vlmexport plan big-bundle --device agx-orin-32gb --context 4096",
+))
+@friendly_errors
+def plan(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    device: str = typer.Option(..., help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, thor, "
+                               "rtx-4090, l4, h100, or host (this machine, measured)."),
+    context: Optional[int] = typer.Option(None, help="Context length to plan for (default: the model's)."),
+    images: Optional[int] = typer.Option(None, help="Images per prompt (default: as many as the context holds, "
+                                         "up to 8)."),
+    bandwidth: Optional[float] = typer.Option(None, help="Memory bandwidth in GB/s instead of the table's / "
+                                              "a measurement."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Whether a bundle fits a device: memory per artifact set, best precision, largest context, decode tok/s."""
+    from .plan import plan as make_plan
+
+    p = make_plan(bundle, device, context=context, images=images, bandwidth_gbs=bandwidth)
+    if json_out:
+        out.print_json(p.to_json())
+        return
+    d = p.device
+    cc = f", compute capability {d.compute_capability}" if d.compute_capability else ""
+    out.print(escape(f"{d.label}: {d.memory_gb:g} GB ({d.os_margin_gb:g} GB kept for the OS), "
+                     f"{d.bandwidth_gbs:g} GB/s{cc}; backends {', '.join(d.backends)}"), highlight=False)
+    t = Table(title=escape(f"{p.bundle} at context {p.context} (model {p.model_context}), {p.images} image(s)"))
+    for col in ("backend", "precision", "weights GB", "KV GB", "activations GB", "overhead GB", "peak GB", "fits",
+                "max context", "decode tok/s"):
+        t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
+    for e in p.estimates:
+        t.add_row(e.backend, e.precision, f"{e.weights_gb:.3f}", f"{e.kv_cache_gb:.3f}", f"{e.activations_gb:.3f}",
+                  f"{e.overhead_gb:.3f}", f"{e.peak_gb:.3f}", "[green]yes[/green]" if e.fits else "[red]no[/red]",
+                  str(e.max_context), f"{e.decode_tok_s:,.0f}")
+    out.print(t)
+    for backend in sorted({e.backend for e in p.estimates}):
+        best = p.best(backend)
+        out.print(f"{backend}: " + (f"best precision that fits: {best.precision}" if best else "nothing fits"))
+
+
 def main() -> None:
     app()
 

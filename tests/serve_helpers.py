@@ -25,13 +25,15 @@ def free_port() -> int:
 class Server:
     """``vlmexport serve BUNDLE ARGS`` on 127.0.0.1:<free port>; stopped (and its log kept) on close."""
 
-    def __init__(self, bundle: Path, *args: str, log: Path):
+    def __init__(self, bundle: Path, *args: str, log: Path, command: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")
-        env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "vlmexport.cli", "serve", str(bundle), "--port",
+        env = env or {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+        command = command or [sys.executable, "-m", "vlmexport.cli"]
+        self.proc = subprocess.Popen([*command, "serve", str(bundle), "--port",
                                       str(self.port), "--log-level", "warning", *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
