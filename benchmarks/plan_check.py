@@ -8,7 +8,7 @@ terms (base MB per backend, resident bytes per byte of weight files) that vlmexp
 MEASURED table holds.
 
     python benchmarks/plan_check.py /tmp/demo-bundle /tmp/mid-bundle
-    python benchmarks/plan_check.py --make-mid /tmp/mid      # a 6-layer 512-wide random model, built into a bundle
+    python benchmarks/plan_check.py demo-bundle --make /tmp/plan   # + two random models of other shapes
 
 Not a test: the figures are for this machine (CPU, RSS), see docs/deployment.md.
 """
@@ -76,8 +76,16 @@ def measure(bundle: Path, backend: str, precision: str, context: int, images: in
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def make_mid(workdir: Path) -> Path:
-    """A random 6-layer, 512-wide model with the demo's tokenizer and images, built into a bundle."""
+SHAPES = {  # random models of other sizes than the demo (the demo's tokenizer and a 32-pixel ViT)
+    "mid": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                max_position_embeddings=1024),
+    "wide": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                 max_position_embeddings=2048),
+}
+
+
+def make_mid(workdir: Path, name: str = "mid") -> Path:
+    """A random model of shape SHAPES[name] with the demo's tokenizer, built into a bundle."""
     import torch
 
     from vlmexport.assets import demo_model_dir
@@ -86,18 +94,42 @@ def make_mid(workdir: Path) -> Path:
     from vlmexport.models.checkpoint import save_pretrained
 
     A = get_architecture("cogvlm")
-    cfg = A.tiny_config(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                        num_attention_heads=8, max_position_embeddings=1024)
+    cfg = A.tiny_config(vocab_size=1024, **SHAPES[name])
     torch.manual_seed(0)
     model = seeded_init(A(cfg), 0).eval()
     demo = demo_model_dir()
-    src = save_pretrained(model, workdir / "model", demo / "tokenizer.model",
+    src = save_pretrained(model, workdir / f"{name}-model", demo / "tokenizer.model",
                           PreprocessConfig(image_size=cfg.vision_config.image_size))
-    out = workdir / "mid-bundle"
+    out = workdir / f"{name}-bundle"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([sys.executable, "-m", "vlmexport.cli", "build", str(src), "--out", str(out), "--format",
                     "onnx,gguf", "--precision", "fp32,fp16,q8_0", "--no-validate", "--no-reference",
                     "--imatrix-pairs", "0"], check=True, env=env)
+    return out
+
+
+def fit(rows: list[dict]) -> dict:
+    """base (median), fixed (intercept of the fp32 loads over two model sizes) and per-byte factors per precision
+    (least squares):
+    loaded RSS = base + fixed + per_byte x weight files + KV cache."""
+    import statistics
+
+    out = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        mine = [r for r in rows if r["backend"] == backend]
+        base = statistics.median(r["base_mb"] for r in mine)
+        pts = sorted((r["files_mb"], r["loaded_mb"] - r["base_mb"] - r["kv_mb"]) for r in mine
+                     if r["precision"] in ("fp32", "f32"))
+        fixed = 0.0
+        if len({x for x, _ in pts}) >= 2:
+            (x0, y0), (x1, y1) = pts[0], pts[-1]
+            fixed = max(0.0, y0 - (y1 - y0) / (x1 - x0) * x0)
+        per_byte = {}
+        for p in sorted({r["precision"] for r in mine}):  # least squares through the origin: big models weigh most
+            xy = [(r["files_mb"], r["loaded_mb"] - r["base_mb"] - r["kv_mb"] - fixed) for r in mine
+                  if r["precision"] == p]
+            per_byte[p] = round(sum(x * y for x, y in xy) / sum(x * x for x, _ in xy), 3)
+        out[backend] = {"base_mb": round(base, 1), "fixed_mb": round(fixed, 1), "per_byte": per_byte}
     return out
 
 
@@ -107,13 +139,12 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundles", nargs="*", type=Path)
-    ap.add_argument("--make-mid", type=Path, default=None, help="build the mid-size random bundle here first")
+    ap.add_argument("--make", type=Path, default=None, help="build the random bundles of SHAPES here first")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    bundles = list(args.bundles) + ([make_mid(args.make_mid)] if args.make_mid else [])
+    bundles = list(args.bundles) + ([make_mid(args.make, n) for n in SHAPES] if args.make else [])
 
-    from vlmexport.plan import MEASURED, ModelShape, activation_bytes, artifact_sets, estimate, host_device, \
-        kv_cache_bytes
+    from vlmexport.plan import ModelShape, activation_bytes, artifact_sets, estimate, host_device, kv_cache_bytes
     from vlmexport.bundle import Bundle
 
     dev = host_device(bandwidth_gbs=10.0)  # bandwidth plays no part in memory
@@ -125,28 +156,26 @@ def main() -> int:
         for a in artifact_sets(b):
             m = measure(path, a.backend, a.precision, s.max_length, images)
             e = estimate(s, a, dev, s.max_length, images)
-            transient = (kv_cache_bytes(s, s.max_length, a.kv_bytes_per_element)
-                         + activation_bytes(s, s.max_length, images, a.backend)) / (1 << 20)
+            mb = 1 << 20
             rows.append({"bundle": path.name, "backend": a.backend, "precision": a.precision,
-                         "files_mb": a.files_bytes / (1 << 20), **m, "transient_mb": transient,
-                         "load_factor": (m["peak_mb"] - m["base_mb"] - transient) / (a.files_bytes / (1 << 20)),
-                         "predicted_mb": e.peak_gb * 1e9 / (1 << 20)})
+                         "files_mb": a.files_bytes / mb, **m,
+                         "kv_mb": kv_cache_bytes(s, s.max_length, a.kv_bytes_per_element) / mb,
+                         "activations_mb": activation_bytes(s, s.max_length, images, a.backend) / mb,
+                         "predicted_mb": e.peak_gb * 1e9 / mb, "measured_terms": e.measured})
             r = rows[-1]
             print(f"{r['bundle']} {r['backend']} {r['precision']}: files {r['files_mb']:.1f} MB, base "
                   f"{r['base_mb']:.0f}, loaded {r['loaded_mb']:.0f}, peak {r['peak_mb']:.0f} MB; predicted "
                   f"{r['predicted_mb']:.0f} MB ({(r['predicted_mb'] / r['peak_mb'] - 1):+.1%})", flush=True)
-    print("\nmeasured overhead terms (median over the artifact sets):")
-    for backend in sorted({r["backend"] for r in rows}):
-        sel = sorted(rows, key=lambda r: r["files_mb"])
-        bases = sorted(r["base_mb"] for r in sel if r["backend"] == backend)
-        factors = sorted(r["load_factor"] for r in sel if r["backend"] == backend)
-        print(f"  {backend}: base_mb {bases[len(bases) // 2]:.0f}, load_factor {factors[len(factors) // 2]:.2f} "
-              f"(now in plan.MEASURED: {MEASURED.get(backend)})")
-    print("\n| bundle | backend | precision | weight files MB | predicted peak MB | measured peak RSS MB | error |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("\nmeasured overhead terms -> vlmexport/plan.py MEASURED:")
+    print(json.dumps(fit(rows), indent=1))
+    print("\n| bundle | backend | precision | weight files MB | KV MB | activations MB (predicted) | peak - loaded "
+          "MB (measured) | predicted peak MB | measured peak RSS MB | error |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['bundle']} | {r['backend']} | {r['precision']} | {r['files_mb']:.1f} | {r['predicted_mb']:.0f} "
-              f"| {r['peak_mb']:.0f} | {r['predicted_mb'] / r['peak_mb'] - 1:+.1%} |")
+        flag = "" if r["measured_terms"] else " (load factor not measured)"
+        print(f"| {r['bundle']} | {r['backend']} | {r['precision']}{flag} | {r['files_mb']:.1f} | {r['kv_mb']:.1f} | "
+              f"{r['activations_mb']:.1f} | {r['peak_mb'] - r['loaded_mb']:.1f} | {r['predicted_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} | {r['predicted_mb'] / r['peak_mb'] - 1:+.1%} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -3,18 +3,19 @@
 For every runnable artifact set of the bundle (ONNX at each precision, GGUF at each quant
 type) the peak memory is predicted as
 
-    runtime overhead + weights x load factor + KV cache at the context + activations at the longest prompt
+    runtime overhead + weight files x resident bytes per file byte + KV cache at the context
+    + activations at the longest prompt
 
 - KV cache: layers x 2 x kv_heads x head_dim x context x bytes per element (the decoder's KV
   dtype for onnxruntime; f16 for llama.cpp, its default). Both backends allocate it for the
   whole context when the model loads.
 - activations: the prefill of the longest prompt (the context) through the decoder, with
-  the attention scores materialised per head, plus the vision encoder on the images that
-  fit (llama.cpp prefills in micro-batches of at most 512 tokens).
-- runtime overhead and load factor: *measured* on a CPU with ``benchmarks/plan_check.py``
-  (interpreter + libraries + tokenizer before any weights; weights resident after loading
-  and running per byte of files), see :data:`MEASURED`. A GPU adds its CUDA context, an
-  estimate from published figures (not measured here), see :data:`CUDA_CONTEXT_GB`.
+  the attention scores of every head materialised, or the vision encoder on the images that
+  fit, whichever is larger (llama.cpp prefills in micro-batches of at most 512 tokens). This
+  term over-predicts at long contexts (docs/deployment.md): a planner that errs on the safe side.
+- runtime overhead and resident bytes per file byte: *measured* on a CPU with
+  ``benchmarks/plan_check.py`` (see :data:`MEASURED`). A GPU adds its CUDA context, an estimate
+  from published figures (not measured here), see :data:`CUDA_CONTEXT_GB`.
 
 A device fits when the prediction stays under its memory minus the margin its OS needs.
 Decode speed is the bandwidth roofline: the bytes one token reads (the language path of
@@ -76,13 +77,20 @@ DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
     DeviceSpec("h100", "NVIDIA H100 SXM 80 GB", 80.0, 3350.0, "9.0", False, 0.5, _GPU),
 )}
 
-# Measured here (benchmarks/plan_check.py on the demo bundle, 2-vCPU x86 VM, onnxruntime 1.32,
-# llama-cpp-python 0.3.36): RSS of a process that has imported the backend and read the
-# tokenizer, before any weights (MB); and resident bytes per byte of weight files after loading
-# and one generation (onnxruntime copies external data into its own buffers; llama.cpp mmaps).
-MEASURED: dict[str, dict[str, float]] = {
-    "onnxruntime": {"base_mb": 0.0, "load_factor": 1.0},
-    "llamacpp": {"base_mb": 0.0, "load_factor": 1.0},
+# Measured here with benchmarks/plan_check.py (2-vCPU x86 VM, onnxruntime 1.32, llama-cpp-python
+# 0.3.36; the demo bundle and two random bundles of other shapes; docs/deployment.md has the table):
+# - base_mb: RSS of a process that imported the backend and read the tokenizer, before any weights;
+# - fixed_mb: what loading costs besides the weights and the KV cache (sessions, graphs, llama.cpp's
+#   compute buffers): the intercept of the fp32 loads of two model sizes;
+# - per_byte: resident bytes per byte of weight files once loaded (onnxruntime on a CPU turns fp16
+#   weights into fp32; llama.cpp repacks f16 / q8_0 for its CPU kernels). A precision not measured
+#   falls back to 1.0 and its estimate says so (measured=False).
+# int8 / int4 / q4_k_m were measured on the demo size only.
+MEASURED: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"base_mb": 72.5, "fixed_mb": 15.2,
+                    "per_byte": {"fp16": 2.235, "fp32": 0.838, "int4": 1.053, "int8": 1.205}},
+    "llamacpp": {"base_mb": 54.9, "fixed_mb": 15.2,
+                 "per_byte": {"f16": 1.898, "f32": 1.0, "q4_k_m": 1.048, "q8_0": 0.996}},
 }
 # CUDA context + cuBLAS/cuDNN handles per process: published / commonly reported figures, not
 # measured on these machines (no GPU here).
@@ -116,6 +124,7 @@ class Estimate:
     fits: bool
     max_context: int  # largest context (<= the model's) that fits; 0: none
     decode_tok_s: float  # bandwidth roofline at the context
+    measured: bool = True  # False: this backend x precision's load factor was not measured (1.0 assumed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,30 +313,35 @@ def decode_bytes_per_token(s: ModelShape, a: ArtifactSet, context: int) -> float
 
 
 def estimate(s: ModelShape, a: ArtifactSet, dev: DeviceSpec, context: int, images: int,
-             measured: dict[str, dict[str, float]] | None = None) -> Estimate:
-    meas = (measured or MEASURED).get(a.backend, {"base_mb": 0.0, "load_factor": 1.0})
-    overhead = meas["base_mb"] * (1 << 20)
+             measured: dict[str, dict[str, Any]] | None = None) -> Estimate:
+    meas = (measured or MEASURED).get(a.backend, {})
+    # the factors were measured on a CPU (where onnxruntime widens fp16 to fp32); on a GPU the
+    # weights stay as stored: 1.0, flagged as not measured
+    per_byte = None if dev.gpu else meas.get("per_byte", {}).get(a.precision)
+    host_mb = meas.get("base_mb", 0.0) + meas.get("fixed_mb", 0.0)
+    # a discrete GPU's memory holds no interpreter; a Jetson's unified memory holds both
+    overhead = 0.0 if dev.gpu and not dev.unified else host_mb * (1 << 20)
     if dev.gpu:
         overhead += CUDA_CONTEXT_GB["unified" if dev.unified else "discrete"] * GB
     budget = dev.memory_gb - dev.os_margin_gb
+    weights = a.files_bytes * (per_byte if per_byte is not None else 1.0)
 
-    def peak(ctx: int) -> tuple[float, float, float, float]:
-        w = a.files_bytes * meas["load_factor"]
+    def peak(ctx: int) -> tuple[float, float, float]:
         kv = kv_cache_bytes(s, ctx, a.kv_bytes_per_element)
         act = activation_bytes(s, ctx, images, a.backend)
-        return w, kv, act, w + kv + act + overhead
+        return kv, act, weights + kv + act + overhead
 
-    w, kv, act, total = peak(context)
+    kv, act, total = peak(context)
     lo, hi = 0, s.max_length  # the largest context that fits (peak grows with the context)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if peak(mid)[3] <= budget * GB:
+        if peak(mid)[2] <= budget * GB:
             lo = mid
         else:
             hi = mid - 1
     tok_s = dev.bandwidth_gbs * GB / decode_bytes_per_token(s, a, context)
-    return Estimate(a.backend, a.precision, context, w / GB, kv / GB, act / GB, overhead / GB, total / GB, budget,
-                    total <= budget * GB, lo, tok_s)
+    return Estimate(a.backend, a.precision, context, weights / GB, kv / GB, act / GB, overhead / GB, total / GB,
+                    budget, total <= budget * GB, lo, tok_s, per_byte is not None)
 
 
 def plan(bundle_path: str | os.PathLike, device_name: str, context: int | None = None, images: int | None = None,
