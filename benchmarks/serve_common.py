@@ -89,8 +89,10 @@ class Item:
     expected: str  # what `vlmexport run` prints
 
 
-def items(bundle: Path, workdir: Path, n: int, max_tokens: int) -> list[Item]:
-    """``n`` synthetic test questions with images, each answered once by `vlmexport run` (greedy)."""
+def items(bundle: Path, workdir: Path, n: int, max_tokens: int, backend: str = "onnxruntime",
+          precision: str | None = None) -> list[Item]:
+    """``n`` synthetic test questions with images, each answered once by `vlmexport run` (greedy) on the
+    backend and precision the server runs."""
     import json
 
     from vlmexport.training.data import SyntheticVQA
@@ -105,8 +107,8 @@ def items(bundle: Path, workdir: Path, n: int, max_tokens: int) -> list[Item]:
     for i, it in enumerate(cats[:n]):
         path = imgdir / f"item{i}.png"
         Image.fromarray(it.image).save(path)
-        ref = cli("run", str(bundle), "--backend", "onnxruntime", "--image", str(path), "--prompt", it.question,
-                  "--max-new-tokens", str(max_tokens)).stdout.strip()
+        ref = cli("run", str(bundle), "--backend", backend, "--image", str(path), "--prompt", it.question,
+                  "--max-new-tokens", str(max_tokens), *(["--precision", precision] if precision else [])).stdout.strip()
         url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
         out.append(Item(it.question, path, url, ref))
     return out

@@ -80,7 +80,7 @@ def main() -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or demo_bundle(args.workdir)
-    its = items(bundle, args.workdir, args.items, args.max_tokens)
+    its = items(bundle, args.workdir, args.items, args.max_tokens, args.backend, args.precision)
     extra = ["--backend", args.backend, "--max-concurrency", str(args.max_concurrency),
              "--max-queue", str(args.clients * 2), "--request-timeout", "600"]
     extra += ["--precision", args.precision] if args.precision else []

@@ -72,7 +72,7 @@ def main() -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or demo_bundle(args.workdir)
-    its = items(bundle, args.workdir, args.items, args.max_tokens)
+    its = items(bundle, args.workdir, args.items, args.max_tokens, args.backend, args.precision)
     extra = ["--backend", args.backend] + (["--precision", args.precision] if args.precision else [])
     server = Server(bundle, *extra, log=args.workdir / "server.log")
     model = bundle.resolve().name
