@@ -523,6 +523,7 @@ def bench(
     "vlmexport serve demo-bundle --port 8000",
     "vlmexport serve demo-bundle --backend llamacpp --precision q8_0 --max-concurrency 2 --max-queue 32",
     "vlmexport serve /bundle --host 0.0.0.0 --device cuda --allowed-image-dir /images --request-timeout 60",
+    "vlmexport serve demo-bundle --backend onnxruntime --batch 8   # decode steps of 8 requests in one run",
 ))
 @friendly_errors
 def serve(
@@ -542,6 +543,8 @@ def serve(
     default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
     model_name: Optional[str] = typer.Option(None, help="Model id in /v1/models (default: the bundle's name)."),
     threads: Optional[int] = typer.Option(None, help="Threads per model copy (default: cores / max-concurrency)."),
+    batch: int = typer.Option(0, help="Run up to this many requests' decode steps together in one model copy "
+                              "(onnxruntime; replaces --max-concurrency; 0 = off)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ):
     """Serve a bundle with OpenAI's chat-completions API (images as image_url parts, SSE streaming, /metrics)."""
@@ -552,7 +555,7 @@ def serve(
                       port=port, max_concurrency=max_concurrency, max_queue=max_queue,
                       request_timeout_s=request_timeout, allowed_image_dir=allowed_image_dir,
                       allow_remote_images=allow_remote_images, max_image_bytes=max_image_bytes,
-                      default_max_tokens=default_max_tokens, model_name=model_name, threads=threads)
+                      default_max_tokens=default_max_tokens, model_name=model_name, threads=threads, batch=batch)
     console.print(f"loading {escape(str(bundle))} ({max_concurrency} cop{'y' if max_concurrency == 1 else 'ies'})")
     run_server(cfg, log_level=log_level)
 

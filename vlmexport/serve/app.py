@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import VlmexportError
 from ..runtimes.pipeline import Pipeline
-from .config import ServeConfig
+from .config import ServeConfig, ServeConfigError
 from .engine import Delta, Done, Engine, Failed, Prepared
 from .errors import APIError, BadRequest, ModelNotFound, PayloadTooLarge, Unprocessable, error_body
 from .messages import to_conversation
@@ -39,17 +39,27 @@ def load_pipelines(cfg: ServeConfig) -> list[Pipeline]:
     from ..runtimes.loader import load
     from ..runtimes.onnxruntime_backend import physical_cores
 
-    threads = cfg.threads or max(1, physical_cores() // cfg.max_concurrency)
+    copies = 1 if cfg.batch else cfg.max_concurrency
+    threads = cfg.threads or max(1, physical_cores() // copies)
     first = load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, device=cfg.device, threads=threads)
     # the bundle's hashes were checked once; the other copies open the same files
     rest = [load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, device=cfg.device, threads=threads,
-                 verify="none") for _ in range(cfg.max_concurrency - 1)]
+                 verify="none") for _ in range(copies - 1)]
     return [first, *rest]
 
 
 def create_app(cfg: ServeConfig, pipelines: Sequence[Pipeline] | None = None) -> FastAPI:
     metrics = Metrics()
-    engine = Engine(pipelines or load_pipelines(cfg), metrics, cfg.max_queue)
+    pipes = pipelines or load_pipelines(cfg)
+    if cfg.batch:
+        from .batching import BatchEngine
+
+        if not pipes[0].backend.startswith("onnxruntime"):
+            raise ServeConfigError(f"--batch needs the onnxruntime backend (this bundle runs on {pipes[0].backend}); "
+                                   "pass --backend onnxruntime or leave --batch out")
+        engine: Engine = BatchEngine(pipes[0], cfg.batch, metrics, cfg.max_queue)
+    else:
+        engine = Engine(pipes, metrics, cfg.max_queue)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -64,7 +74,7 @@ def create_app(cfg: ServeConfig, pipelines: Sequence[Pipeline] | None = None) ->
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": cfg.served_model, "backend": engine.pipeline.backend,
-                "slots": len(engine.pipelines), "inflight": engine.inflight}
+                "slots": getattr(engine, "slots", len(engine.pipelines)), "inflight": engine.inflight}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -32,6 +32,9 @@ class ServeConfig:
     default_max_tokens: int = 256
     model_name: str | None = None  # the id in /v1/models (default: the bundle directory's name)
     threads: int | None = None  # per model copy (default: physical cores / max_concurrency)
+    # > 0: one model copy whose decode steps run this many requests together (onnxruntime only);
+    # replaces max_concurrency
+    batch: int = 0
 
     def __post_init__(self) -> None:
         checks = (
@@ -42,6 +45,7 @@ class ServeConfig:
             (self.max_image_bytes > 0, f"--max-image-bytes {self.max_image_bytes}: give a positive size"),
             (self.default_max_tokens >= 1, f"default max_tokens {self.default_max_tokens}: give at least 1"),
             (self.threads is None or self.threads >= 1, f"--threads {self.threads}: give at least 1"),
+            (self.batch >= 0, f"--batch {self.batch}: give 0 (off) or the number of requests to batch"),
         )
         for ok, message in checks:
             if not ok:
