@@ -8,6 +8,7 @@ as the baseline.
     python benchmarks/serve_load.py --workdir /tmp/serve-load                     # 16 x 20, demo bundle
     python benchmarks/serve_load.py --bundle B --backend llamacpp --clients 8 --requests 10
     python benchmarks/serve_load.py --max-concurrency 2 --json load.json
+    python benchmarks/serve_load.py --bundle B --sweep 1,4,8 --max-tokens 32 --requests 6   # batched vs sequential
 
 Not a test: latencies depend on the machine and on what else runs on it (the load average
 is printed before and after). Exit status 1 if a request was lost or an answer differed.
@@ -62,6 +63,55 @@ def run(server: Server, model: str, its, clients: int, requests: int, max_tokens
             "max_ms": max(lat, default=float("nan")) * 1e3, "wall_s": wall, "requests_per_s": len(lat) / wall}
 
 
+def sweep(args) -> int:
+    """Requests/s and generated tokens/s at several client counts: one model copy serving one request at a
+    time (sequential) against the same copy batching decode steps (--batch = the largest count)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or demo_bundle(args.workdir)
+    its = items(bundle, args.workdir, args.items, args.max_tokens, args.backend, args.precision)
+    counts = [int(c) for c in args.sweep.split(",")]
+    model = bundle.resolve().name
+    report = {"bundle": str(bundle), "max_tokens": args.max_tokens, "load_average_before": load_average(), "runs": []}
+    for mode, batch in (("sequential", 0), ("batched", max(counts))):
+        extra = ["--backend", "onnxruntime", "--batch", str(batch), "--max-queue", str(4 * max(counts)),
+                 "--request-timeout", "600"] + (["--threads", str(args.threads)] if args.threads else [])
+        server = Server(bundle, *extra, log=args.workdir / f"server-{mode}.log")
+        try:
+            for clients in counts:
+                results: list = []
+                lock = threading.Lock()
+
+                def one(k: int) -> None:
+                    client = server.client()
+                    for j in range(args.requests):
+                        item = its[(k + j) % len(its)]
+                        r = client.chat.completions.create(model=model, max_tokens=args.max_tokens, temperature=0,
+                                                           messages=[{"role": "user", "content": [
+                                                               {"type": "image_url", "image_url": {"url": item.url}},
+                                                               {"type": "text", "text": item.question}]}])
+                        with lock:
+                            results.append((r.choices[0].message.content.strip() == item.expected,
+                                            r.usage.completion_tokens))
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(one, range(clients)))
+                wall = time.perf_counter() - t0
+                run = {"mode": mode, "clients": clients, "requests": len(results),
+                       "identical": sum(ok for ok, _ in results), "tokens": sum(n for _, n in results),
+                       "requests_per_s": len(results) / wall, "tokens_per_s": sum(n for _, n in results) / wall}
+                report["runs"].append(run)
+                print(f"{mode:>10} ({'--batch ' + str(batch) if batch else 'one at a time'}), {clients} client(s): "
+                      f"{run['requests']} requests, identical to `vlmexport run` {run['identical']}, "
+                      f"{run['requests_per_s']:.1f} req/s, {run['tokens_per_s']:.0f} generated tok/s", flush=True)
+        finally:
+            server.close()
+    report["load_average_after"] = load_average()
+    print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if all(r["identical"] == r["requests"] for r in report["runs"]) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo model, built into --workdir)")
@@ -75,13 +125,18 @@ def main() -> int:
     ap.add_argument("--max-concurrency", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stream-every", type=int, default=2, help="every n-th request streams (0: none)")
+    ap.add_argument("--batch", type=int, default=0, help="serve with --batch N (onnxruntime batched decode)")
+    ap.add_argument("--sweep", default=None, help="e.g. 1,4,8: throughput at these client counts, on a server "
+                    "without and one with --batch (the largest count), instead of the load test")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or demo_bundle(args.workdir)
     its = items(bundle, args.workdir, args.items, args.max_tokens, args.backend, args.precision)
-    extra = ["--backend", args.backend, "--max-concurrency", str(args.max_concurrency),
+    extra = ["--backend", args.backend, "--max-concurrency", str(args.max_concurrency), "--batch", str(args.batch),
              "--max-queue", str(args.clients * 2), "--request-timeout", "600"]
     extra += ["--precision", args.precision] if args.precision else []
     extra += ["--threads", str(args.threads)] if args.threads else []
