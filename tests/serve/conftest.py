@@ -53,8 +53,9 @@ def endless_bundle(tmp_path_factory, tokenizer_path, tiny_model) -> Path:
     from vlmexport.core.preprocess import PreprocessConfig
     from vlmexport.models.checkpoint import save_pretrained
 
-    model = tiny_model("cogvlm", seed=3, max_position_embeddings=4096, hidden_size=128,
-                             intermediate_size=256, num_hidden_layers=4)
+    # wide enough that 4000 tokens take well over the endless server's 3 s timeout on an idle machine too
+    model = tiny_model("cogvlm", seed=3, max_position_embeddings=4096, hidden_size=256,
+                       intermediate_size=1024, num_hidden_layers=6)
     with torch.no_grad():
         model.lm_head_module().weight[model.config.eos_token_id].zero_()  # logit 0: never the greedy argmax
     root = tmp_path_factory.mktemp("endless")
