@@ -10,9 +10,9 @@ type) the peak memory is predicted as
   dtype for onnxruntime; f16 for llama.cpp, its default). Both backends allocate it for the
   whole context when the model loads.
 - activations: the prefill of the longest prompt (the context) through the decoder, with
-  the attention scores of every head materialised, or the vision encoder on the images that
-  fit, whichever is larger (llama.cpp prefills in micro-batches of at most 512 tokens). This
-  term over-predicts at long contexts (docs/deployment.md): a planner that errs on the safe side.
+  the attention scores of every head materialised (their causal lower triangle: the pages
+  written), or the vision encoder on the images that fit, whichever is larger (llama.cpp
+  prefills in micro-batches of at most 512 tokens).
 - runtime overhead and resident bytes per file byte: *measured* on a CPU with
   ``benchmarks/plan_check.py`` (see :data:`MEASURED`). A GPU adds its CUDA context, an estimate
   from published figures (not measured here), see :data:`CUDA_CONTEXT_GB`.
@@ -294,7 +294,9 @@ def activation_bytes(s: ModelShape, prompt: int, images: int, backend: str) -> i
     micro-batches of 512) or the vision encoder on ``images`` images, whichever is larger. fp32."""
     seq = min(prompt, LLAMA_UBATCH) if backend == "llamacpp" else prompt
     hidden_states = seq * (6 * s.hidden_size + 3 * s.intermediate_size) * 4
-    scores = s.num_heads * seq * min(prompt, s.max_length) * 4
+    # causal prefill writes the lower triangle of each head's score matrix: resident memory counts
+    # the pages written, half of heads x seq x context
+    scores = s.num_heads * seq * min(prompt, s.max_length) * 4 // 2
     logits = s.vocab_size * 4
     vision = images * s.vision_tokens * (6 * s.vision_hidden + 2 * s.vision_intermediate) * 4 \
         + images * s.vision_heads * s.vision_tokens ** 2 * 4
