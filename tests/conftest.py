@@ -28,6 +28,8 @@ from vlmexport.core.preprocess import PreprocessConfig
 from vlmexport.core.tokenizer import Tokenizer, train_tokenizer
 from vlmexport.models import VLM, architectures, get_architecture, seeded_init
 
+from arch_params import accepts_semantics, arch_semantics  # noqa: E402,F401  (re-exported)
+
 # Tiny models run 10-100x faster on one thread than with intra-op threads fighting over
 # a shared machine's cores (measured: 5 ms vs 560 ms for an 8-token generate).
 torch.set_num_threads(1)
@@ -47,23 +49,6 @@ def jitter_parameters(model: torch.nn.Module, seed: int, scale: float = 0.1) -> 
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
     return model
-
-
-def accepts_semantics(arch: str, routing: str, positions: str) -> bool:
-    """Whether ``arch``'s tiny config accepts these routing / position semantics."""
-    from vlmexport.core.errors import ConfigError
-
-    try:
-        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
-    except ConfigError:
-        return False
-    return True
-
-
-def arch_semantics(semantics: list[tuple[str, str]]) -> list:
-    """pytest params for every (architecture, routing, positions) its tiny config accepts."""
-    return [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in sorted(architectures()) for r, p in semantics
-            if accepts_semantics(a, r, p)]
 
 
 def build_tiny_model(arch: str, seed: int = 0, jitter: bool = False, **overrides) -> VLM:

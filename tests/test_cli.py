@@ -43,7 +43,7 @@ def tiny_recipe_file(tmp_path) -> str:
 def test_every_command_has_help_with_examples():
     result = invoke("--help")
     assert result.exit_code == 0
-    for cmd in ("train", "eval", "run", "build", "inspect", "bench"):
+    for cmd in ("train", "eval", "run", "build", "inspect", "bench", "serve", "plan"):
         assert cmd in result.plain
         sub = invoke(cmd, "--help")
         assert sub.exit_code == 0 and "Examples" in sub.plain and "$ vlmexport" in sub.plain, cmd

@@ -572,6 +572,91 @@ def bench(
     console.print(escape(f"report written to {json_out} and {png}"))
 
 
+# ----------------------------------------------------------------------- serve
+@app.command(epilog=_examples(
+    "vlmexport serve demo-bundle --port 8000",
+    "vlmexport serve demo-bundle --backend llamacpp --precision q8_0 --max-concurrency 2 --max-queue 32",
+    "vlmexport serve /bundle --host 0.0.0.0 --device cuda --allowed-image-dir /images --request-timeout 60",
+    "vlmexport serve demo-bundle --backend onnxruntime --batch 8   # decode steps of 8 requests in one run",
+))
+@friendly_errors
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    backend: Backend = typer.Option(Backend.AUTO, help="Backend."),
+    precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
+    device: Device = typer.Option(Device.CPU, help="Device."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 inside a container)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_concurrency: int = typer.Option(1, help="Generations at once; each holds its own copy of the model."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for a slot; more are answered 429."),
+    request_timeout: float = typer.Option(120.0, help="Seconds a request may take, queueing included."),
+    allowed_image_dir: Optional[Path] = typer.Option(None, help="Accept local image paths / file:// URLs under "
+                                                     "this directory (default: data: URLs only)."),
+    allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs (off by default)."),
+    max_image_bytes: int = typer.Option(20 << 20, help="Largest encoded image accepted (bytes); larger is 413."),
+    default_max_tokens: int = typer.Option(256, help="max_tokens when a request gives none."),
+    model_name: Optional[str] = typer.Option(None, help="Model id in /v1/models (default: the bundle's name)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per model copy (default: cores / max-concurrency)."),
+    batch: int = typer.Option(0, help="Run up to this many requests' decode steps together in one model copy "
+                              "(onnxruntime; replaces --max-concurrency; 0 = off)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+):
+    """Serve a bundle with OpenAI's chat-completions API (images as image_url parts, SSE streaming, /metrics)."""
+    _setup_logging(False)
+    from .serve import ServeConfig, serve as run_server
+
+    cfg = ServeConfig(bundle=bundle, backend=backend.value, precision=precision, device=device.value, host=host,
+                      port=port, max_concurrency=max_concurrency, max_queue=max_queue,
+                      request_timeout_s=request_timeout, allowed_image_dir=allowed_image_dir,
+                      allow_remote_images=allow_remote_images, max_image_bytes=max_image_bytes,
+                      default_max_tokens=default_max_tokens, model_name=model_name, threads=threads, batch=batch)
+    console.print(f"loading {escape(str(bundle))} ({max_concurrency} cop{'y' if max_concurrency == 1 else 'ies'})")
+    run_server(cfg, log_level=log_level)
+
+
+# ------------------------------------------------------------------------ plan
+@app.command(epilog=_examples(
+    "vlmexport plan demo-bundle --device orin-nano-8gb",
+    "vlmexport plan demo-bundle --device host --context 256 --json",
+    "vlmexport plan big-bundle --device agx-orin-32gb --context 4096",
+))
+@friendly_errors
+def plan(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    device: str = typer.Option(..., help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, thor, "
+                               "rtx-4090, l4, h100, or host (this machine, measured)."),
+    context: Optional[int] = typer.Option(None, help="Context length to plan for (default: the model's)."),
+    images: Optional[int] = typer.Option(None, help="Images per prompt (default: as many as the context holds, "
+                                         "up to 8)."),
+    bandwidth: Optional[float] = typer.Option(None, help="Memory bandwidth in GB/s instead of the table's / "
+                                              "a measurement."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Whether a bundle fits a device: memory per artifact set, best precision, largest context, decode tok/s."""
+    from .plan import plan as make_plan
+
+    p = make_plan(bundle, device, context=context, images=images, bandwidth_gbs=bandwidth)
+    if json_out:
+        out.print_json(p.to_json())
+        return
+    d = p.device
+    cc = f", compute capability {d.compute_capability}" if d.compute_capability else ""
+    out.print(escape(f"{d.label}: {d.memory_gb:g} GB ({d.os_margin_gb:g} GB kept for the OS), "
+                     f"{d.bandwidth_gbs:g} GB/s{cc}; backends {', '.join(d.backends)}"), highlight=False)
+    t = Table(title=escape(f"{p.bundle} at context {p.context} (model {p.model_context}), {p.images} image(s)"))
+    for col in ("backend", "precision", "weights GB", "KV GB", "activations GB", "overhead GB", "peak GB", "fits",
+                "max context", "decode tok/s"):
+        t.add_column(col, justify="left" if col in ("backend", "precision") else "right")
+    for e in p.estimates:
+        t.add_row(e.backend, e.precision, f"{e.weights_gb:.3f}", f"{e.kv_cache_gb:.3f}", f"{e.activations_gb:.3f}",
+                  f"{e.overhead_gb:.3f}", f"{e.peak_gb:.3f}", "[green]yes[/green]" if e.fits else "[red]no[/red]",
+                  str(e.max_context), f"{e.decode_tok_s:,.0f}")
+    out.print(t)
+    for backend in sorted({e.backend for e in p.estimates}):
+        best = p.best(backend)
+        out.print(f"{backend}: " + (f"best precision that fits: {best.precision}" if best else "nothing fits"))
+
+
 def main() -> None:
     app()
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import arch_semantics
+from arch_params import arch_semantics
 import torch
 
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import accepts_semantics, arch_semantics
+from arch_params import accepts_semantics, arch_semantics
 import torch
 from torch import nn
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-from conftest import arch_semantics
+from arch_params import arch_semantics
 import torch
 from onnx import TensorProto, helper
 

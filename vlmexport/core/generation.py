@@ -113,29 +113,54 @@ def generate_tokens(session: DecoderSession, layout: SequenceLayout, image_embed
 def stream_text(tokens: Iterator[int], tokenizer, stop_strings: Sequence[str] = ()) -> Iterator[str]:
     """Turn token ids into text deltas, holding back bytes of an unfinished UTF-8 character
     and cutting at the first stop string."""
-    ids: list[int] = []
-    emitted = ""
+    text = TextStream(tokenizer, stop_strings)
     for tok in tokens:
-        ids.append(tok)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        cut = _first_stop(text, stop_strings)
-        if cut is not None:
-            if cut > len(emitted):
-                yield text[len(emitted):cut]
+        piece = text.push(tok)
+        if piece:
+            yield piece
+        if text.stopped:
             return
+    piece = text.finish()
+    if piece:
+        yield piece
+
+
+class TextStream:
+    """:func:`stream_text` one token at a time (for callers that are handed tokens, e.g. a batch)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False  # a stop string was reached: push nothing more
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        cut = _first_stop(text, self.stop_strings)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
         # hold back a tail that could be the start of a stop string
-        hold = max((len(s) - 1 for s in stop_strings), default=0)
-        safe = len(text) - hold if hold else len(text)
-        if safe > len(emitted):
-            yield text[len(emitted):safe]
-            emitted = text[:safe]
-    text = tokenizer.decode(ids)
-    cut = _first_stop(text, stop_strings)
-    final = text if cut is None else text[:cut]
-    if len(final) > len(emitted):
-        yield final[len(emitted):]
+        hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+        return self._emit(text[:len(text) - hold] if hold else text)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        cut = _first_stop(text, self.stop_strings)
+        return self._emit(text if cut is None else text[:cut])
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.emitted):
+            return ""
+        piece = upto[len(self.emitted):]
+        self.emitted = upto
+        return piece
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

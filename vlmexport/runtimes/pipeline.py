@@ -80,28 +80,38 @@ class Pipeline:
 
     def chat(self, messages: Sequence[Message | dict], **gen) -> str:
         """Multi-turn: alternating user/assistant messages ending with a user message."""
-        msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"], tuple(m.get("images", ())))
-                for m in messages]
-        turns: list[Turn] = []
-        images: list[ImageInput] = []
-        i = 0
-        while i < len(msgs):
-            if msgs[i].role != "user":
-                raise PromptError(f"message {i + 1} should come from the user; alternate user and assistant")
-            answer = None
-            if i + 1 < len(msgs):
-                if msgs[i + 1].role != "assistant":
-                    raise PromptError(f"message {i + 2} should come from the assistant; alternate user and assistant")
-                answer = msgs[i + 1].content
-            turns.append(Turn(user=msgs[i].content, images=len(msgs[i].images), answer=answer))
-            images.extend(msgs[i].images)
-            i += 2
-        if not turns:
-            raise PromptError("the conversation is empty; pass at least one user message")
-        if turns[-1].answer is not None:
-            raise PromptError("the conversation ends with an assistant message; end with the user's question")
+        turns, images = chat_turns(messages)
         cfg = self._config(**gen)
         return "".join(stream_text(self._run(turns, images, cfg), self.tokenizer, cfg.stop_strings))
+
+    def generation_config(self, **gen) -> GenerationConfig:
+        """The pipeline's defaults with ``gen`` (None values ignored) applied, as ``generate`` uses them."""
+        return self._config(**gen)
+
+
+def chat_turns(messages: Sequence[Message | dict]) -> tuple[list[Turn], list[ImageInput]]:
+    """Alternating user/assistant messages (ending with a user message) -> template turns and their images."""
+    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"], tuple(m.get("images", ())))
+            for m in messages]
+    turns: list[Turn] = []
+    images: list[ImageInput] = []
+    i = 0
+    while i < len(msgs):
+        if msgs[i].role != "user":
+            raise PromptError(f"message {i + 1} should come from the user; alternate user and assistant")
+        answer = None
+        if i + 1 < len(msgs):
+            if msgs[i + 1].role != "assistant":
+                raise PromptError(f"message {i + 2} should come from the assistant; alternate user and assistant")
+            answer = msgs[i + 1].content
+        turns.append(Turn(user=msgs[i].content, images=len(msgs[i].images), answer=answer))
+        images.extend(msgs[i].images)
+        i += 2
+    if not turns:
+        raise PromptError("the conversation is empty; pass at least one user message")
+    if turns[-1].answer is not None:
+        raise PromptError("the conversation ends with an assistant message; end with the user's question")
+    return turns, images
 
 
 def _name(img: ImageInput, i: int) -> str:

@@ -1,0 +1,26 @@
+"""pytest parameters over the registry: every (architecture, routing, positions) its tiny
+config accepts. A plain module (not conftest), so test modules in any folder import it
+without one folder's conftest shadowing another's."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmexport.models import architectures, get_architecture
+
+
+def accepts_semantics(arch: str, routing: str, positions: str) -> bool:
+    """Whether ``arch``'s tiny config accepts these routing / position semantics."""
+    from vlmexport.core.errors import ConfigError
+
+    try:
+        get_architecture(arch).tiny_config(expert_routing=routing, position_ids=positions)
+    except ConfigError:
+        return False
+    return True
+
+
+def arch_semantics(semantics: list[tuple[str, str]]) -> list:
+    """pytest params for every (architecture, routing, positions) its tiny config accepts."""
+    return [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in sorted(architectures()) for r, p in semantics
+            if accepts_semantics(a, r, p)]
