@@ -202,7 +202,7 @@ def _cell(v: Any, key: str = "") -> str:
 
 
 def _deviation(d: Any) -> str:
-    """A recorded deviation: what differs, then what was measured (exporter/build.py's record)."""
+    """A recorded deviation: what differs, then what was measured (pipeline/deviations.py's record)."""
     if isinstance(d, dict) and "summary" in d:
         what = d.get("what") or []
         return _cell("; ".join(what) if isinstance(what, list) else str(what)) + f". **{_cell(d['summary'])}**"

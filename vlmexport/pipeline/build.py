@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from ..bundle import BundleWriter, artifact_file
 from ..core.errors import ConfigError
-from ..core.names import Part
+from ..core.names import (GGUF_FLOAT, GGUF_QUANTIZED, ONNX_FLOAT, ONNX_QUANTIZED, PRECISION_NAMES, Format,  # noqa: F401
+                          Part)
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import CHAT_TEMPLATE_FILE, ChatTemplate
 from ..exporter.onnx_decoder import export_text_decoder, export_token_embedding
@@ -29,16 +30,10 @@ from .deviations import (DeviationRefused, PartialBuildError, deviation_record, 
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "gguf")
-ONNX_PRECISIONS = ("fp32", "fp16")
-ONNX_QUANT_PRECISIONS = ("int8", "int4")  # vlmexport/quant: calibrated from fp32, gated against it
-GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0")
-GGUF_QUANTIZED = ("q8_0", "q4_k_m", "q4_0")  # llama.cpp's quantizer on the f16 file (quant/gguf.py)
-# one spelling for the user, the format's own name in the bundle
-PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16",
-                             "int8": "int8", "int4": "int4"},
-                   "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
-                            "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"}}
+FORMATS = (Format.ONNX, Format.GGUF)
+ONNX_PRECISIONS = ONNX_FLOAT
+ONNX_QUANT_PRECISIONS = ONNX_QUANTIZED  # vlmexport/quant: calibrated from fp32, gated against it
+GGUF_PRECISIONS = GGUF_FLOAT + GGUF_QUANTIZED
 IMATRIX_FILE = "gguf/model.imatrix.gguf"
 
 
