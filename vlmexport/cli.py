@@ -302,7 +302,7 @@ def _csv(value: str, what: str) -> list[str]:
 def build(
     model: Optional[Path] = typer.Argument(None, help="Model directory (default: the shipped demo model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically)."),
-    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf."),
+    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf, tensorrt (the plain-op profile TensorRT builds engines from)."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (onnx and gguf), "
                                   "int8, int4 (onnx, calibrated and gated), bf16, q8_0, q4_k_m, q4_0 (gguf); "
                                   "f32/f16 are accepted for gguf too."),

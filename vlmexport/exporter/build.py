@@ -27,7 +27,7 @@ from .onnx_vision import export_connector, export_vision_encoder
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "gguf")
+FORMATS = ("onnx", "gguf", "tensorrt")
 ONNX_PRECISIONS = ("fp32", "fp16")
 ONNX_QUANT_PRECISIONS = ("int8", "int4")  # vlmexport/quant: calibrated from fp32, gated against it
 GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0")
@@ -36,7 +36,8 @@ GGUF_QUANTIZED = ("q8_0", "q4_k_m", "q4_0")  # llama.cpp's quantizer on the f16 
 PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16",
                              "int8": "int8", "int4": "int4"},
                    "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
-                            "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"}}
+                            "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"},
+                   "tensorrt": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16"}}
 IMATRIX_FILE = "gguf/model.imatrix.gguf"
 
 
@@ -389,6 +390,10 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             parts += gguf_parts
             for d in deviations:
                 w.add_semantics_deviation(d)
+        if "tensorrt" in plan:
+            from .tensorrt import export_tensorrt
+
+            parts += export_tensorrt(src, w.root, plan["tensorrt"], progress)
         add_artifacts(w, parts)
         report: dict = {"skipped": True}
         if validate:
@@ -398,6 +403,12 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (
                 p.format == "onnx" and p.precision in ONNX_QUANT_PRECISIONS)], e2e_prompts,
                                       progress)
+            trt = [p for p in parts if p.format == "tensorrt"]
+            if trt:
+                from .tensorrt_validate import validate_tensorrt_profile
+
+                t_report = validate_tensorrt_profile(src, w.root, trt, e2e_prompts, progress)
+                report = {k: report.get(k, []) + t_report[k] for k in ("parts", "end_to_end")}
         w.set_section("validation", report)
         progress("package")
     return BuildResult(Path(out), parts, report, time.perf_counter() - t0, q_section)
