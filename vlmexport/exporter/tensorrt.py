@@ -3,8 +3,8 @@
 Per precision (fp16 by default, fp32), written under ``tensorrt/`` (names from
 ``bundle.artifact_file``):
 
-- ``vision_encoder`` and ``connector``: the :mod:`.onnx_vision` graphs. They are plain
-  opset-17 ops already (Conv, MatMul, LayerNormalization, Softmax, Erf, ...); the
+- ``vision_encoder`` and ``connector``: the :mod:`.onnx_vision` graphs (the connector with
+  its token count fixed, one dynamic axis less to profile). They are plain opset-17 ops already (Conv, MatMul, LayerNormalization, Softmax, Erf, ...); the
   profile writes its own copies so that the profile is complete on its own and its
   files are what the audit checked and the engines are built from.
 - ``text_decoder``: :mod:`.tensorrt_decoder` (static KV buffer, decomposed attention /
@@ -37,7 +37,7 @@ def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callab
     """The four TensorRT-profile parts per precision; audited, described for the manifest."""
     from .build import ExportedPart, _exported, _vision_width
     from .onnx_decoder import export_token_embedding
-    from .onnx_vision import export_connector, export_vision_encoder
+    from .onnx_vision import export_connector, export_vision_encoder, vision_output_tokens
     from .tensorrt_decoder import export_tensorrt_decoder
 
     s = src.specs
@@ -49,7 +49,7 @@ def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callab
         jobs = [
             ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
             ("connector", lambda f: export_connector(src.tensors, s.connector, _vision_width(s), s.decoder.hidden_size,
-                                                     f, p)),
+                                                     f, p, num_tokens=vision_output_tokens(s.vision))),
             ("text_decoder", lambda f: export_tensorrt_decoder(src.tensors, s.decoder, f, p)),
             ("token_embedding", lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
         ]

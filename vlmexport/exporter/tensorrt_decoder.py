@@ -84,9 +84,10 @@ class _TrtDecoderBuilder(_DecoderBuilder):
         shape = g.op("Shape", ["inputs_embeds"], "embeds_shape")
         batch = g.op("Gather", [shape, c([0])], "batch", axis=0)  # [1]
         seq = g.op("Gather", [shape, c([1])], "seq", axis=0)  # [1]
-        start = g.op("Squeeze", ["write_index", c([0])], "write_start")
-        slots = g.op("Range", [start, g.op("Add", [start, g.op("Squeeze", [seq, c([0])], "seq_scalar")], "write_end"),
-                               c(1)], "slots")  # [S] cache slots of the new positions
+        # [S] cache slots of the new positions. Range over shapes only, then + write_index: a Range whose
+        # bounds came from write_index would make that input a TensorRT shape tensor (host-side, profiled)
+        steps = g.op("Range", [c(0), g.op("Squeeze", [seq, c([0])], "seq_scalar"), c(1)], "new_steps")
+        slots = g.op("Add", [steps, "write_index"], "slots")
         cap = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"], "kv_shape"), c(2)], "kv_capacity", axis=0)
         visible = g.op("LessOrEqual", [g.op("Unsqueeze", [g.op("Range", [c(0), cap, c(1)], "all_slots"), c([0])],
                                             "all_slots_row"),
