@@ -25,6 +25,7 @@ class Backend(str, Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     LLAMACPP = "llamacpp"
+    TENSORRT = "tensorrt"
 
 
 def _spec(model: dict) -> ModelSpec:
@@ -135,8 +136,14 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
     return session, f"llamacpp-{precision}"
 
 
+def _tensorrt(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+    from .tensorrt_backend import load_tensorrt
+
+    return load_tensorrt(bundle, precision, device, threads, spin)
+
+
 BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch,
-                                     Backend.LLAMACPP: _llamacpp}
+                                     Backend.LLAMACPP: _llamacpp, Backend.TENSORRT: _tensorrt}
 
 
 def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
