@@ -266,3 +266,25 @@ def format_audit(results: Iterable[AuditResult], root: str | Path | None = None)
             lines.append(f"    ... and {len(r.findings) - 50} more")
         lines += [f"    ! {w}" for w in dict.fromkeys(r.warnings)]
     return "\n".join(lines)
+
+
+def audit_bundle(path: str | Path, targets: Iterable[str] = TARGETS) -> tuple[list[AuditResult], str]:
+    """Audit a bundle's TensorRT-profile graphs (every precision); a bundle without that profile
+    gets its ONNX graphs audited instead, which shows why they need the profile. Returns the
+    results and which format was audited."""
+    from ..bundle import Bundle
+
+    b = Bundle.open(path, verify="none")
+    fmt = "tensorrt" if any(a.format == "tensorrt" for a in b.artifacts) else "onnx"
+    paths: list[Path] = []
+    for a in b.artifacts:
+        if a.format != fmt or not a.file.endswith(".onnx"):
+            continue
+        paths.append(b.file(a.file))
+        paths += [b.file(d["file"]) for d in a.data_files if d["file"].endswith(".onnx")]
+    if not paths:
+        raise AuditError(f"{b.root}: holds no ONNX graph to audit; build it with `vlmexport build --format tensorrt`")
+    targets = list(targets)
+    for t in targets:
+        target_table(t)
+    return [audit_model(p, t) for p in paths for t in targets], fmt
