@@ -239,7 +239,9 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
         for (_, routed), tmp in zip(graphs, tmps):
             g.nodes, g.initializers, g._consts, g._used = [], list(weights), {}, {}
             ins, outs = b.build(routed)
-            model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, g.initializers),
+            used = {x for n in g.nodes for x in n.input}  # the decode graph drops the visual expert's weights
+            inits = [t for t in g.initializers if t.name in used]
+            model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, inits),
                                       opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                                       producer_name="vlmexport")
             model.metadata_props.add(key="profile", value="tensorrt")
