@@ -37,7 +37,8 @@ PRECISION_NAMES = {"onnx": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16"
                              "int8": "int8", "int4": "int4"},
                    "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
                             "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"},
-                   "tensorrt": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16"}}
+                   "tensorrt": {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8",
+                                "int4": "int4"}}
 IMATRIX_FILE = "gguf/model.imatrix.gguf"
 
 

@@ -28,32 +28,45 @@ from ..bundle import artifact_file
 from ..core.errors import ConfigError
 from .tensorrt_audit import TARGETS, AuditError, audit_model
 
-TENSORRT_PRECISIONS = ("fp16", "fp32")
+TENSORRT_PRECISIONS = ("fp16", "fp32", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # decoder weights INT8 / INT4 (tensorrt_qdq); the other parts use fp16
 GATING_TARGET = "jetson-orin"  # the oldest parser the bundle promises to parse on
 
 
 def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callable[[str], None] = lambda s: None,
-                    max_prompt: int | None = None) -> list:
-    """The four TensorRT-profile parts per precision; audited, described for the manifest."""
+                    int4_block: int = 128) -> list:
+    """The four TensorRT-profile parts per precision; audited, described for the manifest.
+
+    ``int8`` / ``int4``: only the text decoder, its projection weights quantized (see
+    ``tensorrt_qdq``; ``int4_block`` weights per scale) around fp16; the other parts run their
+    fp16 profile (``runtimes.tensorrt_engines.TRT_PART_FALLBACK``), which is exported too."""
     from .build import ExportedPart, _exported, _vision_width
     from .onnx_decoder import export_token_embedding
     from .onnx_vision import export_connector, export_vision_encoder, vision_output_tokens
     from .tensorrt_decoder import export_tensorrt_decoder
+    from .tensorrt_qdq import quantized_builder
 
     s = src.specs
     out: list[ExportedPart] = []
+    precisions = list(precisions)
+    if any(p in QUANTIZED for p in precisions) and "fp16" not in precisions:
+        progress("export the fp16 TensorRT profile (the vision parts of int8/int4)")
+        precisions.insert(0, "fp16")
     for p in precisions:
         if p not in TENSORRT_PRECISIONS:
             raise ConfigError(f"TensorRT-profile precision {p!r} is not supported; choose from "
                               f"{list(TENSORRT_PRECISIONS)}")
+        fp = "fp16" if p in QUANTIZED else p
+        builder = quantized_builder(p, int4_block) if p in QUANTIZED else None
         jobs = [
-            ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
+            ("vision_encoder", lambda f: export_vision_encoder(src.tensors, s.vision, f, fp)),
             ("connector", lambda f: export_connector(src.tensors, s.connector, _vision_width(s), s.decoder.hidden_size,
-                                                     f, p, num_tokens=vision_output_tokens(s.vision))),
-            ("text_decoder", lambda f: export_tensorrt_decoder(src.tensors, s.decoder, f, p)),
-            ("token_embedding", lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
+                                                     f, fp, num_tokens=vision_output_tokens(s.vision))),
+            ("text_decoder", lambda f: export_tensorrt_decoder(src.tensors, s.decoder, f, fp, builder=builder,
+                                                               quant_precision=p if builder else None)),
+            ("token_embedding", lambda f: export_token_embedding(src.tensors, s.decoder, f, fp)),
         ]
-        for part, fn in jobs:
+        for part, fn in (j for j in jobs if p not in QUANTIZED or j[0] == "text_decoder"):
             progress(f"export {part} (tensorrt {p})")
             rel = artifact_file(part, "tensorrt", p)
             target = root / rel
@@ -69,6 +82,10 @@ def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callab
                     extra["decode_graph"] = str(Path(g.decode_path).relative_to(root))
                 if part == "text_decoder":
                     extra["kv_layout"] = "static"
+                    if builder:
+                        extra["quantization"] = {"weights": p, "scheme": "weight-only DequantizeLinear, symmetric",
+                                                 "int4_block": int4_block if p == "int4" else None,
+                                                 "float_type": "fp16", "opset": g.opset}
             out.append(ExportedPart(part, "tensorrt", p, e.file, e.data_files, e.inputs, e.outputs, e.seconds, extra))
     return out
 

@@ -200,7 +200,7 @@ def audit_model(model: onnx.ModelProto | str | Path, target: str = "jetson-orin"
                                                  f"{t['opset_min']}"))
     elif opset > t["opset_max"]:
         r.warnings.append(f"opset {opset} is newer than TensorRT {t['tensorrt']}'s documented range "
-                          f"{t['opset_min']}-{t['opset_max']}: the parser warns and imports the ops it knows")
+                          f"{t['opset_min']}-{t['opset_max']}; whether it parses is not established by this table")
     types, inits, consts = _types(model)
     ops = t["ops"]
     for node in model.graph.node:

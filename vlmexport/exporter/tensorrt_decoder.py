@@ -73,9 +73,31 @@ class TensorRTDecoderGraph(DecoderGraph):
 class _TrtDecoderBuilder(_DecoderBuilder):
     """The weights of :class:`_DecoderBuilder`, emitted as a plain-op static-cache graph."""
 
+    opset = OPSET
+
+    def weight_value(self, key: str) -> str:
+        """The float value of projection ``key`` (a quantized builder dequantizes here)."""
+        return self.weights[key]
+
+    def rms_norm(self, x: str, weight: str, name: str) -> str:
+        if self.opset < 18:
+            return super().rms_norm(x, weight, name)
+        # opset 18 moved ReduceMean's axes from an attribute to an input
+        g, c = self.g, self.g.const
+        h = x if self.dtype == np.float32 else g.op("Cast", [x], f"{name}.to_fp32", to=TensorProto.FLOAT)
+        var = g.op("ReduceMean", [g.op("Pow", [h, c(2.0, np.float32)], f"{name}.square"), c([-1])], f"{name}.mean",
+                   keepdims=1)
+        std = g.op("Sqrt", [g.op("Add", [var, c(self.spec.rms_norm_eps, np.float32)], f"{name}.add_eps")],
+                   f"{name}.sqrt")
+        h = g.op("Div", [h, std], f"{name}.normalize")
+        if self.dtype != np.float32:
+            h = g.op("Cast", [h], f"{name}.to_fp16", to=_ONNX_DTYPE[self.dtype])
+        return g.op("Mul", [weight, h], name)
+
     def build(self, routed: bool) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         s, g = self.spec, self.g
         c = g.const
+        self.dequantized: dict[str, str] = {}
         routed = routed and s.has_experts
         nh, kvh, hd = s.num_heads, s.num_kv_heads, s.head_dim
         group = nh // kvh
@@ -113,7 +135,7 @@ class _TrtDecoderBuilder(_DecoderBuilder):
             is_v = g.op("Unsqueeze", [g.op("Equal", ["token_type", c(1)], "is_vision"), c([-1])], "is_vision_col")
 
         def matmul(h: str, key: str, name: str) -> str:
-            return g.op("MatMul", [h, self.weights[key]], name)
+            return g.op("MatMul", [h, self.weight_value(key)], name)
 
         def route(h: str, i: int, f) -> str:
             if not routed:
@@ -206,7 +228,8 @@ class _TrtDecoderBuilder(_DecoderBuilder):
 
 def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: str | os.PathLike,
                             precision: str = "fp16", max_length: int | None = None,
-                            decode_model: bool = True) -> TensorRTDecoderGraph:
+                            decode_model: bool = True, builder: type[_TrtDecoderBuilder] | None = None,
+                            quant_precision: str | None = None) -> TensorRTDecoderGraph:
     """Write the TensorRT-profile decoder ``out_path`` (+ ``.data``; + ``<stem>.decode.onnx``).
 
     ``max_length`` (default ``spec.max_position_embeddings``): rows of the rotary tables,
@@ -230,7 +253,7 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
     try:
         try:
             g = _Graph(data, location=data_path.name)
-            b = _TrtDecoderBuilder(tensors, spec, g, precision, max_length)
+            b = (builder or _TrtDecoderBuilder)(tensors, spec, g, precision, max_length)
             b.write_weights()
         finally:
             data.close()
@@ -242,8 +265,8 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
             used = {x for n in g.nodes for x in n.input}  # the decode graph drops the visual expert's weights
             inits = [t for t in g.initializers if t.name in used]
             model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, inits),
-                                      opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-                                      producer_name="vlmexport")
+                                      opset_imports=[helper.make_opsetid("", b.opset)],
+                                      ir_version=IR_VERSION if b.opset <= OPSET else 10, producer_name="vlmexport")
             model.metadata_props.add(key="profile", value="tensorrt")
             tmp.write_bytes(model.SerializeToString())
             onnx.checker.check_model(str(tmp))
@@ -257,8 +280,9 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
             tmp.unlink(missing_ok=True)
     ins, outs = b.io_specs(True)
     log.info("wrote %s (TensorRT profile, + %.1f MB of weights)", out, g.weight_bytes / 1e6)
-    return TensorRTDecoderGraph(path=out, data_path=data_path, inputs=ins, outputs=outs, precision=precision,
+    return TensorRTDecoderGraph(path=out, data_path=data_path, inputs=ins, outputs=outs,
+                                precision=quant_precision or precision,
                                 data_bytes=g.weight_bytes, decode_path=decode_path, max_length=max_length,
                                 num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                                 hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
-                                has_experts=spec.has_experts)
+                                has_experts=spec.has_experts, opset=b.opset)

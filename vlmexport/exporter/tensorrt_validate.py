@@ -17,6 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+QUANTIZED = ("int8", "int4")
+# the accuracy-drop gates of the onnx int8/int4 recipes (quant/gates.py), in percentage points
+MAX_ACCURACY_DROP = {"int8": 0.5, "int4": 1.5}
+
 
 def profile_session(src_model: dict, root: Path, parts: dict, threads: int | None = None,
                     vision_providers: Sequence | None = None):
@@ -35,8 +39,11 @@ def profile_session(src_model: dict, root: Path, parts: dict, threads: int | Non
 
 
 def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: int,
-                              progress: Callable[[str], None] = lambda s: None) -> dict:
-    """``{"parts": [...], "end_to_end": [...]}`` rows (``format: tensorrt``); raises ValidationError."""
+                              progress: Callable[[str], None] = lambda s: None, quant_items: int = 20) -> dict:
+    """``{"parts": [...], "end_to_end": [...]}`` rows (``format: tensorrt``); raises ValidationError.
+
+    int8/int4 decoders are scored instead (:func:`quantized_scores`, ``quant_items`` test
+    questions per category) and gated on their accuracy drop."""
     from ..models.checkpoint import load_pretrained
     from ..runtimes.pipeline import Pipeline
     from ..runtimes.torch_backend import pipeline_from_model
@@ -53,6 +60,13 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
         by_precision.setdefault(e.precision, {})[e.part] = e
     rows: list[dict] = []
     e2e: list[dict] = []
+    for precision in [p for p in by_precision if p in QUANTIZED]:
+        parts = by_precision.pop(precision)
+        parts = {**by_precision["fp16"], **parts}  # the int8/int4 profile runs fp16 vision parts
+        progress(f"score tensorrt {precision} decoder against PyTorch fp32 ({quant_items} per category)")
+        sess = profile_session(src.model_section(), root, parts)
+        pipe = Pipeline(sess, tok, src.template, src.preprocess, _spec(src), backend=f"tensorrt-profile-{precision}")
+        e2e.append(quantized_scores(src, torch_pipe, pipe, precision, quant_items))
     for precision, parts in by_precision.items():
         progress(f"validate tensorrt vision parts ({precision})")
         pixels = _images(src, 2).astype(np.float16 if precision == "fp16" else np.float32)
@@ -83,3 +97,40 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
         e2e.append(end_to_end(src, torch_pipe, pipe, e2e_prompts, precision) | {"format": "tensorrt",
                                                                                  "executed_on": "onnxruntime-cpu"})
     return {"parts": rows, "end_to_end": e2e}
+
+
+def quantized_scores(src, torch_pipe, q_pipe, precision: str, per_category: int) -> dict:
+    """An int8/int4 TensorRT-profile decoder against PyTorch fp32 on balanced test questions:
+    last-prompt-position top-1 agreement and cosine, greedy answers identical, exact-match
+    accuracy of both and its drop; the drop is gated like the onnx recipes."""
+    from ..core.prompt import Turn
+    from ..training.data import SyntheticVQA
+    from .validate import ValidationError
+
+    items = SyntheticVQA(image_size=src.preprocess.image_size, seed=0).eval_items("test", per_category)
+    agree, cos, same, right_ref, right_q = 0, [], 0, 0, 0
+    norm = lambda t: t.strip().lower().rstrip(".")  # noqa: E731
+    for it in items:
+        layout, px = torch_pipe.prepare([Turn(user=it.question, images=1)], [it.image])
+        a = np.asarray(torch_pipe.session.prefill(layout, torch_pipe.session.encode_images(px)), np.float64)
+        b = np.asarray(q_pipe.session.prefill(layout, q_pipe.session.encode_images(px)), np.float64)
+        agree += int(a.argmax() == b.argmax())
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        ra = torch_pipe.generate(it.question, [it.image], max_new_tokens=16)
+        rb = q_pipe.generate(it.question, [it.image], max_new_tokens=16)
+        same += int(ra == rb)
+        right_ref += int(norm(ra) == norm(it.answer))
+        right_q += int(norm(rb) == norm(it.answer))
+    n = len(items)
+    drop = 100.0 * (right_ref - right_q) / n
+    limit = MAX_ACCURACY_DROP[precision]
+    row = {"precision": precision, "format": "tensorrt", "executed_on": "onnxruntime-cpu", "prompts": n,
+           "identical": same, "rate": same / n, "threshold": 0.0, "required": False,
+           "top1_agreement": agree / n, "mean_cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos)),
+           "accuracy_fp32": 100.0 * right_ref / n, "accuracy": 100.0 * right_q / n, "accuracy_drop_points": drop,
+           "max_accuracy_drop": limit, "passed": drop <= limit}
+    if not row["passed"]:
+        raise ValidationError(f"tensorrt {precision}: accuracy {row['accuracy']:.2f}% against PyTorch fp32 "
+                              f"{row['accuracy_fp32']:.2f}% on {n} test questions, a drop of {drop:.2f} points "
+                              f"(gate {limit}); keep fp16 or use int8")
+    return row

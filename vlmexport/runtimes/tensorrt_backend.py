@@ -32,7 +32,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..core.errors import MissingDependencyError
 from .tensorrt_engines import (TRT_INSTALL_HINT, CachedEngine, DeviceInfo, EngineError, EngineSpec, cache_root,
-                               detect_device, engine_plan, load_or_build)
+                               detect_device, engine_plan, load_or_build, part_precision)
 from .tensorrt_profile import ProfileFiles, StaticCacheSession
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
         self.engines = {e.spec.name: _Engine(trt, runtime, e, torch) for e in engines}
         m = bundle.section("model")
         self.num_layers, self.capacity = int(m["num_layers"]), int(m["max_length"])
-        self.dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
-        tdt = torch.float16 if precision == "fp16" else torch.float32
+        self.dtype = np.dtype(np.float32 if precision == "fp32" else np.float16)  # int8/int4 run around fp16
+        tdt = torch.float32 if precision == "fp32" else torch.float16
         shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
         self.kv = [[torch.zeros(shape, dtype=tdt, device=self.device) for _ in range(2 * self.num_layers)]
                    for _ in range(2)]
@@ -102,7 +102,7 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
         if vision == "onnxruntime-trt":
             import onnxruntime as ort
 
-            providers = ort_tensorrt_providers(cache_root(bundle.root, cache_dir), fp16=precision == "fp16")
+            providers = ort_tensorrt_providers(cache_root(bundle.root, cache_dir), fp16=precision != "fp32")
             self.ort_vision = (ort.InferenceSession(str(files.vision_encoder), providers=providers),
                                ort.InferenceSession(str(files.connector), providers=providers))
         elif vision != "tensorrt":
@@ -156,6 +156,14 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
         return self.logits[0, -1].cpu().numpy().copy()
 
 
+def profile_files(bundle: Bundle, precision: str) -> ProfileFiles:
+    """The files one precision of the TensorRT profile runs (int8/int4: fp16 vision parts)."""
+    f = lambda part: bundle.file(bundle.find(part, "tensorrt", part_precision(bundle, part, precision)).file)  # noqa
+    decode = bundle.find("text_decoder", "tensorrt", precision).extra.get("decode_graph")
+    return ProfileFiles(f("text_decoder"), f("token_embedding"), f("vision_encoder"), f("connector"),
+                        bundle.file(decode) if decode else None)
+
+
 def tensorrt_available() -> bool:
     import importlib.util
 
@@ -173,11 +181,7 @@ def open_tensorrt_session(bundle: Bundle, precision: str, vision: str = "tensorr
     if vision == "onnxruntime-trt":
         specs = [s for s in specs if s.part == "text_decoder"]
     engines = [load_or_build(bundle.root, s, device, cache_dir=cache_dir, progress=progress) for s in specs]
-    f = lambda part: bundle.file(bundle.find(part, "tensorrt", precision).file)  # noqa: E731
-    td = bundle.find("text_decoder", "tensorrt", precision)
-    decode = td.extra.get("decode_graph")
-    files = ProfileFiles(f("text_decoder"), f("token_embedding"), f("vision_encoder"), f("connector"),
-                         bundle.file(decode) if decode else None)
+    files = profile_files(bundle, precision)
     m = bundle.section("model")
     ex = TensorRTExecutor(bundle, precision, engines, files, vision=vision, cache_dir=cache_dir)
     return StaticCacheSession(ex, files.token_embedding, int(m["hidden_size"]), int(m["vocab_size"]))
@@ -205,10 +209,7 @@ def load_tensorrt(bundle: Bundle, precision: str | None, device: str, threads: i
     from .tensorrt_profile import OrtProfileExecutor
 
     m = bundle.section("model")
-    f = lambda part: bundle.file(bundle.find(part, "tensorrt", precision).file)  # noqa: E731
-    decode = bundle.find("text_decoder", "tensorrt", precision).extra.get("decode_graph")
-    files = ProfileFiles(f("text_decoder"), f("token_embedding"), f("vision_encoder"), f("connector"),
-                         bundle.file(decode) if decode else None)
+    files = profile_files(bundle, precision)
     ex = OrtProfileExecutor(files, int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]),
                             int(m["max_length"]), threads=threads)
     log.warning("backend tensorrt on device cpu: running the TensorRT-profile graphs on onnxruntime's CPU provider")

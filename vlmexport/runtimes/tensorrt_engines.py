@@ -54,6 +54,20 @@ TRT_INSTALL_HINT = ("install TensorRT 10 for your CUDA: `pip install 'vlmexport[
                     "https://pypi.nvidia.com` (on Jetson use JetPack's python3-libnvinfer); see docs/tensorrt.md")
 
 
+# an int8 / int4 TensorRT profile quantizes the text decoder only; the other parts run fp16
+TRT_PART_FALLBACK = {"int4": ("int4", "fp16"), "int8": ("int8", "fp16")}
+
+
+def part_precision(bundle: Bundle, part: str, precision: str) -> str:
+    """The TensorRT-profile precision ``part`` runs in when ``precision`` is asked for."""
+    have = bundle.precisions(part, "tensorrt")
+    for p in TRT_PART_FALLBACK.get(precision, (precision,)):
+        if p in have:
+            return p
+    raise BundleError(f"{bundle.root}: has no {precision} TensorRT-profile {part} (it has {have or 'none'}); "
+                      f"rebuild it with `vlmexport build --format tensorrt --precision {precision}`")
+
+
 class EngineError(VlmexportError):
     """An engine could not be planned, built or loaded."""
 
@@ -166,7 +180,7 @@ def engine_plan(bundle: Bundle, precision: str, max_prompt: int | None = None, m
         a = _find(bundle, part, precision)
         axes = {"num_images": 1}
         prof = _profile("images", a.inputs, axes, {"num_images": 1}, {"num_images": max_images})
-        specs.append(EngineSpec(part, part, precision, a.file, a.sha256, (prof,), settings, _weights_sha(a)))
+        specs.append(EngineSpec(part, part, a.precision, a.file, a.sha256, (prof,), settings, _weights_sha(a)))
     a = _find(bundle, "text_decoder", precision)
     base = {"batch": 1, "kv_capacity": 1}
     top = {"batch": 1, "kv_capacity": max_length}
@@ -192,12 +206,7 @@ def engine_plan(bundle: Bundle, precision: str, max_prompt: int | None = None, m
 
 
 def _find(bundle: Bundle, part: str, precision: str):
-    try:
-        return bundle.find(part, "tensorrt", precision)
-    except BundleError:
-        have = bundle.precisions(part, "tensorrt")
-        raise BundleError(f"{bundle.root}: has no {precision} TensorRT-profile {part} (it has {have or 'none'}); "
-                          f"rebuild it with `vlmexport build --format tensorrt --precision {precision}`") from None
+    return bundle.find(part, "tensorrt", part_precision(bundle, part, precision))
 
 
 def _weights_sha(artifact, exclude: str | None = None) -> tuple[str, ...]:
