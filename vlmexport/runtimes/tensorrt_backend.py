@@ -79,7 +79,8 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
     """A :class:`~vlmexport.runtimes.tensorrt_profile.ProfileExecutor` over TensorRT engines."""
 
     def __init__(self, bundle: Bundle, precision: str, engines: Sequence[CachedEngine], files: ProfileFiles,
-                 vision: str = "tensorrt", cache_dir: str | os.PathLike | None = None, device_index: int = 0):
+                 vision: str = "tensorrt", cache_dir: str | os.PathLike | None = None, device_index: int = 0,
+                 rebuild: Callable[[EngineSpec], CachedEngine] | None = None):
         import tensorrt as trt
         import torch
 
@@ -87,7 +88,16 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
         self.device = torch.device("cuda", device_index)
         self.stream = torch.cuda.Stream(self.device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {e.spec.name: _Engine(trt, runtime, e, torch) for e in engines}
+        self.engines = {}
+        for e in engines:
+            try:
+                self.engines[e.spec.name] = _Engine(trt, runtime, e, torch)
+            except EngineError:
+                if rebuild is None:
+                    raise
+                # a plan whose key matched but that this TensorRT cannot read: rebuilt, never used
+                log.warning("%s: TensorRT could not deserialize the cached plan; rebuilding", e.path)
+                self.engines[e.spec.name] = _Engine(trt, runtime, rebuild(e.spec), torch)
         m = bundle.section("model")
         self.num_layers, self.capacity = int(m["num_layers"]), int(m["max_length"])
         self.dtype = np.dtype(np.float32 if precision == "fp32" else np.float16)  # int8/int4 run around fp16
@@ -183,7 +193,9 @@ def open_tensorrt_session(bundle: Bundle, precision: str, vision: str = "tensorr
     engines = [load_or_build(bundle.root, s, device, cache_dir=cache_dir, progress=progress) for s in specs]
     files = profile_files(bundle, precision)
     m = bundle.section("model")
-    ex = TensorRTExecutor(bundle, precision, engines, files, vision=vision, cache_dir=cache_dir)
+    ex = TensorRTExecutor(bundle, precision, engines, files, vision=vision, cache_dir=cache_dir,
+                          rebuild=lambda spec: load_or_build(bundle.root, spec, device, cache_dir=cache_dir, force=True,
+                                                             progress=progress))
     return StaticCacheSession(ex, files.token_embedding, int(m["hidden_size"]), int(m["vocab_size"]))
 
 

@@ -19,7 +19,7 @@ TensorRT-profile ONNX and the device builds engines from it, at first load
   naming every field; a plan is used only when its ``engine.json`` matches the expected
   key exactly, otherwise it is rebuilt, never loaded stale (a plan from another
   TensorRT fails deserialisation with "version tag does not match"; the key catches
-  that before TensorRT sees the file, and :func:`load_or_build` rebuilds if
+  that before TensorRT sees the file, and the backend rebuilds (``force``) if
   deserialisation fails anyway).
 - **Build** (:func:`build_engine`): TensorRT 10's Python API, a strongly typed network
   from the ONNX parser (the graph's fp16/fp32 types are the engine's: no precision
