@@ -41,6 +41,8 @@ def test_build_tensorrt_profile(tiny_model_dir, tmp_path, images):
     files = profile_files(b, "int4")
     assert files.vision_encoder.name == "vision_encoder.fp16.onnx" and files.text_decoder.name == "text_decoder.int4.onnx"
     assert isinstance(pipe.generate("<image> What is shown?", [images[0]], max_new_tokens=4), str)
+    # a bundle holding only the TensorRT profile: backend "auto" runs it (on a CPU through onnxruntime)
+    assert vlmexport.load(out, threads=1).backend == "tensorrt-profile-onnxruntime-cpu-fp32"
 
 
 def test_unknown_tensorrt_precision(tiny_model_dir, tmp_path):

@@ -168,6 +168,8 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
             choice = Backend.ONNXRUNTIME
         elif "torch" in formats:
             choice = Backend.TORCH
+        elif "tensorrt" in formats and importlib.util.find_spec("onnxruntime") is not None:
+            choice = Backend.TENSORRT  # engines on cuda; on cpu the profile on onnxruntime
         else:
             raise BundleError(f"{b.root}: no artifact this installation can run (formats {sorted(formats)}); "
                               "install `vlmexport[onnx]`")
