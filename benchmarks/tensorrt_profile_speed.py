@@ -54,14 +54,18 @@ def main() -> None:
     from vlmexport.exporter.build import build
     from vlmexport.exporter.validate_bundle import decoder_facts
     from vlmexport.runtimes.onnxruntime_backend import OrtModelSession
-    from vlmexport.runtimes.tensorrt_profile import OrtProfileExecutor, ProfileFiles, StaticCacheSession
+    from vlmexport.runtimes.tensorrt_profile import (
+        OrtProfileExecutor,
+        ProfileFiles,
+        StaticCacheSession,
+    )
 
     if not (a.bundle / "manifest.json").is_file():
         build(a.model, a.bundle, formats=("onnx", "tensorrt"), precisions=(a.precision,), reference=False,
               validate=False)
     b = Bundle.open(a.bundle, verify="none")
     m = b.section("model")
-    f = lambda part, fmt: b.file(b.find(part, fmt, a.precision).file)  # noqa: E731
+    f = lambda part, fmt: b.file(b.find(part, fmt, a.precision).file)
     contrib = OrtModelSession(f("text_decoder", "onnx"), f("token_embedding", "onnx"), decoder_facts(m),
                               vision_encoder_path=f("vision_encoder", "onnx"), connector_path=f("connector", "onnx"),
                               intra_op_num_threads=a.threads, providers=["CPUExecutionProvider"])

@@ -10,13 +10,19 @@ for its ``com.microsoft`` ops, which is why the TensorRT profile exists.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import export_text_decoder
-from vlmexport.exporter.tensorrt_audit import TARGETS, AuditError, audit_model, format_audit, load_table, target_table
+from vlmexport.exporter.tensorrt_audit import (
+    TARGETS,
+    AuditError,
+    audit_model,
+    format_audit,
+    load_table,
+    target_table,
+)
 
 
 def model(nodes, inputs, outputs, inits=(), opset=17):

@@ -29,7 +29,7 @@ def test_build_tensorrt_profile(tiny_model_dir, tmp_path, images):
                     for q in ("fp32", "fp16")} | {("text_decoder", "int4")}
     td = b.find("text_decoder", "tensorrt", "int4")
     assert td.extra["quantization"]["weights"] == "int4" and td.extra["decode_graph"].endswith(".decode.onnx")
-    for graph, targets in td.extra["audit"].items():
+    for targets in td.extra["audit"].values():
         assert set(targets) == {"jetson-orin", "desktop"} and all(t["passed"] for t in targets.values())
     rows = [x for x in r.validation["parts"] if x.get("format") == "tensorrt"]
     assert {(x["part"], x["precision"]) for x in rows} >= {("vision_encoder", "fp32"), ("text_decoder", "fp16")}

@@ -24,12 +24,20 @@ from conftest import arch_semantics
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import export_token_embedding
-from vlmexport.exporter.onnx_vision import export_connector, export_vision_encoder, vision_output_width
+from vlmexport.exporter.onnx_vision import (
+    export_connector,
+    export_vision_encoder,
+    vision_output_width,
+)
 from vlmexport.exporter.tensorrt_audit import TARGETS, audit_model
 from vlmexport.exporter.tensorrt_decoder import export_tensorrt_decoder
 from vlmexport.models import architectures
 from vlmexport.models.session import TorchSession
-from vlmexport.runtimes.tensorrt_profile import OrtProfileExecutor, ProfileFiles, StaticCacheSession
+from vlmexport.runtimes.tensorrt_profile import (
+    OrtProfileExecutor,
+    ProfileFiles,
+    StaticCacheSession,
+)
 
 SEMANTICS = [("image_chunk", "sequential"), ("hf_cogvlm", "hf_cogvlm")]
 ARCH_SEMANTICS = arch_semantics(SEMANTICS)
@@ -105,7 +113,7 @@ def test_chunked_prefill_and_stale_slots(tiny_model, tmp_path, arch):
     emb = np.random.default_rng(3).standard_normal((1, model.image_tokens(), model.config.hidden_size))
     whole = sess.prefill(lay, emb.astype(np.float32))
     # the same prompt as two executor steps: positions [0, k) then [k, n)
-    ex, n, k = sess.executor, len(lay), len(lay) - 4
+    ex, k = sess.executor, len(lay) - 4
     e = np.take(sess.embedding, lay.input_ids, axis=0).astype(ex.dtype)
     e[lay.is_image] = emb.reshape(-1, e.shape[1])
     ex.step(e[None, :k], lay.position_ids[None, :k], lay.token_type[None, :k], 0)

@@ -19,13 +19,26 @@ from onnx.reference import ReferenceEvaluator
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import export_token_embedding
-from vlmexport.exporter.onnx_vision import export_connector, export_vision_encoder, vision_output_width
+from vlmexport.exporter.onnx_vision import (
+    export_connector,
+    export_vision_encoder,
+    vision_output_width,
+)
 from vlmexport.exporter.tensorrt_audit import TARGETS, audit_model
 from vlmexport.exporter.tensorrt_decoder import export_tensorrt_decoder
-from vlmexport.exporter.tensorrt_qdq import pack_int4, quantize_int4_blocks, quantize_int8_columns, quantized_builder
+from vlmexport.exporter.tensorrt_qdq import (
+    pack_int4,
+    quantize_int4_blocks,
+    quantize_int8_columns,
+    quantized_builder,
+)
 from vlmexport.models import architectures
 from vlmexport.models.session import TorchSession
-from vlmexport.runtimes.tensorrt_profile import OrtProfileExecutor, ProfileFiles, StaticCacheSession
+from vlmexport.runtimes.tensorrt_profile import (
+    OrtProfileExecutor,
+    ProfileFiles,
+    StaticCacheSession,
+)
 
 
 def test_int4_packing_is_onnx_packing():

@@ -16,8 +16,16 @@ import pytest
 
 from vlmexport.bundle import Bundle, BundleError
 from vlmexport.exporter.build import build
-from vlmexport.runtimes.tensorrt_engines import (ENGINE_META, DeviceInfo, EngineError, Profile, cache_key,
-                                                 engine_plan, load_or_build, lookup)
+from vlmexport.runtimes.tensorrt_engines import (
+    ENGINE_META,
+    DeviceInfo,
+    EngineError,
+    Profile,
+    cache_key,
+    engine_plan,
+    load_or_build,
+    lookup,
+)
 
 ORIN = DeviceInfo("10.3.0", "Orin", (8, 7))
 

@@ -4,7 +4,8 @@ Per precision (fp16 by default, fp32), written under ``tensorrt/`` (names from
 ``bundle.artifact_file``):
 
 - ``vision_encoder`` and ``connector``: the :mod:`.onnx_vision` graphs (the connector with
-  its token count fixed, one dynamic axis less to profile). They are plain opset-17 ops already (Conv, MatMul, LayerNormalization, Softmax, Erf, ...); the
+  its token count fixed, one dynamic axis less to profile). They are plain opset-17 ops
+  already (Conv, MatMul, LayerNormalization, Softmax, Erf, ...); the
   profile writes its own copies so that the profile is complete on its own and its
   files are what the audit checked and the engines are built from.
 - ``text_decoder``: :mod:`.tensorrt_decoder` (static KV buffer, decomposed attention /
@@ -21,8 +22,8 @@ engines (``engine_profiles``: the optimization profiles, see
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..bundle import artifact_file
 from ..core.errors import ConfigError
@@ -42,7 +43,11 @@ def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callab
     fp16 profile (``runtimes.tensorrt_engines.TRT_PART_FALLBACK``), which is exported too."""
     from .build import ExportedPart, _exported, _vision_width
     from .onnx_decoder import export_token_embedding
-    from .onnx_vision import export_connector, export_vision_encoder, vision_output_tokens
+    from .onnx_vision import (
+        export_connector,
+        export_vision_encoder,
+        vision_output_tokens,
+    )
     from .tensorrt_decoder import export_tensorrt_decoder
     from .tensorrt_qdq import quantized_builder
 

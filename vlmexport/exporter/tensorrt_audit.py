@@ -26,12 +26,13 @@ Nothing here imports TensorRT: the audit runs wherever onnx does, which is the p
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 import onnx
 from onnx import TensorProto, numpy_helper
@@ -185,6 +186,10 @@ def _check_qdq(node, types, inits, consts, target, opset, base_dir) -> Iterable[
         yield f"block scale shape {list(inits[scale].dims)}; expected {want} (2-D, one row per block)"
 
 
+def _add_finding(findings: list, node: str, op: str, reason: str) -> None:
+    findings.append(Finding(node, op, reason))
+
+
 def audit_model(model: onnx.ModelProto | str | Path, target: str = "jetson-orin", base_dir: str = "") -> AuditResult:
     """Check every node of ``model`` (a path, read without its external data) against ``target``."""
     t = target_table(target)
@@ -207,7 +212,7 @@ def audit_model(model: onnx.ModelProto | str | Path, target: str = "jetson-orin"
         r.nodes += 1
         r.ops[(node.domain or "", node.op_type)] += 1
         name = node.name or (node.output[0] if node.output else node.op_type)
-        bad = lambda reason: r.findings.append(Finding(name, node.op_type, reason))  # noqa: E731
+        bad = functools.partial(_add_finding, r.findings, name, node.op_type)
         if node.domain not in DEFAULT_DOMAINS:
             bad(f"domain {node.domain!r}: TensorRT's ONNX parser reads the default domain only (it would need a "
                 "plugin)")
@@ -228,9 +233,9 @@ def audit_model(model: onnx.ModelProto | str | Path, target: str = "jetson-orin"
                 bad(f"input {typed!r} is {tname}; TensorRT {t['tensorrt']} supports {row['types']}")
         restr = row.get("restrictions", "")
         ai = _AXES_INPUT.get(node.op_type)
-        if ai is not None and "`axes`" in restr and len(node.input) > ai and node.input[ai]:
-            if node.input[ai] not in inits and node.input[ai] not in consts:
-                bad(f"`axes` input {node.input[ai]!r} is computed; TensorRT {t['tensorrt']} needs a constant")
+        if (ai is not None and "`axes`" in restr and len(node.input) > ai and node.input[ai]
+                and node.input[ai] not in inits and node.input[ai] not in consts):
+            bad(f"`axes` input {node.input[ai]!r} is computed; TensorRT {t['tensorrt']} needs a constant")
         if node.op_type == "ScatterND" and (_attr(node, "reduction", b"none") or b"none") not in (b"none", "none"):
             bad("ScatterND reduction is not supported")
         if node.op_type == "LayerNormalization" and sum(1 for o in node.output[1:] if o):

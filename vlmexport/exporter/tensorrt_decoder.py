@@ -52,7 +52,13 @@ from onnx import TensorProto, helper
 
 from ..models.spec import DecoderSpec
 from .onnx_common import IR_VERSION, OPSET, ExternalDataFile, IOSpec, TensorSource
-from .onnx_decoder import _ONNX_DTYPE, DecoderGraph, _check_precision, _DecoderBuilder, _Graph
+from .onnx_decoder import (
+    _ONNX_DTYPE,
+    DecoderGraph,
+    _check_precision,
+    _DecoderBuilder,
+    _Graph,
+)
 
 __all__ = ["TRT_DECODE_SUFFIX", "TensorRTDecoderGraph", "export_tensorrt_decoder"]
 
@@ -147,8 +153,8 @@ class _TrtDecoderBuilder(_DecoderBuilder):
             x = g.op("Reshape", [x, c([0, 0, heads, hd])], f"{name}.heads")
             x1, x2 = g.op("Split", [x, c([hd // 2, hd // 2])], f"{name}.halves", outputs=2, axis=-1)
             rot = g.op("Concat", [g.op("Neg", [x2], f"{name}.neg"), x1], f"{name}.rotated", axis=-1)
-            y = g.op("Add", [g.op("Mul", [x, rope["cos"]], f"{name}.cos"), g.op("Mul", [rot, rope["sin"]], f"{name}.sin")],
-                     f"{name}.rope")
+            y = g.op("Add", [g.op("Mul", [x, rope["cos"]], f"{name}.cos"),
+                             g.op("Mul", [rot, rope["sin"]], f"{name}.sin")], f"{name}.rope")
             return g.op("Transpose", [y], f"{name}.bhsd", perm=[0, 2, 1, 3])
 
         x = "inputs_embeds"  # the residual stream [B, S, H]

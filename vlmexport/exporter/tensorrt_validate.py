@@ -11,8 +11,8 @@ engines from compute the model. It does not check TensorRT's own kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,11 @@ MAX_ACCURACY_DROP = {"int8": 0.5, "int4": 1.5}
 def profile_session(src_model: dict, root: Path, parts: dict, threads: int | None = None,
                     vision_providers: Sequence | None = None):
     """A :class:`StaticCacheSession` over the TensorRT-profile files of one precision (onnxruntime)."""
-    from ..runtimes.tensorrt_profile import OrtProfileExecutor, ProfileFiles, StaticCacheSession
+    from ..runtimes.tensorrt_profile import (
+        OrtProfileExecutor,
+        ProfileFiles,
+        StaticCacheSession,
+    )
 
     td = parts["text_decoder"]
     decode = (td.extra or {}).get("decode_graph")
@@ -48,7 +52,13 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
     from ..runtimes.pipeline import Pipeline
     from ..runtimes.torch_backend import pipeline_from_model
     from .validate import validate_part
-    from .validate_bundle import _dynamic_axes, _images, _spec, end_to_end, validate_decoder
+    from .validate_bundle import (
+        _dynamic_axes,
+        _images,
+        _spec,
+        end_to_end,
+        validate_decoder,
+    )
 
     progress("validate tensorrt profile: load the PyTorch reference")
     loaded = load_pretrained(src.path, dtype=torch.float32)
@@ -109,7 +119,7 @@ def quantized_scores(src, torch_pipe, q_pipe, precision: str, per_category: int)
 
     items = SyntheticVQA(image_size=src.preprocess.image_size, seed=0).eval_items("test", per_category)
     agree, cos, same, right_ref, right_q = 0, [], 0, 0, 0
-    norm = lambda t: t.strip().lower().rstrip(".")  # noqa: E731
+    norm = lambda t: t.strip().lower().rstrip(".")
     for it in items:
         layout, px = torch_pipe.prepare([Turn(user=it.question, images=1)], [it.image])
         a = np.asarray(torch_pipe.session.prefill(layout, torch_pipe.session.encode_images(px)), np.float64)

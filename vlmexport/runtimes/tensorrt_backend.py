@@ -24,15 +24,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..core.errors import MissingDependencyError
-from .tensorrt_engines import (TRT_INSTALL_HINT, CachedEngine, DeviceInfo, EngineError, EngineSpec, cache_root,
-                               detect_device, engine_plan, load_or_build, part_precision)
+from .tensorrt_engines import (
+    TRT_INSTALL_HINT,
+    CachedEngine,
+    DeviceInfo,
+    EngineError,
+    EngineSpec,
+    cache_root,
+    detect_device,
+    engine_plan,
+    load_or_build,
+    part_precision,
+)
 from .tensorrt_profile import ProfileFiles, StaticCacheSession
 
 log = logging.getLogger(__name__)
@@ -168,7 +178,7 @@ class TensorRTExecutor:  # pragma: no cover - needs TensorRT and a GPU
 
 def profile_files(bundle: Bundle, precision: str) -> ProfileFiles:
     """The files one precision of the TensorRT profile runs (int8/int4: fp16 vision parts)."""
-    f = lambda part: bundle.file(bundle.find(part, "tensorrt", part_precision(bundle, part, precision)).file)  # noqa
+    f = lambda part: bundle.file(bundle.find(part, "tensorrt", part_precision(bundle, part, precision)).file)
     decode = bundle.find("text_decoder", "tensorrt", precision).extra.get("decode_graph")
     return ProfileFiles(f("text_decoder"), f("token_embedding"), f("vision_encoder"), f("connector"),
                         bundle.file(decode) if decode else None)

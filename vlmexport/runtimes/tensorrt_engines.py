@@ -36,9 +36,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from ..bundle import Bundle, BundleError
 from ..core.errors import MissingDependencyError, VlmexportError

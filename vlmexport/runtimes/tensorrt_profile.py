@@ -21,9 +21,10 @@ Only numpy, safetensors and onnxruntime are imported here.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -125,8 +126,9 @@ class OrtProfileExecutor:
 
         self._ort = ort
         self.providers = list(providers or ["CPUExecutionProvider"])
-        opts = lambda: ort_session_options(threads)  # noqa: E731
-        for p in (files.text_decoder, files.vision_encoder, files.connector) + ((files.decode,) if files.decode else ()):
+        opts = lambda: ort_session_options(threads)
+        graphs = (files.text_decoder, files.vision_encoder, files.connector) + ((files.decode,) if files.decode else ())
+        for p in graphs:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"{p}: no such ONNX file; build the bundle with `--format tensorrt`")
         self.prefill_graph = ort.InferenceSession(str(files.text_decoder), opts(), providers=self.providers)
