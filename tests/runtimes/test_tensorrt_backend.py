@@ -104,10 +104,10 @@ def test_engines_without_tensorrt_says_what_to_install(bundle_dir):
 @pytest.mark.skipif(not has_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engines_build_and_answer_like_onnxruntime(bundle_dir, images, precision):  # pragma: no cover
-    r = invoke("engines", bundle_dir, "--precision", precision, "--max-prompt", "128")
+    r = invoke("engines", bundle_dir, "--precision", precision)
     assert r.exit_code == 0, r.plain
     assert "built" in r.plain
-    r = invoke("engines", bundle_dir, "--precision", precision, "--max-prompt", "128")
+    r = invoke("engines", bundle_dir, "--precision", precision)
     assert "cached" in r.plain and "built" not in r.plain.split("status")[-1]
     gpu = vlmexport.load(bundle_dir, backend="tensorrt", precision=precision, device="cuda")
     cpu = vlmexport.load(bundle_dir, backend="tensorrt", precision=precision, device="cpu")
