@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
     from vlmexport.exporter.onnx_decoder import export_text_decoder, export_token_embedding
     from vlmexport.runtimes.torch_session import TorchSession
-    from vlmexport.runtimes.spec import DecoderShape as DecoderFacts, OrtModelSession
+    from vlmexport.runtimes.onnxruntime_backend import OrtModelSession
+    from vlmexport.runtimes.spec import DecoderShape as DecoderFacts
 
     torch.set_num_threads(args.threads)
     print(f"load average before: {load_average()}  (cores: {os.cpu_count()})", flush=True)

@@ -347,7 +347,7 @@ def _csv(value: str, what: str) -> list[str]:
 def build(
     model: Optional[Path] = typer.Argument(None, help="Model directory (default: the shipped demo model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically)."),
-    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf."),
+    format: str = typer.Option("onnx", "--format", help="Comma-separated formats: onnx, gguf, tensorrt (the plain-op profile TensorRT builds engines from)."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (onnx and gguf), "
                                   "int8, int4 (onnx, calibrated and gated), bf16, q8_0, q4_k_m, q4_0 (gguf); "
                                   "f32/f16 are accepted for gguf too."),
@@ -477,6 +477,89 @@ def inspect(
         out.print_json(json.dumps(summary, default=str))
     else:
         out.print(format_inspection(summary), highlight=False, markup=False)
+
+
+# --------------------------------------------------------------- tensorrt: engines + doctor
+class TrtTarget(str, Enum):
+    jetson_orin = "jetson-orin"
+    desktop = "desktop"
+
+
+@app.command(epilog=_examples("vlmexport engines demo-bundle", "vlmexport engines demo-bundle --precision fp32 "
+                              "--max-prompt 512", "vlmexport engines demo-bundle --cache-dir /var/cache/vlmexport "
+                              "--force"))
+@friendly_errors
+def engines(
+    bundle: Path = typer.Argument(..., help="Bundle directory with a TensorRT profile (`build --format tensorrt`)."),
+    precision: str = typer.Option("fp16", help="Which TensorRT-profile precision to build engines for."),
+    max_prompt: Optional[int] = typer.Option(None, help="Longest prompt (positions) of the prefill profile; "
+                                             "default: the model's context length."),
+    max_images: int = typer.Option(4, help="Most images per vision-encoder call (engine profile)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Engine cache (default: BUNDLE/engines, or "
+                                             "$VLMEXPORT_ENGINE_CACHE)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a cached engine matches."),
+):
+    """Build (or find in the cache) the TensorRT engines of a bundle on this GPU."""
+    from .bundle import Bundle
+    from .runtimes.tensorrt_engines import build_bundle_engines, describe
+
+    b = Bundle.open(bundle, verify="size")
+    with Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("engines", total=None)
+        built = build_bundle_engines(b, precision, cache_dir=cache_dir, max_prompt=max_prompt, max_images=max_images,
+                                     force=force, progress=lambda s: progress.update(task, description=s))
+    t = Table(title="TensorRT engines")
+    for col in ("engine", "profiles", "key", "status", "plan"):
+        t.add_column(col)
+    for r in describe(built):
+        t.add_row(r["engine"], ", ".join(r["profiles"]), r["key"], "built" if r["built"] else "cached", r["plan"])
+    out.print(t)
+
+
+@app.command(epilog=_examples("vlmexport doctor", "vlmexport doctor demo-bundle --target jetson-orin",
+                              "vlmexport doctor demo-bundle --target desktop --json"))
+@friendly_errors
+def doctor(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle to audit for TensorRT (omit: report this machine)."),
+    target: Optional[List[TrtTarget]] = typer.Option(None, help="TensorRT target(s) to audit against (default: "
+                                                     "both)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """What would not parse in TensorRT (with a bundle), or what this machine can run (without)."""
+    if bundle is None:
+        from .runtimes.environment import probe
+
+        env = probe()
+        if json_out:
+            out.print_json(json.dumps(env.to_dict()))
+            return
+        out.print(f"TensorRT      {env.tensorrt or 'not installed'}")
+        out.print(f"CUDA          {env.cuda or 'none'}  {', '.join(env.gpus) or 'no GPU visible'}")
+        out.print(f"onnxruntime   {env.onnxruntime or 'not installed'}  providers: {', '.join(env.ort_providers)}")
+        gpu = {True: "GPU offload", False: "no GPU offload", None: "offload unknown"}[env.llamacpp_gpu_offload]
+        out.print(f"llama.cpp     {env.llamacpp or 'not installed'}" + (f"  ({gpu})" if env.llamacpp else ""))
+        t = Table(title="backends on this machine")
+        t.add_column("backend")
+        t.add_column("can use")
+        for k, v in env.backends().items():
+            t.add_row(k, v)
+        out.print(t)
+        return
+    from .exporter.tensorrt_audit import audit_bundle, format_audit
+
+    results, fmt = audit_bundle(bundle, [t.value for t in (target or list(TrtTarget))])
+    if json_out:
+        out.print_json(json.dumps({"format": fmt, "graphs": [dict(path=r.path, **r.to_dict()) for r in results]}))
+    else:
+        if fmt != "tensorrt":
+            console.print("[yellow]this bundle has no TensorRT profile; auditing its ONNX graphs (rebuild with "
+                          "`--format tensorrt` for graphs TensorRT parses)[/yellow]")
+        out.print(format_audit(results, bundle), highlight=False, markup=False, soft_wrap=True)
+    bad = sum(len(r.findings) for r in results)
+    if bad:
+        console.print(f"[red]{bad} node(s) would not parse[/red]")
+        raise typer.Exit(1)
+    console.print("[green]every node parses on every audited target[/green]")
 
 
 # ----------------------------------------------------------------------- bench

@@ -30,6 +30,9 @@ def artifact_file(part: str, fmt: str, precision: str) -> str:
     if fmt == "onnx":
         ext = "safetensors" if part == Part.TOKEN_EMBEDDING else "onnx"
         return f"onnx/{part}.{precision}.{ext}"
+    if fmt == "tensorrt":  # the TensorRT profile: plain-op ONNX the engines are built from on the device
+        ext = "safetensors" if part == Part.TOKEN_EMBEDDING else "onnx"
+        return f"tensorrt/{part}.{precision}.{ext}"
     if fmt == "torch":
         return "torch"  # a model directory in the Hugging Face layout
     if fmt == "gguf":  # llama.cpp: the text model and the vision projector (ViT + connector)

@@ -42,6 +42,7 @@ class Format(str, Enum):
     ONNX = "onnx"
     GGUF = "gguf"
     TORCH = "torch"  # the reference checkpoint copied into a bundle
+    TENSORRT = "tensorrt"  # the TensorRT profile: plain-op ONNX that engines are built from on the device
 
     def __str__(self) -> str:
         return self.value
@@ -79,6 +80,7 @@ class Backend(str, Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     LLAMACPP = "llamacpp"
+    TENSORRT = "tensorrt"
 
     def __str__(self) -> str:
         return self.value
@@ -89,6 +91,7 @@ PRECISION_NAMES: dict[str, dict[str, str]] = {
     Format.ONNX: {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"},
     Format.GGUF: {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16",
                   "q8_0": "q8_0", "q4_k_m": "q4_k_m", "q4_0": "q4_0"},
+    Format.TENSORRT: {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"},
 }
 ONNX_FLOAT = (Precision.FP32, Precision.FP16)
 ONNX_QUANTIZED = (Precision.INT8, Precision.INT4)  # calibrated from fp32, gated against it

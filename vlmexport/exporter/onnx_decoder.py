@@ -100,7 +100,7 @@ class DecoderGraph(ExportedGraph):
         return tuple(p for p in (self.path, self.decode_path, self.data_path) if p is not None)
 
     def runtime_facts(self) -> dict[str, int]:
-        """The model facts a runtime needs (``onnxruntime_backend.DecoderFacts(**facts)``; manifest-ready)."""
+        """The model facts a runtime needs (``runtimes.spec.DecoderShape(**facts)``; manifest-ready)."""
         return dict(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                     hidden_size=self.hidden_size, vocab_size=self.vocab_size, max_length=self.max_length)
 

@@ -9,7 +9,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +21,7 @@ from ..core.preprocess import PreprocessConfig
 from ..core.prompt import CHAT_TEMPLATE_FILE, ChatTemplate
 from ..exporter.onnx_decoder import export_text_decoder, export_token_embedding
 from ..exporter.onnx_vision import export_connector, export_vision_encoder
+from ..exporter.parts import ExportedPart, exported_part
 from ..models.base import VLM, VLMConfig
 from ..models.checkpoint import (INDEX, PREPROCESSOR, WEIGHTS, CanonicalTensors, SafetensorsCheckpoint,
                                  read_chat_template, read_config, read_preprocess, read_tokenizer)
@@ -30,7 +31,7 @@ from .deviations import (DeviationRefused, PartialBuildError, deviation_record, 
 
 log = logging.getLogger(__name__)
 
-FORMATS = (Format.ONNX, Format.GGUF)
+FORMATS = (Format.ONNX, Format.GGUF, Format.TENSORRT)
 ONNX_PRECISIONS = ONNX_FLOAT
 ONNX_QUANT_PRECISIONS = ONNX_QUANTIZED  # vlmexport/quant: calibrated from fp32, gated against it
 GGUF_PRECISIONS = GGUF_FLOAT + GGUF_QUANTIZED
@@ -100,19 +101,6 @@ def load_source(model_dir: str | Path) -> SourceModel:
 
 
 # ---------------------------------------------------------------------- export
-@dataclass(frozen=True)
-class ExportedPart:
-    part: str
-    format: str
-    precision: str
-    file: str  # relative to the bundle
-    data_files: tuple[str, ...]
-    inputs: tuple[dict, ...]
-    outputs: tuple[dict, ...]
-    seconds: float
-    extra: dict = field(default_factory=dict)
-
-
 def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progress: Progress = lambda s: None
                 ) -> list[ExportedPart]:
     """The four ONNX-format parts per precision, streamed from the checkpoint."""
@@ -136,7 +124,7 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
             target.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             g = fn(target)
-            out.append(_exported(part, p, rel, g, root, time.perf_counter() - t0))
+            out.append(exported_part(part, p, rel, g, root, time.perf_counter() - t0))
     return out
 
 
@@ -167,22 +155,6 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
                                "scores": {k: v for k, v in r.scores[q.precision].items() if k != "parts"}})
              for q in r.parts]
     return new + parts, {"onnx": {**r.calibration, "scores": r.scores}}
-
-
-def _exported(part: str, precision: str, rel: str, g, root: Path, seconds: float) -> ExportedPart:
-    if isinstance(g, Path):  # a plain table (token embedding): described by its one tensor
-        from safetensors import safe_open
-
-        with safe_open(str(g), framework="numpy") as f:
-            sl = f.get_slice("weight")
-            table = {"name": "weight", "dtype": {"F32": "float32", "F16": "float16"}.get(sl.get_dtype(), sl.get_dtype()),
-                     "shape": list(sl.get_shape())}
-        return ExportedPart(part, "onnx", precision, rel, (), (), (table,), seconds)
-    files = [Path(f) for f in g.files]
-    data = tuple(str(f.relative_to(root)) for f in files if f.resolve() != (root / rel).resolve())
-    io = lambda specs: tuple(x.to_dict() if hasattr(x, "to_dict") else asdict(x) for x in specs)  # noqa: E731
-    return ExportedPart(part, "onnx", precision, rel, data, io(getattr(g, "inputs", ())), io(getattr(g, "outputs", ())),
-                        seconds)
 
 
 def export_gguf_parts(src: SourceModel, root: Path, precisions: Sequence[str],
@@ -384,6 +356,10 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
         if "gguf" in plan:
             gguf_parts, _ = export_gguf_parts(src, w.root, plan["gguf"], progress, imatrix_pairs)
             parts += gguf_parts
+        if "tensorrt" in plan:
+            from ..exporter.tensorrt import export_tensorrt
+
+            parts += export_tensorrt(src, w.root, plan["tensorrt"], progress)
         report: dict = {"skipped": True}
         if validate:
             from .validate import validate_exports
@@ -392,6 +368,12 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             report = validate_exports(src, w.root, [p for p in parts if p.format in ("onnx", "gguf") and not (
                 p.format == "onnx" and p.precision in ONNX_QUANT_PRECISIONS)], e2e_prompts,
                                       progress)
+            trt = [p for p in parts if p.format == "tensorrt"]
+            if trt:
+                from .tensorrt_validate import validate_tensorrt_profile
+
+                t_report = validate_tensorrt_profile(src, w.root, trt, e2e_prompts, progress)
+                report = {k: report.get(k, []) + t_report[k] for k in ("parts", "end_to_end")}
         parts, dropped = drop_failed_formats(report, parts, w.root)
         for fmt, what in deviations.items():
             if fmt not in dropped:

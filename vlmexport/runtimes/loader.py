@@ -129,8 +129,14 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
     return session, f"llamacpp-{precision}"
 
 
+def _tensorrt(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+    from .tensorrt_backend import load_tensorrt
+
+    return load_tensorrt(bundle, precision, device, threads, spin)
+
+
 BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch,
-                                     Backend.LLAMACPP: _llamacpp}
+                                     Backend.LLAMACPP: _llamacpp, Backend.TENSORRT: _tensorrt}
 
 
 def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -156,6 +162,8 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
             choice = Backend.ONNXRUNTIME
         elif "torch" in formats:
             choice = Backend.TORCH
+        elif "tensorrt" in formats and importlib.util.find_spec("onnxruntime") is not None:
+            choice = Backend.TENSORRT  # engines on cuda; on cpu the profile on onnxruntime
         else:
             raise BundleError(f"{b.root}: no artifact this installation can run (formats {sorted(formats)}); "
                               "install `vlmexport[onnx]`")

@@ -1,0 +1,84 @@
+"""What this machine can run: TensorRT, CUDA, onnxruntime providers, llama.cpp GPU offload.
+
+``vlmexport doctor`` (without a bundle) prints :func:`probe`. Every probe imports its
+package lazily and reports "not installed" rather than failing; nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Environment:
+    tensorrt: str | None = None
+    cuda: str | None = None  # torch's CUDA runtime version, when torch has CUDA
+    gpus: list[str] = field(default_factory=list)  # "name (sm_NN)"
+    onnxruntime: str | None = None
+    ort_providers: list[str] = field(default_factory=list)
+    llamacpp: str | None = None
+    llamacpp_gpu_offload: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def backends(self) -> dict[str, str]:
+        """Backend -> what it can use here."""
+        gpu = bool(self.gpus)
+        out = {"torch": "cuda + cpu" if gpu else "cpu"}
+        if self.onnxruntime:
+            eps = [p.replace("ExecutionProvider", "") for p in self.ort_providers]
+            out["onnxruntime"] = ", ".join(eps)
+        else:
+            out["onnxruntime"] = "not installed (pip install 'vlmexport[onnx]')"
+        if self.tensorrt and gpu:
+            out["tensorrt"] = f"engines (TensorRT {self.tensorrt})"
+        else:
+            why = "no TensorRT" if not self.tensorrt else "no CUDA GPU"
+            out["tensorrt"] = f"profile on onnxruntime CPU only ({why}; engines need TensorRT and a GPU)"
+        if self.llamacpp:
+            out["llamacpp"] = "gpu offload" if self.llamacpp_gpu_offload else "cpu (this build has no GPU offload)"
+        else:
+            out["llamacpp"] = "not installed (pip install 'vlmexport[llamacpp]')"
+        return out
+
+    def to_dict(self) -> dict:
+        return {"tensorrt": self.tensorrt, "cuda": self.cuda, "gpus": self.gpus, "onnxruntime": self.onnxruntime,
+                "onnxruntime_providers": self.ort_providers, "llama_cpp": self.llamacpp,
+                "llama_cpp_gpu_offload": self.llamacpp_gpu_offload, "backends": self.backends(), "notes": self.notes}
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "installed"))
+    except Exception as exc:  # noqa: BLE001 - a broken install is a finding, not a crash
+        return f"broken ({type(exc).__name__}: {exc})"
+
+
+def probe() -> Environment:
+    env = Environment()
+    env.tensorrt = _version("tensorrt")
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            env.cuda = torch.version.cuda
+            for i in range(torch.cuda.device_count()):
+                major, minor = torch.cuda.get_device_capability(i)
+                env.gpus.append(f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+        elif torch.version.cuda is None:
+            env.notes.append("torch is a CPU build")
+    env.onnxruntime = _version("onnxruntime")
+    if env.onnxruntime and not env.onnxruntime.startswith("broken"):
+        import onnxruntime as ort
+
+        env.ort_providers = list(ort.get_available_providers())
+    env.llamacpp = _version("llama_cpp")
+    if env.llamacpp and not env.llamacpp.startswith("broken"):
+        import llama_cpp
+
+        fn = getattr(llama_cpp, "llama_supports_gpu_offload", None)
+        env.llamacpp_gpu_offload = bool(fn()) if fn is not None else None
+    return env
