@@ -42,7 +42,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Mapping, Sequence
 
 from .core.atomic import atomic_directory
-from .core.errors import VlmexportError
+from .bundle_schema import read_manifest_json, validate_container
+from .core.errors import BundleError
 
 SCHEMA_VERSION = 1
 KIND = "vlmexport-bundle"
@@ -101,8 +102,7 @@ def part_precision(available, precision: str) -> str | None:
     return None
 
 
-class BundleError(VlmexportError):
-    """A bundle is missing, malformed, from a newer vlmexport, unsafe or corrupt."""
+# BundleError lives in core.errors (bundle_schema raises it too); importable from here as before.
 
 
 # ------------------------------------------------------------------------ dataclasses
@@ -486,13 +486,11 @@ class Bundle:
         if not root.is_dir() or not mpath.is_file():
             what = "not a directory" if not root.is_dir() else f"no {MANIFEST}"
             raise BundleError(f"{root} is not a vlmexport bundle ({what}); build one with `vlmexport build`")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON ({exc}); {_HINT_REBUILD}") from None
+        manifest = read_manifest_json(mpath)  # size, depth, NaN limits: bundle_schema
         if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
             raise BundleError(f"{mpath} is not a vlmexport manifest; build a bundle with `vlmexport build`")
         _check_schema(manifest.get("schema_version"), mpath)
+        validate_container(manifest, str(mpath))
         artifacts = _parse_artifacts(manifest, mpath)
         expected = _expected_files(manifest, artifacts, mpath)
         for rel, (sha, size) in expected.items():
@@ -658,10 +656,20 @@ def validation_summary(validation: Any) -> dict[str, Any]:
             "failed": [r for r in rows if not r["passed"]], "end_to_end": end_to_end}
 
 
-def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, Any]:
-    """A summary of a bundle for people (the CLI renders it; :func:`format_inspection` as text)."""
+def inspect_bundle(path: str | os.PathLike, verify: str = "full") -> dict[str, Any]:
+    """A summary of a bundle for people (the CLI renders it; :func:`format_inspection` as text).
+
+    Hashes every file by default, and ``problems`` lists why a runtime would refuse the
+    manifest (bundle_schema.validate_runtime): a tampered bundle is never reported fine."""
+    from .bundle_schema import validate_runtime
+
     b = Bundle.open(path, verify=verify)
     m = b.manifest
+    try:
+        validate_runtime(m, b.artifacts, str(b.root / MANIFEST))
+        problems = []
+    except BundleError as exc:
+        problems = [str(exc)]
     sizes = m.get("file_sizes") or {}
     return {
         "path": str(b.root),
@@ -679,6 +687,7 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "tool_versions": b.section("tool_versions", {}),
         "file_count": len(sizes),
         "total_size_bytes": sum(int(s) for s in sizes.values()),
+        "problems": problems,
     }
 
 
@@ -722,4 +731,7 @@ def format_inspection(summary: Mapping[str, Any]) -> str:
     for row in (e2e if isinstance(e2e, list) else [e2e] if isinstance(e2e, dict) else []):
         lines.append(f"  end to end   {_kv(row)}")
     lines.append(f"Tools          {_kv(s.get('tool_versions') or {})}")
+    problems = s.get("problems") or []
+    lines.append("Runtime        NOT RUNNABLE: " + problems[0] if problems else
+                 "Runtime        every section a runtime reads is valid")
     return "\n".join(lines)

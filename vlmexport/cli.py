@@ -408,11 +408,11 @@ def _print_gates(calibration: dict) -> None:
     out.print(t)
 
 
-@app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify full"))
+@app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify size"))
 @friendly_errors
 def inspect(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    verify: str = typer.Option("size", help="none, size or full (sha256 of every file)."),
+    verify: str = typer.Option("full", help="full (sha256 of every file), size or none."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Show what a bundle holds: model, artifacts with their inputs/outputs, validation."""
@@ -423,6 +423,8 @@ def inspect(
         out.print_json(json.dumps(summary, default=str))
     else:
         out.print(format_inspection(summary), highlight=False, markup=False)
+    if summary["problems"]:  # printed above; the exit status says it too
+        raise VlmexportError(summary["problems"][0])
 
 
 # ----------------------------------------------------------------------- bench

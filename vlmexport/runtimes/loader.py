@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Callable
 
 from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
+from ..bundle_schema import check_memory, validate_runtime
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
@@ -108,7 +109,11 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
                           "the torch backend") from None
     if threads:
         torch.set_num_threads(threads)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", torch.float32)
+    dtypes = {"fp32": torch.float32, "reference": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision is not None and precision not in dtypes:
+        raise VlmexportError(f"the torch backend runs {sorted(dtypes)}, not precision {precision!r}; pick one of "
+                             "those or another backend")
+    dtype = dtypes.get(precision or "fp32")
     loaded = load_pretrained(bundle.file(art.file).parent, dtype=dtype, device=device)
     return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
 
@@ -154,7 +159,14 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     device = device or "cpu"
     if device not in ("cpu", "cuda"):
         raise VlmexportError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise VlmexportError(f"threads={threads!r}: give a positive number of threads, or None for the default")
+    if precision is not None and not isinstance(precision, str):
+        raise VlmexportError(f"precision={precision!r}: give a precision name such as 'fp32', or None")
     b = Bundle.open(bundle, verify=verify)
+    # every number below sizes a buffer: typed, bounded and checked against the files first
+    runtime = validate_runtime(b.manifest, b.artifacts, str(b.root / "manifest.json"))
+    check_memory(runtime.model, source=str(b.root))
     if choice is Backend.AUTO:
         formats = {a.format for a in b.artifacts}
         if "onnx" in formats and importlib.util.find_spec("onnxruntime") is not None:
