@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..bundle import BundleWriter, artifact_file
+from ..core.atomic import output_lock
 from ..core.errors import ConfigError
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
@@ -370,7 +371,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     plan = precisions_for(formats, precisions)
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
-    with BundleWriter(out) as w:
+    with output_lock(out, "build"), BundleWriter(out) as w:  # a second build of `out` fails at once
         write_common_files(src, w)
         parts: list[ExportedPart] = []
         q_section: dict = {}
