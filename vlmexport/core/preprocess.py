@@ -12,7 +12,6 @@ import io
 import json
 import os
 import warnings
-from struct import error as struct_error
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -170,7 +169,8 @@ def _decode(src: str | os.PathLike | bytes | bytearray | memoryview, label: str)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
                          "limit); downscale it first") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+    except Exception as exc:  # noqa: BLE001 - Pillow's parsers raise OSError, SyntaxError, TypeError, KeyError,
+        # IndexError, struct.error, ... on corrupt files (found by tests/hardening/test_fuzz.py): all "unreadable"
         raise ImageError(f"{label}: not a readable image ({exc.__class__.__name__}); pass a PNG/JPEG/WebP "
                          "file") from None
 
@@ -204,8 +204,9 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     if mode == "F":
         a = np.asarray(img, dtype=np.float32)
         if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
-            raise ImageError(f"{label}: a floating-point image must hold values in [0, 1] (it holds "
-                             f"{np.nanmin(a):g}..{np.nanmax(a):g}); scale it or save it as an 8-bit PNG")
+            held = "NaN or infinity" if not np.isfinite(a).all() else f"{a.min():g}..{a.max():g}"
+            raise ImageError(f"{label}: a floating-point image must hold values in [0, 1] (it holds {held}); "
+                             "scale it or save it as an 8-bit PNG")
         return Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB")
     if mode == "La":  # premultiplied grey + alpha: composite onto white directly
         a = np.asarray(img).astype(np.int16)
