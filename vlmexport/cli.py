@@ -74,6 +74,21 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _writable(path: Optional[Path], option: str) -> None:
+    """Fail before a long run when its output file cannot be written (read-only or missing directory)."""
+    if path is None:
+        return
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise VlmexportError(f"{option} {path}: cannot write into {path.parent} ({exc.strerror or exc}); choose a "
+                             "writable path") from None
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -216,6 +231,7 @@ def eval_(
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
+    _writable(json_out, "--json")
     from .evaluation.api import prepare_eval
     from .evaluation.runner import evaluate
 
@@ -472,6 +488,8 @@ def bench(
     _setup_logging(False)
     from .benchmark import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
 
+    _writable(json_out, "--json")
+    _writable(png, "--png")
     if accuracy < 0 or accuracy % 2:
         raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
                              "questions come in yes/no pairs), e.g. --accuracy 40")
