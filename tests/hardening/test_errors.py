@@ -347,3 +347,25 @@ def test_open_image_refuses_wrong_types():
     for bad in (None, 3, [1, 2], {"a": 1}):
         with pytest.raises(ImageError, match="an image must be a file path, bytes"):
             open_image(bad)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"text_decoder": 5}', '"int4"'])
+def test_recipe_of_the_wrong_shape(tmp_path, content):
+    from vlmexport.core.errors import ConfigError
+    from vlmexport.quant.recipe import Recipe
+
+    (tmp_path / "r.json").write_text(content)
+    with pytest.raises(ConfigError, match="a recipe is a JSON object of rule lists"):
+        Recipe.load(tmp_path / "r.json")
+
+
+def test_preprocessor_file_must_agree_with_the_manifest(bundle, tmp_path):
+    """With hashing off (verify='none') an edited preprocessor_config.json is still caught."""
+    from vlmexport.runtimes.loader import load
+
+    b = copy_bundle(bundle, tmp_path / "b")
+    cfg = json.loads((b / "preprocessor_config.json").read_text())
+    cfg["vlmexport"]["image_size"] = 4000
+    (b / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="says image size 4000 but the manifest says 96"):
+        load(b, backend="onnxruntime", verify="none")

@@ -179,6 +179,9 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     session, name = BACKENDS[choice](b, precision, device, threads, spin)
     tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
     pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
+    if pre.image_size != runtime.preprocessing.image_size:  # the file must say what the validated manifest says
+        raise BundleError(f"{b.root}: {runtime.preprocessing.file} says image size {pre.image_size} but the manifest "
+                          f"says {runtime.preprocessing.image_size}; rebuild the bundle with `vlmexport build`")
     template = ChatTemplate.from_dict(b.section("chat_template"))
     return Pipeline(session, tok, template, pre, _spec(b.section("model")), backend=name)
 
