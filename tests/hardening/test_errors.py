@@ -369,3 +369,18 @@ def test_preprocessor_file_must_agree_with_the_manifest(bundle, tmp_path):
     (b / "preprocessor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BundleError, match="says image size 4000 but the manifest says 96"):
         load(b, backend="onnxruntime", verify="none")
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_context_past_the_trained_one_is_refused(tmp_path):
+    """The GGUF header (a hashed file) bounds the context llama.cpp allocates, whatever the manifest says."""
+    from vlmexport.runtimes.llamacpp_backend import GGUFFileError, LlamaCppSession, llamacpp_available
+
+    if not llamacpp_available():
+        pytest.skip("llama-cpp-python is not installed")
+    from vlmexport.exporter.build import build
+
+    out = tmp_path / "b"
+    build(None, out, formats=("gguf",), precisions=("f16",), reference=False, validate=False, imatrix_pairs=0)
+    with pytest.raises(GGUFFileError, match="up to the model's trained context \\(320\\)"):
+        LlamaCppSession(out / "gguf" / "model.f16.gguf", out / "gguf" / "mmproj-model.f16.gguf", n_ctx=100_000)
