@@ -6,8 +6,9 @@ classify what the user sees.
 
 BUNDLE is a bundle with onnx (+ gguf and torch for those cases), e.g.
 ``vlmexport build --out demo --format onnx,gguf --precision fp32,f16``. Every CLI case runs in
-its own process under ``ulimit -v`` (``--vmem-kb``, default 6,000,000: the machine is shared)
-and a timeout, with its peak RSS measured by ``/usr/bin/time``. Outcomes:
+a fork of one warm process per tree (so the imports are paid once), under an address-space
+limit (``--vmem-kb``, default 6,000,000: the machine is shared), with its own peak RSS from
+``wait4``. Outcomes:
 
     one-line (2)   one line on stderr, exit status 2: what the project promises
     traceback      a Python traceback
@@ -172,21 +173,57 @@ def classify(rc: int, text: str) -> str:
     return "accepted (0)" if rc == 0 else f"exit {rc}"
 
 
-def run_cli(tree: Path, args: list[str], vmem_kb: int, timeout: int) -> tuple[str, int]:
+FORK_WORKER = r"""
+import json, os, resource, sys, traceback
+import vlmexport.cli as cli_mod  # imported once: every case is a fork of this warm process
+from vlmexport.cli import app
+import onnxruntime, torch  # noqa: F401 - warm the heavy imports before forking
+cases, vmem_kb, outdir = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for i, args in enumerate(cases):
+    args = [a.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape") for a in args]
+    path = os.path.join(outdir, f"{i}.txt")
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1); os.dup2(fd, 2)
+        resource.setrlimit(resource.RLIMIT_AS, (vmem_kb * 1024,) * 2)
+        code = 0
+        try:
+            app(args, prog_name="vlmexport")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    _, status, usage = os.wait4(pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    print(json.dumps({"i": i, "rc": rc, "maxrss_kb": usage.ru_maxrss}), flush=True)
+"""
+
+
+def run_cli_cases(tree: Path, cases: list[list[str]], vmem_kb: int, timeout: int) -> list[tuple[str, int]]:
+    """Every case in a fork of one warm process per tree (imports once), under RLIMIT_AS."""
     env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "300"}
-    cmd = (["/usr/bin/time", "-f", "maxrss=%M", "timeout", str(timeout), sys.executable, "-c",
-            "from vlmexport.cli import app; app()"] + args)
-    limit = lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS, (vmem_kb * 1024,) * 2)  # noqa
-    r = subprocess.run([os.fsencode(a) for a in cmd], capture_output=True, env=env, cwd=tempfile.gettempdir(),
-                       preexec_fn=limit)
-    text = (r.stdout + r.stderr).decode(errors="replace")
-    rss = next((int(ln.split("=")[1]) for ln in text.splitlines() if ln.startswith("maxrss=")), 0)
-    rc = r.returncode
-    if "Command exited with non-zero status" in text:
-        rc = int(text.rsplit("Command exited with non-zero status", 1)[1].split()[0])
-    elif "Command terminated by signal" in text:
-        rc = -int(text.rsplit("Command terminated by signal", 1)[1].split()[0])
-    return classify(rc, text), rss // 1024
+    outdir = tempfile.mkdtemp(prefix="hardening-out-")
+    arg = json.dumps([[a.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape") for a in c]
+                      for c in cases], ensure_ascii=True)
+    r = subprocess.run(["timeout", str(timeout * len(cases)), sys.executable, "-c", FORK_WORKER, arg, str(vmem_kb),
+                        outdir], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    done = {d["i"]: d for d in (json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{"))}
+    out = []
+    for i in range(len(cases)):
+        text = Path(outdir, f"{i}.txt").read_text(errors="replace") if Path(outdir, f"{i}.txt").exists() else ""
+        if i not in done:
+            out.append(("not run (worker died: " + (r.stderr.strip().splitlines() or ["?"])[-1][:80] + ")", 0))
+            continue
+        outcome = classify(done[i]["rc"], text)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("error:")), "")
+        if not first and "Traceback" in text:  # the exception line
+            first = next((ln for ln in reversed(text.splitlines()) if ln.strip() and not ln.startswith(" ")), "")
+        out.append((outcome + (f': "{first[:90]}"' if first else ""), done[i]["maxrss_kb"] // 1024))
+    shutil.rmtree(outdir, ignore_errors=True)
+    return out
 
 
 def main() -> None:
@@ -206,14 +243,15 @@ def main() -> None:
     cases = cli_cases(a.bundle.resolve(), work, img)
     for tree in a.tree:
         t = str(tree.resolve())
-        for cls, name, args in cases:
-            outcome, rss = run_cli(tree.resolve(), args, a.vmem_kb, a.timeout)
+        results = run_cli_cases(tree.resolve(), [args for _, _, args in cases], a.vmem_kb, a.timeout)
+        for (cls, name, _), (outcome, rss) in zip(cases, results):
             rows.setdefault(f"{cls}|{name}", {})[t] = f"{outcome}, {rss} MB"
             print(f"[{tree}] {cls:9} {name:45} {outcome}, peak RSS {rss} MB", flush=True)
         env = {**os.environ, "PYTHONPATH": t}
         for cls, code, argv in (("api", API, [str(a.bundle.resolve()), str(img)]),
                                 ("image", IMAGES, [str(CORPUS / "expected.json")] + IMAGE_CASES)):
-            r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+            r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                               cwd=tempfile.gettempdir())  # not the repo: `-c` puts the cwd first on sys.path
             res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"(script)": r.stderr[-300:]}
             for name, outcome in res.items():
                 rows.setdefault(f"{cls}|{name}", {})[t] = outcome

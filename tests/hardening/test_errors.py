@@ -92,6 +92,7 @@ def test_cli_run_invalid_utf8_prompt(bundle, png):
     one_line_exit_2(cli("run", bundle, "--image", png, "--prompt", prompt), "is not valid UTF-8", "re-encode")
 
 
+@pytest.mark.slow
 def test_cli_invalid_utf8_prompt_in_a_real_process(bundle, png):
     env = {**os.environ, "COLUMNS": "300", "PYTHONPATH": str(Path(__file__).parents[2])}
     r = subprocess.run([sys.executable.encode(), b"-m", b"vlmexport.cli", b"run", str(bundle).encode(), b"--image",
