@@ -32,7 +32,6 @@ only (the runtime image installs no more).
 from __future__ import annotations
 
 import json
-import math
 import os
 import string
 from pathlib import Path
@@ -402,6 +401,3 @@ def check_memory(m: ModelSection, context: int | None = None, dtype_bytes: int =
                                 f"machine has {have / 1e9:.1f} GB; use a smaller context or a bigger machine")
     return need
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
