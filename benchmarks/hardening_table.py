@@ -145,7 +145,9 @@ for rel in sys.argv[2:]:
             x, y, rgb = e["pixel"]
             got = np.asarray(img)[y, x].astype(int).tolist()
             ok = max(abs(a - b) for a, b in zip(got, rgb)) <= 6 and list(img.size) == e["size"]
-            out[rel] = "faithful" if ok else f"WRONG {got} (want {rgb})"
+            want = list(e["size"])
+            out[rel] = ("faithful" if ok else f"WRONG size {list(img.size)} (want {want})" if list(img.size) != want
+                        else f"WRONG {got} (want {rgb})")
         else:
             out[rel] = "accepted (should be refused)"
     except Exception as ex:
@@ -167,9 +169,10 @@ def classify(rc: int, text: str) -> str:
         return "timeout"
     if "Traceback" in text:
         return f"traceback ({rc})"
-    if rc == 2:
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("maxrss")]
-        return "one-line (2)" if lines and lines[0].startswith(("error:", "Usage:")) else f"exit 2, {len(lines)} lines"
+    if rc == 2:  # one `error:` line (inspect prints its summary first; build its progress line)
+        errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        usage = text.lstrip().startswith("Usage:")
+        return "one-line (2)" if len(errors) == 1 or (usage and not errors) else f"exit 2, {len(errors)} error lines"
     return "accepted (0)" if rc == 0 else f"exit {rc}"
 
 
