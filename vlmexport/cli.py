@@ -291,9 +291,11 @@ def run(
     _setup_logging(False)
     from .core.generation import GenerationConfig
     from .evaluation.api import open_pipeline
+    from .runtimes.arguments import check_text
 
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    GenerationConfig(**gen)  # bad sampling values fail before the model is loaded
+    GenerationConfig(**gen)  # bad sampling values and prompts fail before the model is loaded
+    check_text(prompt)
     pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision)
     if stream:
         for piece in pipe.stream(prompt, list(image), **gen):
