@@ -297,6 +297,9 @@ def gguf_files() -> None:
         "n_kv_huge.gguf": (good[:n_kv_at] + struct.pack("<Q", 2**62) + good[n_kv_at + 8:], "cannot be read"),
         "version_99.gguf": (good[:4] + struct.pack("<I", 99) + good[8:], "cannot be read"),
     }
+    # general.architecture's type turned from string (8) into array (9): an array of 5 x 2**56 int32s;
+    # gguf.GGUFReader looped past the end of the file until out of memory (found by fuzz_atheris.py)
+    cases["array_count_huge.gguf"] = (good[:52] + b"\x09" + good[53:], "cannot be read")
     # the first key's length field (right after the header) claims 2**62 bytes
     cases["key_length_huge.gguf"] = (good[:24] + struct.pack("<Q", 2**62) + good[32:], "cannot be read")
     for name, (data, err) in cases.items():

@@ -108,6 +108,13 @@ def read_gguf_info(path: str | os.PathLike, what: str = "GGUF file") -> GGUFInfo
     except ImportError:
         raise MissingDependencyError(f"the gguf package is not installed; {INSTALL_HINT}") from None
     size = p.stat().st_size
+    from .gguf_header import GGUFHeaderError, check_gguf_header
+
+    try:  # bounded first: GGUFReader loops on a count the file cannot hold (runtimes/gguf_header.py)
+        check_gguf_header(p)
+    except GGUFHeaderError as exc:
+        raise GGUFFileError(f"{p}: the GGUF header cannot be read ({exc}); the file is truncated or corrupt: copy it "
+                            "again or re-export it") from None
     try:
         reader = gguf.GGUFReader(p)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
