@@ -23,11 +23,15 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports():  # coverage feedback from these modules (and what they import)
+    import gguf as _gguf  # noqa: F401 - the GGUF target's parser
+    import PIL.Image  # noqa: F401
+
     from vlmexport.bundle import Bundle
     from vlmexport.bundle_schema import validate_runtime
     from vlmexport.core.errors import VlmexportError
     from vlmexport.core.preprocess import open_image
+    from vlmexport.runtimes import gguf_header, llamacpp_backend  # noqa: F401
 
 TMP = Path(tempfile.mkdtemp(prefix="vlmexport-atheris-"))
 
