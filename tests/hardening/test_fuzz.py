@@ -216,8 +216,11 @@ def test_fuzz_prompt_renderer(tokenizer, t, texts, image_tokens):
         return render(ChatTemplate.from_dict(t), turns, tokenizer, image_tokens)
 
     out = bounded(run)
-    if not isinstance(out, VlmexportError):
-        assert out.length == sum(len(p.ids) if hasattr(p, "ids") else image_tokens for p in out.pieces) or True
+    if not isinstance(out, VlmexportError):  # every image placed, lengths add up, ids in the vocabulary
+        images = [p for p in out.pieces if not hasattr(p, "ids")]
+        assert len(images) == sum(n for _, n in texts) and all(p.length == image_tokens for p in images)
+        assert out.length == sum(len(p.ids) if hasattr(p, "ids") else p.length for p in out.pieces)
+        assert all(0 <= i < tokenizer.vocab_size for p in out.pieces if hasattr(p, "ids") for i in p.ids)
 
 
 @FUZZ
