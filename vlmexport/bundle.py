@@ -432,6 +432,7 @@ class BundleWriter:
         hashes[README] = (file_sha256(readme), readme.stat().st_size)
         manifest["files"] = {rel: hashes[rel][0] for rel in sorted(hashes)}
         manifest["file_sizes"] = {rel: hashes[rel][1] for rel in sorted(hashes)}
+        validate_container(manifest, str(self.out_dir / MANIFEST))  # never write what Bundle.open refuses
         with open(root / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

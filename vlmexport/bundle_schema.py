@@ -124,11 +124,12 @@ class ContainerManifest(_Strict):
     tokenizer: Optional[dict[str, Any]] = None
     preprocessing: Optional[dict[str, Any]] = None
     chat_template: Optional[dict[str, Any]] = None
-    semantics_deviations: Optional[list[Union[str, dict[str, Any]]]] = None
+    # display-only sections (no buffer is sized from them): their type, and the JSON limits
+    semantics_deviations: Optional[list[Any]] = None
     calibration: Optional[dict[str, Any]] = None
     validation: Optional[dict[str, Any]] = None
     benchmarks: Optional[dict[str, Any]] = None
-    tool_versions: Optional[dict[str, str]] = None
+    tool_versions: Optional[dict[str, Any]] = None
 
 
 # ------------------------------------------------------------------ runtime sections

@@ -245,7 +245,7 @@ def manifests() -> None:
         ("kind_other", _set("kind", "something-else"), "is not a vlmexport manifest"),
         ("schema_newer", _set("schema_version", 2), "written by a newer vlmexport"),
         ("schema_string", _set("schema_version", "1"), "unknown schema_version"),
-        ("tool_versions_number", _set("tool_versions", {"python": 3}), "tool_versions.python"),
+        ("tool_versions_list", _set("tool_versions", ["python"]), "tool_versions: Input should be a valid dict"),
     ]
     for name, edit, err in cases:
         manifest_case(name, edit, err)

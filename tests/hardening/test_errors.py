@@ -385,3 +385,13 @@ def test_llamacpp_context_past_the_trained_one_is_refused(tmp_path):
     build(None, out, formats=("gguf",), precisions=("f16",), reference=False, validate=False, imatrix_pairs=0)
     with pytest.raises(GGUFFileError, match="up to the model's trained context \\(320\\)"):
         LlamaCppSession(out / "gguf" / "model.f16.gguf", out / "gguf" / "mmproj-model.f16.gguf", n_ctx=100_000)
+
+
+def test_writer_never_writes_what_the_reader_refuses(tmp_path):
+    from vlmexport.bundle import BundleWriter
+
+    with pytest.raises(BundleError, match="artifact 1 is malformed: part"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.path("x.onnx").write_bytes(b"x")
+            w.add_artifact("vision encoder", "onnx", "fp32", "x.onnx")  # a space: not a part name
+    assert not (tmp_path / "b").exists()
