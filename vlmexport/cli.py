@@ -53,8 +53,9 @@ def friendly_errors(fn: Callable) -> Callable:
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
-        except VlmexportError as exc:
-            console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
+        except VlmexportError as exc:  # one line, even when a path or value holds control characters
+            msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+            console.print(Text.assemble(("error: ", "bold red"), msg), soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except OSError as exc:  # a read-only or full output directory, a file that vanished: one line
             where = f"{exc.filename}: " if exc.filename else ""

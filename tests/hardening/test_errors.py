@@ -395,3 +395,13 @@ def test_writer_never_writes_what_the_reader_refuses(tmp_path):
             w.path("x.onnx").write_bytes(b"x")
             w.add_artifact("vision encoder", "onnx", "fp32", "x.onnx")  # a space: not a part name
     assert not (tmp_path / "b").exists()
+
+
+def test_control_characters_stay_on_one_line(tmp_path):
+    """Found by the long fuzz run: a path with a newline made a two-line ImageError."""
+    from vlmexport.core.preprocess import open_image
+
+    with pytest.raises(ImageError) as info:
+        open_image("/nonexistent/a\nb.png")
+    assert "\n" not in str(info.value) and "a\\nb.png" in str(info.value)
+    one_line_exit_2(cli("run", "--image", tmp_path / "x\ny.png", "--prompt", "x"), "x\\ny.png: no such image file")

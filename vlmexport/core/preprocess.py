@@ -120,6 +120,7 @@ def open_image(src: ImageInput, name: str | None = None) -> Image.Image:
     * a file's EXIF orientation is applied (as transformers' ``load_image``).
     """
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else "image")
+    label = "".join(c if c.isprintable() else repr(c)[1:-1] for c in label)  # a newline in a path: still one line
     if isinstance(src, Image.Image):
         img = src
     elif isinstance(src, np.ndarray):
