@@ -153,6 +153,7 @@ def _decode(src: str | os.PathLike | bytes | bytearray | memoryview, label: str)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on corrupt TIFF/EXIF tags: no log spam
             img = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
             w, h = img.size  # from the header: refuse a bomb before decoding it
             if w * h > MAX_IMAGE_PIXELS:
