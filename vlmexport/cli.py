@@ -55,8 +55,14 @@ def friendly_errors(fn: Callable) -> Callable:
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
-        except VlmexportError as exc:
-            console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
+        except VlmexportError as exc:  # one line, even when a path or value holds control characters
+            msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+            console.print(Text.assemble(("error: ", "bold red"), msg), soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a read-only or full output directory, a file that vanished: one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(Text.assemble(("error: ", "bold red"), f"{where}{exc.strerror or exc}; check the path, its "
+                                        "permissions and the free disk space"), soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]; rerun the same command to resume")
@@ -69,6 +75,21 @@ def friendly_errors(fn: Callable) -> Callable:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _writable(path: Optional[Path], option: str) -> None:
+    """Fail before a long run when its output file cannot be written (read-only or missing directory)."""
+    if path is None:
+        return
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise VlmexportError(f"{option} {path}: cannot write into {path.parent} ({exc.strerror or exc}); choose a "
+                             "writable path") from None
 
 
 def _progress() -> Progress:
@@ -133,9 +154,9 @@ def train(
     stage: StageChoice = typer.Option(StageChoice.fuse, help="Stage for fine-tuning MODEL: align (stage 1) or fuse "
                                       "(stage 2)."),
     data: str = typer.Option("synthetic", help="'synthetic' or a LLaVA-style .jsonl file."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the recipe's / 1000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per optimizer step, all ranks together."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: the recipe's / 1000)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Sequences per optimizer step, all ranks together."),
+    grad_accum: Optional[int] = typer.Option(None, min=1, help="Micro-batches per optimizer step."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     train_language: bool = typer.Option(False, help="Also train the language expert / decoder."),
     train_vision: bool = typer.Option(False, help="Also train the vision encoder."),
@@ -256,6 +277,7 @@ def eval_(
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
+    _writable(json_out, "--json")
     from .evaluation.api import prepare_eval
     from .evaluation.runner import evaluate
 
@@ -302,21 +324,25 @@ def run(
     image: list[Path] = typer.Option([], "--image", "-i", help="Image file; repeat for several images."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question; '<image>' marks where each image goes."),
     stream: bool = typer.Option(False, help="Print tokens as they are generated."),
-    max_new_tokens: int = typer.Option(64, help="Upper bound on generated tokens."),
+    max_new_tokens: int = typer.Option(64, min=0, help="Upper bound on generated tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
+    top_k: int = typer.Option(0, min=0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Sampling seed."),
     backend: Backend = typer.Option(Backend.AUTO, help="Backend for a bundle."),
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
     device: Device = typer.Option(Device.CPU, help="Device."),
 ):
     """Answer a prompt about one or more images."""
     _setup_logging(False)
+    from .core.generation import GenerationConfig
     from .evaluation.api import open_pipeline
+    from .runtimes.arguments import check_text
 
-    pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    GenerationConfig(**gen)  # bad sampling values and prompts fail before the model is loaded
+    check_text(prompt)
+    pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision)
     if stream:
         for piece in pipe.stream(prompt, list(image), **gen):
             out.print(piece, end="", highlight=False, markup=False)
@@ -354,17 +380,17 @@ def build(
     reference: bool = typer.Option(True, help="Include the PyTorch weights (for the torch backend)."),
     validate: bool = typer.Option(True, help="Check every artifact against PyTorch (skip only for models too big "
                                   "to hold in memory)."),
-    e2e_prompts: int = typer.Option(50, help="Test-split prompts whose greedy answers must match PyTorch."),
-    imatrix_pairs: int = typer.Option(64, help="Image+prompt pairs (synthetic val split) for the importance "
+    e2e_prompts: int = typer.Option(50, min=0, help="Test-split prompts whose greedy answers must match PyTorch."),
+    imatrix_pairs: int = typer.Option(64, min=0, help="Image+prompt pairs (synthetic val split) for the importance "
                                       "matrix of quantized GGUFs; 0 quantizes without one."),
     recipe: Optional[Path] = typer.Option(None, help="JSON quantization recipe for int8/int4 ONNX parts: ordered "
                                           "(pattern, precision or null) rules per part, first match wins."),
     calib: Optional[Path] = typer.Option(None, help="Calibration data for int8/int4: a LLaVA-style .jsonl or a "
                                          "directory of images (prompt from NAME.txt beside each image). Default: "
                                          "the model's synthetic validation split (never the test split)."),
-    calib_images: int = typer.Option(512, help="Calibration images for int8 vision parts (unreadable ones are "
+    calib_images: int = typer.Option(512, min=1, help="Calibration images for int8 vision parts (unreadable ones are "
                                      "skipped and counted)."),
-    calib_pairs: int = typer.Option(64, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
+    calib_pairs: int = typer.Option(64, min=1, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
     int4_algorithm: str = typer.Option("gptq", help="Weight-only algorithm for int4: gptq (calibrated on the "
                                        "calibration pairs, each expert on its own modality), rtn or hqq."),
     quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 decoder is tuned for: "
@@ -375,7 +401,7 @@ def build(
                                                         "decoder; default: the target's). On a 2-vCPU EPYC, block "
                                                         "128 decoded bench-s int4 1.3x faster than 32 "
                                                         "(docs/quantization.md)."),
-    gate_items: int = typer.Option(200, help="Test-split questions per category that score int8/int4 parts "
+    gate_items: int = typer.Option(200, min=0, help="Test-split questions per category that score int8/int4 parts "
                                    "against fp32 (accuracy gates)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep int8/int4 parts that fail their "
                                         "accuracy gate (recorded in the manifest) instead of failing the build."),
@@ -462,11 +488,11 @@ def _print_gates(calibration: dict) -> None:
     out.print(t)
 
 
-@app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify full"))
+@app.command(epilog=_examples("vlmexport inspect demo-bundle", "vlmexport inspect demo-bundle --verify size"))
 @friendly_errors
 def inspect(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    verify: str = typer.Option("size", help="none, size or full (sha256 of every file)."),
+    verify: str = typer.Option("full", help="full (sha256 of every file), size or none."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Show what a bundle holds: model, artifacts with their inputs/outputs, validation."""
@@ -477,6 +503,8 @@ def inspect(
         out.print_json(json.dumps(summary, default=str))
     else:
         out.print(format_inspection(summary), highlight=False, markup=False)
+    if summary["problems"]:  # printed above; the exit status says it too
+        raise VlmexportError(summary["problems"][0])
 
 
 # --------------------------------------------------------------- tensorrt: engines + doctor
@@ -584,22 +612,24 @@ def bench(
     backend: str = typer.Option("torch,onnxruntime,llamacpp", help="Comma-separated backends, timed side by side "
                                 "(those the bundle and this installation have)."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions (default: all in the bundle)."),
-    prompt_tokens: int = typer.Option(32, help="Text tokens after the image in the timed prompt."),
-    decode_tokens: int = typer.Option(32, help="Decode steps timed per repeat."),
-    repeats: int = typer.Option(3, help="Repeats; medians are reported."),
-    threads: Optional[int] = typer.Option(None, help="Threads for every backend (default: physical cores)."),
+    prompt_tokens: int = typer.Option(32, min=1, help="Text tokens after the image in the timed prompt."),
+    decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed per repeat."),
+    repeats: int = typer.Option(3, min=1, help="Repeats; medians are reported."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads for every backend (default: physical cores)."),
     spin: bool = typer.Option(False, "--spin", help="Let onnxruntime's threads busy-wait between operators: "
                               "faster when the model has the machine to itself, much slower when it does not."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: bench.json "
                                             "in the bundle, or in the current directory for several bundles)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
-    accuracy: int = typer.Option(0, help="Also score each backend x precision on this many synthetic test items "
+    accuracy: int = typer.Option(0, min=0, help="Also score each backend x precision on this many synthetic test items "
                                  "per category (exact match; for models trained on the synthetic task)."),
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
     from .pipeline.bench import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
 
+    _writable(json_out, "--json")
+    _writable(png, "--png")
     if accuracy < 0 or accuracy % 2:
         raise VlmexportError(f"--accuracy {accuracy}: give an even number of items per category (existence "
                              "questions come in yes/no pairs), e.g. --accuracy 40")

@@ -43,8 +43,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Mapping
 
 from ..core.atomic import atomic_directory
-from ..core.errors import VlmexportError
+from ..core.errors import BundleError, VlmexportError  # noqa: F401  (BundleError re-exported)
 from .card import render_model_card
+from .schema import read_manifest_json, validate_container
 from .names import (  # noqa: F401
     KIND,
     MANIFEST,
@@ -69,8 +70,7 @@ _HINT_REBUILD = "rebuild the bundle with `vlmexport build`"
 _HINT_RELATIVE = "give a path relative to the bundle directory"
 
 
-class BundleError(VlmexportError):
-    """A bundle is missing, malformed, from a newer vlmexport, unsafe or corrupt."""
+# BundleError lives in core.errors (the schema raises it too); importable from here as before.
 
 
 # ------------------------------------------------------------------------ dataclasses
@@ -398,6 +398,7 @@ class BundleWriter:
         hashes[README] = (file_sha256(readme), readme.stat().st_size)
         manifest["files"] = {rel: hashes[rel][0] for rel in sorted(hashes)}
         manifest["file_sizes"] = {rel: hashes[rel][1] for rel in sorted(hashes)}
+        validate_container(manifest, str(self.out_dir / MANIFEST))  # never write what Bundle.open refuses
         with open(root / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
@@ -452,13 +453,11 @@ class Bundle:
         if not root.is_dir() or not mpath.is_file():
             what = "not a directory" if not root.is_dir() else f"no {MANIFEST}"
             raise BundleError(f"{root} is not a vlmexport bundle ({what}); build one with `vlmexport build`")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON ({exc}); {_HINT_REBUILD}") from None
+        manifest = read_manifest_json(mpath)  # size, depth, NaN limits: bundle.schema
         if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
             raise BundleError(f"{mpath} is not a vlmexport manifest; build a bundle with `vlmexport build`")
         _check_schema(manifest.get("schema_version"), mpath)
+        validate_container(manifest, str(mpath))
         artifacts = _parse_artifacts(manifest, mpath)
         expected = _expected_files(manifest, artifacts, mpath)
         for rel, (sha, size) in expected.items():

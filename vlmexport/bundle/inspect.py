@@ -6,13 +6,23 @@ import os
 from typing import Any, Mapping
 
 from .format import Bundle, BundleError
+from .names import MANIFEST
+from .schema import validate_runtime
 from .summary import format_size, model_facts, validation_summary
 
 
-def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, Any]:
-    """A summary of a bundle for people (the CLI renders it; :func:`format_inspection` as text)."""
+def inspect_bundle(path: str | os.PathLike, verify: str = "full") -> dict[str, Any]:
+    """A summary of a bundle for people (the CLI renders it; :func:`format_inspection` as text).
+
+    Hashes every file by default, and ``problems`` lists why a runtime would refuse the
+    manifest (``schema.validate_runtime``): a tampered bundle is never reported fine."""
     b = Bundle.open(path, verify=verify)
     m = b.manifest
+    try:
+        validate_runtime(m, b.artifacts, str(b.root / MANIFEST))
+        problems = []
+    except BundleError as exc:
+        problems = [str(exc)]
     sizes = m.get("file_sizes") or {}
     return {
         "path": str(b.root),
@@ -31,6 +41,7 @@ def inspect_bundle(path: str | os.PathLike, verify: str = "size") -> dict[str, A
         "tool_versions": b.section("tool_versions", {}),
         "file_count": len(sizes),
         "total_size_bytes": sum(int(s) for s in sizes.values()),
+        "problems": problems,
     }
 
 
@@ -83,4 +94,7 @@ def format_inspection(summary: Mapping[str, Any]) -> str:
     for row in (e2e if isinstance(e2e, list) else [e2e] if isinstance(e2e, dict) else []):
         lines.append(f"  end to end   {_kv(row)}")
     lines.append(f"Tools          {_kv(s.get('tool_versions') or {})}")
+    problems = s.get("problems") or []
+    lines.append("Runtime        NOT RUNNABLE: " + problems[0] if problems else
+                 "Runtime        every section a runtime reads is valid")
     return "\n".join(lines)

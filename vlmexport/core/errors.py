@@ -22,6 +22,10 @@ class DataError(VlmexportError):
     """Training / evaluation data cannot be read."""
 
 
+class BundleError(VlmexportError):
+    """A bundle is missing, malformed, from a newer vlmexport, unsafe or corrupt."""
+
+
 class ImageError(DataError):
     """An image cannot be decoded or is outside the accepted size limits."""
 

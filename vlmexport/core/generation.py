@@ -6,11 +6,13 @@ token, reset); this module owns everything else: sampling, stop rules, streaming
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .errors import VlmexportError
 from .layout import SequenceLayout
 
 
@@ -25,14 +27,48 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+        object.__setattr__(self, "stop_token_ids", _int_tuple(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(self, "stop_strings", _str_tuple(self.stop_strings))
+        _count(self.max_new_tokens, "max_new_tokens", MAX_NEW_TOKENS, "the number of tokens to generate, e.g. 64")
+        _count(self.top_k, "top_k", None, "0 (off) or how many likely tokens to sample from, e.g. 40")
+        if self.seed is not None:
+            _count(self.seed, "seed", 2**63 - 1, "a non-negative integer, or leave it out")
+        if not _real(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature {self.temperature!r} must be a finite number >= 0 (0 = greedy), "
+                                  "e.g. 0.7")
+        if not _real(self.top_p) or not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p {self.top_p!r} must be in (0, 1] (1 = off), e.g. 0.9")
+
+
+MAX_NEW_TOKENS = 1 << 20  # far above any context; a larger request is a typo
+
+
+class GenerationError(VlmexportError, ValueError):
+    """A sampling or stopping value is out of range or of the wrong type (a ValueError too)."""
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x, name: str, most: int | None, example: str) -> None:
+    if not isinstance(x, (int, np.integer)) or isinstance(x, bool) or x < 0 or (most is not None and x > most):
+        bound = f" and at most {most:,}" if most is not None else ""
+        raise GenerationError(f"{name} {x!r} must be a whole number >= 0{bound}: {example}")
+
+
+def _int_tuple(x, name: str) -> tuple[int, ...]:
+    if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple, set, frozenset)):
+        raise GenerationError(f"{name} {x!r} must be a list of token ids")
+    for t in x:
+        _count(t, name[:-1], None, "a token id of the vocabulary")
+    return tuple(int(t) for t in x)
+
+
+def _str_tuple(x) -> tuple[str, ...]:
+    if isinstance(x, str) or not isinstance(x, (list, tuple)) or not all(isinstance(s, str) for s in x):
+        raise GenerationError(f"stop_strings {x!r} must be a list of strings, e.g. ['###']")
+    return tuple(x)
 
 
 class DecoderSession(Protocol):

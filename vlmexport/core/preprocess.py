@@ -151,42 +151,122 @@ def _hf_geometry(d: dict[str, Any], source: str) -> tuple[int, str, str]:
 
 
 def open_image(src: ImageInput, name: str | None = None) -> Image.Image:
-    """Decode an image (path, bytes, PIL image or HxWx3 uint8 array) into RGB, with size limits."""
+    """Decode an image into 8-bit RGB, read faithfully whatever its mode, with size limits.
+
+    Accepted: a path, bytes, a PIL image, or a uint8/uint16 array (HxW, HxWx1, HxWx3 or
+    HxWx4, channels last). Every PIL mode is decided (tests/hardening/corpus holds one file
+    per mode and bit depth):
+
+    * transparency (RGBA, LA, PA, P or L/RGB with a tRNS colour, premultiplied RGBa/La)
+      is composited onto **white**, as transformers' ``convert_to_rgb`` does for
+      CLIPImageProcessor (``do_convert_rgb``), so transparent areas never turn black;
+    * 16-bit images (I;16*, and I holding 0..65535) are **scaled** to 8 bits (v / 257,
+      rounded), never clipped; I with values outside 0..65535 is refused;
+    * F (float) images in [0, 1] are scaled by 255; other ranges, NaN and inf are refused;
+    * 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX convert with Pillow's colour conversions;
+    * animated or multi-page images (more than one frame) are **refused**: which frame
+      the question is about is the caller's choice, so save that frame on its own;
+    * a file's EXIF orientation is applied (as transformers' ``load_image``).
+    """
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else "image")
+    label = "".join(c if c.isprintable() else repr(c)[1:-1] for c in label)  # a newline in a path: still one line
     if isinstance(src, Image.Image):
         img = src
     elif isinstance(src, np.ndarray):
-        if src.ndim != 3 or src.shape[2] != 3 or src.dtype != np.uint8:
-            raise ImageError(f"{label}: an array image must be HxWx3 uint8, got {src.shape} {src.dtype}")
-        img = Image.fromarray(src)
+        img = _from_array(src, label)
+    elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
+        img = _decode(src, label)
     else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                old = Image.MAX_IMAGE_PIXELS
-                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-                try:
-                    if isinstance(src, bytes):
-                        img = Image.open(io.BytesIO(src))
-                    else:
-                        img = Image.open(src)
-                    img.load()
-                finally:
-                    Image.MAX_IMAGE_PIXELS = old
-        except FileNotFoundError:
-            raise ImageError(f"{label}: no such image file; check the path") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
-                             "limit); downscale it first") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{label}: not a readable image ({exc.__class__.__name__}); pass a PNG/JPEG/WebP file") from None
+        raise ImageError(f"{label}: an image must be a file path, bytes, a PIL image or an HxWx3 uint8 array, not "
+                         f"{type(src).__name__}")
+    frames = getattr(img, "n_frames", 1)
+    if isinstance(frames, int) and frames > 1:
+        raise ImageError(f"{label}: an animated or multi-page image ({frames} frames); save the one frame you mean "
+                         "as a PNG and pass that")
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb limit); "
                          "downscale it first")
     if min(w, h) < MIN_IMAGE_SIDE:
         raise ImageError(f"{label}: the image is {w}x{h}; images need at least {MIN_IMAGE_SIDE} pixels per side")
-    return img.convert("RGB") if img.mode != "RGB" else img
+    try:
+        return _to_rgb(img, label)
+    except (OSError, ValueError) as exc:  # a lazily opened PIL image whose file went away, an exotic mode
+        raise ImageError(f"{label}: cannot convert this {img.mode} image to RGB ({exc}); save it as an 8-bit "
+                         "RGB PNG") from None
+
+
+def _decode(src: str | os.PathLike | bytes | bytearray | memoryview, label: str) -> Image.Image:
+    from PIL import ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on corrupt TIFF/EXIF tags: no log spam
+            img = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+            w, h = img.size  # from the header: refuse a bomb before decoding it
+            if w * h > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{w}x{h}")
+            if getattr(img, "n_frames", 1) > 1:
+                return img  # refused by the caller, undecoded
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such image file; check the path") from None
+    except PermissionError:
+        raise ImageError(f"{label}: permission denied; make the image file readable") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a directory; pass an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{label}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
+                         "limit); downscale it first") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's parsers raise OSError, SyntaxError, TypeError, KeyError,
+        # IndexError, struct.error, ... on corrupt files (found by tests/hardening/test_fuzz.py): all "unreadable"
+        raise ImageError(f"{label}: not a readable image ({exc.__class__.__name__}); pass a PNG/JPEG/WebP "
+                         "file") from None
+
+
+def _from_array(a: np.ndarray, label: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.dtype == np.uint16:
+        a = _scale16(a)
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(f"{label}: an array image must be HxW, HxWx3 or HxWx4 (channels last) of uint8 or "
+                         f"uint16, got {list(a.shape)} {a.dtype}; convert it, e.g. (x * 255).round().astype('uint8')")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _scale16(a: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, rounded (65535 / 257 = 255 exactly)."""
+    return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ImageError(f"{label}: a 32-bit integer image with values {int(a.min())}..{int(a.max())} (outside "
+                             "16 bits); convert it to an 8- or 16-bit image")
+        return Image.fromarray(_scale16(a.astype(np.int64).astype(np.uint16))).convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
+            held = "NaN or infinity" if not np.isfinite(a).all() else f"{a.min():g}..{a.max():g}"
+            raise ImageError(f"{label}: a floating-point image must hold values in [0, 1] (it holds {held}); "
+                             "scale it or save it as an 8-bit PNG")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB")
+    if mode == "La":  # premultiplied grey + alpha: composite onto white directly
+        a = np.asarray(img).astype(np.int16)
+        return Image.fromarray(np.clip(a[..., 0] + 255 - a[..., 1], 0, 255).astype(np.uint8)).convert("RGB")
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_shape(w: int, h: int, cfg: PreprocessConfig) -> tuple[int, int]:

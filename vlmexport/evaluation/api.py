@@ -8,11 +8,14 @@ from typing import Callable
 from ..assets import demo_model_dir
 from ..runtimes.torch_backend import pipeline_from_model_dir
 from .metrics import EvalReport
+from .options import check_eval_options, check_model_path
 from .runner import evaluate
 
 
 def open_pipeline(path: str | Path | None, device: str = "cpu", backend: str = "auto", precision: str | None = None):
     """A pipeline over a bundle (any backend) or a model directory (torch; default: the shipped demo model)."""
+    if path is not None:
+        check_model_path(path)
     if path is not None and (Path(path) / "manifest.json").is_file():
         from ..runtimes.loader import load
 
@@ -43,6 +46,7 @@ def prepare_eval(path: str | Path | None, split: str = "test", n_per_category: i
                  data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
                  precision: str | None = None):
     """(pipeline, items, meta) for an evaluation run; opening and reading fail before any work."""
+    check_eval_options(split, n_per_category, data)
     pipe = open_pipeline(path, device=device, backend=backend, precision=precision)
     size = pipe.preprocess_config.image_size
     if data is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..bundle import BundleWriter, artifact_file
+from ..core.atomic import output_lock
 from ..core.errors import ConfigError
 from ..core.names import (GGUF_FLOAT, GGUF_QUANTIZED, ONNX_FLOAT, ONNX_QUANTIZED, PRECISION_NAMES, Format,  # noqa: F401
                           Part)
@@ -339,7 +340,7 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
     deviations = planned_deviations(src, plan, allow_deviations)
-    with BundleWriter(out) as w:
+    with output_lock(out, "build"), BundleWriter(out) as w:  # a second build of `out` fails at once
         write_common_files(src, w)
         parts: list[ExportedPart] = []
         q_section: dict = {}

@@ -77,6 +77,9 @@ class QuantRecipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Sequence[Sequence]]) -> "QuantRecipe":
+        if not isinstance(d, Mapping) or not all(isinstance(rs, (list, tuple)) for rs in d.values()):
+            raise ConfigError('a recipe is a JSON object of rule lists, like {"text_decoder": [["lm_head", null], '
+                              '["*", "int4"]]}')
         unknown = sorted(set(d) - set(PARTS))
         if unknown:
             raise ConfigError(f"recipe names unknown part(s) {unknown}; use {list(PARTS)}")

@@ -92,6 +92,13 @@ def read_gguf_info(path: str | os.PathLike, what: str = "GGUF file") -> GGUFInfo
     except ImportError:
         raise MissingDependencyError(f"the gguf package is not installed; {INSTALL_HINT}") from None
     size = p.stat().st_size
+    from .gguf_header import GGUFHeaderError, check_gguf_header
+
+    try:  # bounded first: GGUFReader loops on a count the file cannot hold (runtimes/gguf_header.py)
+        check_gguf_header(p)
+    except GGUFHeaderError as exc:
+        raise GGUFFileError(f"{p}: the GGUF header cannot be read ({exc}); the file is truncated or corrupt: copy it "
+                            "again or re-export it") from None
     try:
         reader = gguf.GGUFReader(p)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
@@ -218,6 +225,11 @@ class LlamaCppSession:
         self.text_info = read_gguf_info(text_gguf, "text GGUF")
         self.mmproj_info = read_gguf_info(mmproj_gguf, "mmproj GGUF") if mmproj_gguf is not None else None
         check_pair(self.text_info, self.mmproj_info, expected_arch)
+        trained = self.text_info.get(f"{self.text_info.architecture}.context_length")
+        too_long = isinstance(trained, int) and isinstance(n_ctx, int) and n_ctx > trained
+        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 1 or too_long):
+            raise GGUFFileError(f"{self.text_info.path}: n_ctx {n_ctx!r} must be a positive number of tokens up to the "
+                                f"model's trained context ({trained}); lower it (or fix the bundle's max_length)")
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
         lib = self._lib

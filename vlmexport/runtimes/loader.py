@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
+from ..bundle.schema import check_memory, validate_runtime
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.names import Backend, Device, Part
 from ..core.preprocess import PreprocessConfig
@@ -96,7 +97,11 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
                           "the torch backend") from None
     if threads:
         torch.set_num_threads(threads)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", torch.float32)
+    dtypes = {"fp32": torch.float32, "reference": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision is not None and precision not in dtypes:
+        raise VlmexportError(f"the torch backend runs {sorted(dtypes)}, not precision {precision!r}; pick one of "
+                             "those or another backend")
+    dtype = dtypes.get(precision or "fp32")
     loaded = load_pretrained(bundle.file(art.file).parent, dtype=dtype, device=device)
     return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
 
@@ -155,7 +160,14 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     if device not in tuple(Device):
         raise VlmexportError(f"unknown device {device!r}; use one of {', '.join(d.value for d in Device)}")
     device = Device(device).value
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise VlmexportError(f"threads={threads!r}: give a positive number of threads, or None for the default")
+    if precision is not None and not isinstance(precision, str):
+        raise VlmexportError(f"precision={precision!r}: give a precision name such as 'fp32', or None")
     b = Bundle.open(bundle, verify=verify)
+    # every number below sizes a buffer: typed, bounded and checked against the files first
+    runtime = validate_runtime(b.manifest, b.artifacts, str(b.root / "manifest.json"))
+    check_memory(runtime.model, source=str(b.root))
     if choice is Backend.AUTO:
         formats = {a.format for a in b.artifacts}
         if "onnx" in formats and importlib.util.find_spec("onnxruntime") is not None:
@@ -170,6 +182,9 @@ def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None
     session, name = BACKENDS[choice](b, precision, device, threads, spin)
     tok = Tokenizer(b.file(b.section("tokenizer")["file"]))
     pre = PreprocessConfig.load(b.file(b.section("preprocessing")["file"]))
+    if pre.image_size != runtime.preprocessing.image_size:  # the file must say what the validated manifest says
+        raise BundleError(f"{b.root}: {runtime.preprocessing.file} says image size {pre.image_size} but the manifest "
+                          f"says {runtime.preprocessing.image_size}; rebuild the bundle with `vlmexport build`")
     template = ChatTemplate.from_dict(b.section("chat_template"), read=lambda f: b.file(f).read_text())
     return Pipeline(session, tok, template, pre, model_spec(b.section("model")), backend=name)
 

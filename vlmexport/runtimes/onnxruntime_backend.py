@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from ..core.errors import BundleError
 from ..core.layout import LANGUAGE, SequenceLayout
 from .spec import DecoderShape
 
@@ -74,6 +75,20 @@ def session_options(intra_op_num_threads: int | None = None, allow_spinning: boo
     return so
 
 
+def read_embedding_table(path: str | os.PathLike) -> np.ndarray:
+    """The ``weight`` tensor of a token-embedding safetensors file, or one BundleError line
+    (the safetensors reader checks the header's offsets against the file before reading)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))["weight"]
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise BundleError(f"{path}: not a valid token-embedding safetensors file ({detail}); rebuild the bundle "
+                          "with `vlmexport build`") from None
+
+
 class OrtModelSession:
     """:class:`~vlmexport.core.generation.DecoderSession` over the exported ONNX files (batch 1).
 
@@ -110,9 +125,7 @@ class OrtModelSession:
             raise ValueError("give both vision_encoder_path and connector_path, or neither")
         self.vision_fallback = vision_fallback
 
-        from safetensors.numpy import load_file
-
-        self.embedding = load_file(str(embedding_path))["weight"]
+        self.embedding = read_embedding_table(embedding_path)
         if self.embedding.shape != (facts.vocab_size, facts.hidden_size):
             raise ValueError(f"{embedding_path}: embedding table has shape {list(self.embedding.shape)}; the decoder "
                              f"expects [{facts.vocab_size}, {facts.hidden_size}]")

@@ -17,6 +17,7 @@ from ..core.layout import ImagePiece, SequenceLayout, build_layout
 from ..core.preprocess import ImageInput, PreprocessConfig, preprocess
 from ..core.prompt import ChatTemplate, PromptError, Turn, render
 from ..core.tokenizer import Tokenizer
+from .arguments import check_images, check_messages, check_options, check_text
 from .spec import ModelSpec
 
 
@@ -63,7 +64,7 @@ class Pipeline:
         return generate_tokens(self.session, layout, embeds, config)
 
     def _config(self, **overrides) -> GenerationConfig:
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        overrides = {k: v for k, v in check_options(overrides).items() if v is not None}
         if "stop_token_ids" not in overrides:
             overrides["stop_token_ids"] = self.defaults.stop_token_ids or (self.tokenizer.eos_id,)
         return replace(self.defaults, **overrides)
@@ -74,6 +75,7 @@ class Pipeline:
         return "".join(self.stream(prompt, images, **gen))
 
     def stream(self, prompt: str, images: Sequence[ImageInput] = (), **gen) -> Iterator[str]:
+        prompt, images = check_text(prompt), check_images(images)
         cfg = self._config(**gen)
         turns = [Turn(user=prompt, images=len(images))]
         return stream_text(self._run(turns, images, cfg), self.tokenizer, cfg.stop_strings)
@@ -91,8 +93,7 @@ class Pipeline:
 
 def chat_turns(messages: Sequence[Message | dict]) -> tuple[list[Turn], list[ImageInput]]:
     """Alternating user/assistant messages (ending with a user message) -> template turns and their images."""
-    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"], tuple(m.get("images", ())))
-            for m in messages]
+    msgs = [Message(m["role"], m["content"], m["images"]) for m in check_messages(messages)]
     turns: list[Turn] = []
     images: list[ImageInput] = []
     i = 0
