@@ -1,7 +1,7 @@
 """Validation of the TensorRT-profile parts on onnxruntime (CPU), against PyTorch.
 
 The same order as every other format (``validate_bundle``): the vision encoder and
-connector through ``validate.validate_part`` (names, dynamic axes, shapes, values), the
+connector through ``validate.validate_vision_parts`` (names, dynamic axes, shapes, values), the
 text decoder through a two-image prefill and three decode steps of the static-cache
 session (:class:`~vlmexport.runtimes.tensorrt_profile.StaticCacheSession`) against
 ``TorchSession``, then greedy generations on test prompts (identical for fp32, >= 98%
@@ -53,13 +53,7 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
     from ..models.checkpoint import load_pretrained
     from ..runtimes.pipeline import Pipeline
     from ..runtimes.torch_backend import pipeline_from_model
-    from .parity import validate_part
-    from .validate import (
-        _dynamic_axes,
-        _images,
-        end_to_end,
-        validate_decoder,
-    )
+    from .validate import end_to_end, validate_decoder, validate_vision_parts
 
     progress("validate tensorrt profile: load the PyTorch reference")
     loaded = load_pretrained(src.path, dtype=torch.float32)
@@ -81,25 +75,7 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
         e2e.append(quantized_scores(src, torch_pipe, pipe, precision, quant_items))
     for precision, parts in by_precision.items():
         progress(f"validate tensorrt vision parts ({precision})")
-        pixels = _images(src, 2).astype(np.float16 if precision == "fp16" else np.float32)
-        with torch.inference_mode():
-            feats = torch_parts["vision_encoder"](torch.from_numpy(pixels.astype(np.float32)))
-
-        def vision_ref(inputs, _enc=torch_parts["vision_encoder"]):
-            with torch.inference_mode():
-                return {"image_features": _enc(torch.from_numpy(inputs["pixel_values"].astype(np.float32))).numpy()}
-
-        def connector_ref(inputs, _con=torch_parts["connector"]):
-            with torch.inference_mode():
-                return {"image_embeds": _con(torch.from_numpy(inputs["image_features"].astype(np.float32))).numpy()}
-
-        for part, fn, inputs, outputs in (
-            ("vision_encoder", vision_ref, {"pixel_values": pixels}, ["image_features"]),
-            ("connector", connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"]),
-        ):
-            e = parts[part]
-            rows += [r.to_dict() | {"format": "tensorrt"}
-                     for r in validate_part(root / e.file, fn, inputs, outputs, _dynamic_axes(e), precision, part)]
+        rows += [r | {"format": "tensorrt"} for r in validate_vision_parts(src, root, torch_parts, parts, precision)]
         progress(f"validate tensorrt text decoder ({precision})")
         sess = profile_session(src.model_section(), root, parts)
         rows += [r.to_dict() | {"format": "tensorrt"} for r in validate_decoder(src, model, tok, sess, precision)]

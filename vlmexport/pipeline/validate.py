@@ -262,10 +262,10 @@ def validate_exports(src, root: Path, exported: Sequence, e2e_prompts: int,
     return report
 
 
-def _validate_onnx(src, root: Path, model, tok, torch_parts, torch_pipe, parts: dict, precision: str,
-                   e2e_prompts: int, progress: Callable[[str], None], ref_traces: dict) -> tuple[list[dict], dict]:
+def validate_vision_parts(src, root: Path, torch_parts, parts: dict, precision: str) -> list[dict]:
+    """The vision encoder and connector files of ``parts`` against the PyTorch parts (ordered
+    checks, two images); one list of result rows, or a ValidationError."""
     rows: list[dict] = []
-    progress(f"validate vision parts ({precision})")
     pixels = _images(src, 2).astype(np.float16 if precision == "fp16" else np.float32)
     with torch.inference_mode():
         feats = torch_parts["vision_encoder"](torch.from_numpy(pixels.astype(np.float32)))
@@ -278,13 +278,21 @@ def _validate_onnx(src, root: Path, model, tok, torch_parts, torch_pipe, parts: 
         with torch.inference_mode():
             return {"image_embeds": _con(torch.from_numpy(inputs["image_features"].astype(np.float32))).numpy()}
 
-    ve, co = parts["vision_encoder"], parts["connector"]
-    for part, fn, inputs, outputs, e in (
-        ("vision_encoder", vision_ref, {"pixel_values": pixels}, ["image_features"], ve),
-        ("connector", connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"], co),
+    for part, fn, inputs, outputs in (
+        ("vision_encoder", vision_ref, {"pixel_values": pixels}, ["image_features"]),
+        ("connector", connector_ref, {"image_features": feats.numpy().astype(pixels.dtype)}, ["image_embeds"]),
     ):
-        axes = _dynamic_axes(e)
-        rows += [r.to_dict() for r in validate_part(root / e.file, fn, inputs, outputs, axes, precision, part)]
+        e = parts[part]
+        rows += [r.to_dict() for r in validate_part(root / e.file, fn, inputs, outputs, _dynamic_axes(e), precision,
+                                                    part)]
+    return rows
+
+
+def _validate_onnx(src, root: Path, model, tok, torch_parts, torch_pipe, parts: dict, precision: str,
+                   e2e_prompts: int, progress: Callable[[str], None], ref_traces: dict) -> tuple[list[dict], dict]:
+    rows: list[dict] = []
+    progress(f"validate vision parts ({precision})")
+    rows += validate_vision_parts(src, root, torch_parts, parts, precision)
     progress(f"validate text decoder ({precision})")
     sess = _ort_session(src, root, parts, precision)
     rows += [r.to_dict() for r in validate_decoder(src, model, tok, sess, precision)]
