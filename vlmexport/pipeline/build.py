@@ -113,8 +113,8 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
                               f"{list(ONNX_PRECISIONS + ONNX_QUANT_PRECISIONS)}")
         jobs = [
             (Part.VISION_ENCODER, lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
-            (Part.CONNECTOR, lambda f: export_connector(src.tensors, s.connector, s.vision.output_width, s.decoder.hidden_size,
-                                                     f, p)),
+            (Part.CONNECTOR, lambda f: export_connector(src.tensors, s.connector, s.vision.output_width,
+                                                        s.decoder.hidden_size, f, p)),
             (Part.TEXT_DECODER, lambda f: export_text_decoder(src.tensors, s.decoder, f, p)),
             (Part.TOKEN_EMBEDDING, lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
         ]
