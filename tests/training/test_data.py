@@ -512,3 +512,22 @@ def test_decompression_bomb(data_dir, monkeypatch, limit):
     assert "decompression-bomb" in msg
     with pytest.raises(ImageError, match="decompression-bomb"):
         load_image(data_dir / "bomb.png", 32)
+
+
+def test_jsonl_images_are_decoded_as_the_runtime_decodes_them(tmp_path):
+    """Training reads a record's image with core.preprocess.open_image: a 16-bit PNG is scaled
+    (not clipped to white), transparency lands on white, an animation is refused."""
+    from vlmexport.core.preprocess import open_image
+
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 63).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # uint16 -> a 16-bit greyscale PNG
+    got = load_image(tmp_path / "deep.png", 32)
+    assert np.array_equal(got, np.asarray(open_image(tmp_path / "deep.png")))
+    assert 0 < got.mean() < 255 and len(np.unique(got)) > 100  # a ramp, not a white square
+    rgba = np.zeros((32, 32, 4), np.uint8)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert (load_image(tmp_path / "clear.png", 32) == 255).all()
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="anim.gif"):
+        load_image(tmp_path / "anim.gif", 32, source="data.jsonl:3")

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import DataError, ImageError
+from ..core.preprocess import open_image
 from .synthetic import QA, Sample
 
 IMAGE_TAG = "<image>"
@@ -233,39 +234,21 @@ def _short(exc: BaseException) -> str:
     return text[:160]
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB") if im.mode != "RGB" else im
-
-
 def load_image(path: PathLike, image_size: int, source: Optional[str] = None) -> np.ndarray:
-    """Open an image, convert it to RGB (alpha over white, EXIF orientation applied) and
-    resize it (bicubic) to ``image_size`` x ``image_size``; returns (H, W, 3) uint8.
+    """Open an image with :func:`vlmexport.core.preprocess.open_image` (the decoder every
+    runtime uses: alpha over white, 16-bit scaled, EXIF orientation applied, animations
+    refused, size limits) and resize it (bicubic) to ``image_size`` x ``image_size``;
+    returns (H, W, 3) uint8, so training sees the pixels inference sees.
 
-    Raises :class:`ImageError` if the file is missing, cannot be decoded, or exceeds
-    Pillow's decompression-bomb limit. ``source`` (e.g. ``"data.jsonl:12"``) is named in
-    the message when given.
+    Raises :class:`ImageError` if the file is missing, cannot be decoded, or is too large;
+    ``source`` (e.g. ``"data.jsonl:12"``) is named in the message when given.
     """
     path = Path(path)
     size = int(image_size)
-    prefix = f"{source}: " if source else ""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-                return np.array(rgb, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"{prefix}image {path} not found; check the path.") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(_bomb_message(path, prefix)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{prefix}image {path} cannot be decoded ({_short(exc)}); "
-                         f"re-encode it as PNG or JPEG or remove the record.") from None
+        rgb = open_image(path, name=str(path))
+    except ImageError as exc:
+        raise ImageError(f"{source}: {exc}" if source else str(exc)) from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(rgb, dtype=np.uint8)
