@@ -425,6 +425,40 @@ def _atomic_files(paths: Sequence[Path]) -> Iterator[list[Path]]:
             tmp.unlink(missing_ok=True)
 
 
+def write_decoder_graphs(graphs: Sequence[tuple[Path, bool]], data_path: Path,
+                         make_builder: Callable[["_Graph"], Any], to_model: Callable[..., onnx.ModelProto]):
+    """Write every weight once into ``data_path``, then each ``(path, routed)`` graph that the
+    builder emits (``to_model(g, builder, inputs, outputs)`` wraps it), all sharing that data
+    file. Atomic: temporary files are renamed into place only once every file is written and
+    checked; a failure leaves none of them. Returns ``(graph, builder)``."""
+    tmp_data = data_path.with_name(f".{data_path.name}.partial")
+    tmps = [p.with_name(f".{p.name}.partial") for p, _ in graphs]
+    data = ExternalDataFile(tmp_data)  # the graphs name data_path; renamed there before they are checked
+    try:
+        try:
+            g = _Graph(data, location=data_path.name)
+            b = make_builder(g)
+            b.write_weights()
+        finally:
+            data.close()
+        os.replace(tmp_data, data_path)
+        weights = list(g.initializers)
+        for (_, routed), tmp in zip(graphs, tmps):
+            g.nodes, g.initializers, g._consts, g._used = [], list(weights), {}, {}
+            ins, outs = b.build(routed)
+            tmp.write_bytes(to_model(g, b, ins, outs).SerializeToString())
+            onnx.checker.check_model(str(tmp))  # from the file, so the data file's name resolves (not read)
+        for (final, _), tmp in zip(graphs, tmps):
+            os.replace(tmp, final)
+    except BaseException:
+        data_path.unlink(missing_ok=True)
+        raise
+    finally:
+        for tmp in tmps + [tmp_data]:
+            tmp.unlink(missing_ok=True)
+    return g, b
+
+
 def export_text_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: str | os.PathLike,
                         precision: str = "fp32", max_length: int | None = None,
                         decode_model: bool = False) -> DecoderGraph:
@@ -441,34 +475,14 @@ def export_text_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: str 
     data_path = out.with_name(out.name + ".data")
     decode_path = out.with_name(out.stem + ".decode" + out.suffix) if decode_model and spec.has_experts else None
     graphs = [(out, True)] + ([(decode_path, False)] if decode_path else [])
-    tmp_data = data_path.with_name(f".{data_path.name}.partial")
-    tmps = [p.with_name(f".{p.name}.partial") for p, _ in graphs]
-    data = ExternalDataFile(tmp_data)  # the graphs name data_path; renamed there before they are checked
-    try:
-        try:
-            g = _Graph(data, location=data_path.name)
-            b = _DecoderBuilder(tensors, spec, g, precision, max_length)
-            b.write_weights()
-        finally:
-            data.close()
-        os.replace(tmp_data, data_path)
-        weights = list(g.initializers)
-        for (_, routed), tmp in zip(graphs, tmps):
-            g.nodes, g.initializers, g._consts, g._used = [], list(weights), {}, {}
-            ins, outs = b.build(routed)
-            model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, g.initializers),
-                                      opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                                      ir_version=IR_VERSION, producer_name="vlmexport")
-            tmp.write_bytes(model.SerializeToString())
-            onnx.checker.check_model(str(tmp))  # from the file, so the data file's name resolves (not read)
-        for (final, _), tmp in zip(graphs, tmps):
-            os.replace(tmp, final)
-    except BaseException:
-        data_path.unlink(missing_ok=True)
-        raise
-    finally:
-        for tmp in tmps + [tmp_data]:
-            tmp.unlink(missing_ok=True)
+
+    def to_model(g: _Graph, b: _DecoderBuilder, ins, outs) -> onnx.ModelProto:
+        return helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, g.initializers),
+                                 opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                                 ir_version=IR_VERSION, producer_name="vlmexport")
+
+    g, b = write_decoder_graphs(graphs, data_path,
+                                lambda g: _DecoderBuilder(tensors, spec, g, precision, max_length), to_model)
     ins, outs = b.io_specs(True)
     log.info("wrote %s (+ %.1f MB of weights)", out, g.weight_bytes / 1e6)
     return DecoderGraph(path=out, data_path=data_path, inputs=ins, outputs=outs, precision=precision,

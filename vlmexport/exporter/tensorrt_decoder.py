@@ -51,14 +51,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..models.spec import DecoderSpec
-from .onnx_common import IR_VERSION, OPSET, ExternalDataFile, IOSpec, TensorSource
-from .onnx_decoder import (
-    _ONNX_DTYPE,
-    DecoderGraph,
-    _check_precision,
-    _DecoderBuilder,
-    _Graph,
-)
+from .onnx_common import IR_VERSION, OPSET, IOSpec, TensorSource
+from .onnx_decoder import _ONNX_DTYPE, DecoderGraph, _check_precision, _DecoderBuilder, write_decoder_graphs
 
 __all__ = ["TRT_DECODE_SUFFIX", "TensorRTDecoderGraph", "export_tensorrt_decoder"]
 
@@ -253,37 +247,19 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
     decode_path = (out.with_name(out.stem + TRT_DECODE_SUFFIX + out.suffix)
                    if decode_model and spec.has_experts else None)
     graphs = [(out, True)] + ([(decode_path, False)] if decode_path else [])
-    tmp_data = data_path.with_name(f".{data_path.name}.partial")
-    tmps = [p.with_name(f".{p.name}.partial") for p, _ in graphs]
-    data = ExternalDataFile(tmp_data)
-    try:
-        try:
-            g = _Graph(data, location=data_path.name)
-            b = (builder or _TrtDecoderBuilder)(tensors, spec, g, precision, max_length)
-            b.write_weights()
-        finally:
-            data.close()
-        os.replace(tmp_data, data_path)
-        weights = list(g.initializers)
-        for (_, routed), tmp in zip(graphs, tmps):
-            g.nodes, g.initializers, g._consts, g._used = [], list(weights), {}, {}
-            ins, outs = b.build(routed)
-            used = {x for n in g.nodes for x in n.input}  # the decode graph drops the visual expert's weights
-            inits = [t for t in g.initializers if t.name in used]
-            model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, inits),
-                                      opset_imports=[helper.make_opsetid("", b.opset)],
-                                      ir_version=IR_VERSION if b.opset <= OPSET else 10, producer_name="vlmexport")
-            model.metadata_props.add(key="profile", value="tensorrt")
-            tmp.write_bytes(model.SerializeToString())
-            onnx.checker.check_model(str(tmp))
-        for (final, _), tmp in zip(graphs, tmps):
-            os.replace(tmp, final)
-    except BaseException:
-        data_path.unlink(missing_ok=True)
-        raise
-    finally:
-        for tmp in tmps + [tmp_data]:
-            tmp.unlink(missing_ok=True)
+
+    def to_model(g, b, ins, outs) -> onnx.ModelProto:
+        used = {x for n in g.nodes for x in n.input}  # the decode graph drops the visual expert's weights
+        inits = [t for t in g.initializers if t.name in used]
+        model = helper.make_model(helper.make_graph(g.nodes, "text_decoder", ins, outs, inits),
+                                  opset_imports=[helper.make_opsetid("", b.opset)],
+                                  ir_version=IR_VERSION if b.opset <= OPSET else 10, producer_name="vlmexport")
+        model.metadata_props.add(key="profile", value="tensorrt")
+        return model
+
+    g, b = write_decoder_graphs(graphs, data_path,
+                                lambda g: (builder or _TrtDecoderBuilder)(tensors, spec, g, precision, max_length),
+                                to_model)
     ins, outs = b.io_specs(True)
     log.info("wrote %s (TensorRT profile, + %.1f MB of weights)", out, g.weight_bytes / 1e6)
     return TensorRTDecoderGraph(path=out, data_path=data_path, inputs=ins, outputs=outs,
