@@ -211,9 +211,9 @@ def _plant(path: Path, line: str) -> None:
 
 def test_a_planted_cycle_is_found(scratch):
     assert cycles(graph(scratch)) == []
-    _plant(scratch / "core" / "errors.py", "from .names import Part  # noqa")
+    _plant(scratch / "core" / "errors.py", "from .atomic import atomic_directory  # noqa")
     found = cycles(graph(scratch))
-    assert found == [["vlmexport.core.errors", "vlmexport.core.names"]]
+    assert found == [["vlmexport.core.atomic", "vlmexport.core.errors"]]
 
 
 def test_a_planted_private_import_is_found(scratch):

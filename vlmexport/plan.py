@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .bundle import PART_PRECISION_FALLBACK, Bundle, part_precision
 from .core.errors import VlmexportError
@@ -365,6 +365,3 @@ def plan(bundle_path: str | os.PathLike, device_name: str, context: int | None =
                          key=lambda e: (e.backend, _quality(e.precision)))
     return p
 
-
-def device_table(names: Sequence[str] | None = None) -> list[DeviceSpec]:
-    return [DEVICES[n] for n in (names or DEVICES)]

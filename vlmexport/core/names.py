@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-from .errors import ConfigError
 
 
 class Part(str, Enum):
@@ -35,7 +34,6 @@ class Part(str, Enum):
 
 
 ONNX_PARTS = (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER, Part.TOKEN_EMBEDDING)
-GGUF_PARTS = (Part.TEXT_DECODER, Part.MMPROJ)
 
 
 class Format(str, Enum):
@@ -104,17 +102,8 @@ def precision_in(fmt: str, precision: str) -> str | None:
     return PRECISION_NAMES.get(Format(fmt), {}).get(str(precision))
 
 
-def parse_choice(enum: type[Enum], value: str, what: str) -> Enum:
-    """``value`` as a member of ``enum``, or a one-line error listing the choices."""
-    try:
-        return enum(value)
-    except ValueError:
-        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in enum)}") from None
-
-
 # ------------------------------------------------------------------ visual-expert names
 # Decoder roles of one expert and their GGUF tensor names: (language, visual expert).
-EXPERT_ROLES = ("qkv", "o", "gate", "up", "down")
 GGUF_EXPERT_TENSORS = {
     "qkv": ("attn_qkv", "vis_attn_qkv"),
     "o": ("attn_output", "vis_attn_output"),

@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 from ..bundle import BundleWriter, artifact_file
 from ..core.atomic import output_lock
 from ..core.errors import ConfigError
-from ..core.names import (GGUF_FLOAT, GGUF_QUANTIZED, ONNX_FLOAT, ONNX_QUANTIZED, PRECISION_NAMES, Format,  # noqa: F401
-                          Part)
+from ..core.names import GGUF_QUANTIZED, ONNX_FLOAT, ONNX_QUANTIZED, PRECISION_NAMES, Format, Part, precision_in
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import CHAT_TEMPLATE_FILE, ChatTemplate
 from ..exporter.onnx_decoder import export_text_decoder, export_token_embedding
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 FORMATS = (Format.ONNX, Format.GGUF, Format.TENSORRT)
 ONNX_PRECISIONS = ONNX_FLOAT
 ONNX_QUANT_PRECISIONS = ONNX_QUANTIZED  # vlmexport/quant: calibrated from fp32, gated against it
-GGUF_PRECISIONS = GGUF_FLOAT + GGUF_QUANTIZED
 IMATRIX_FILE = "gguf/model.imatrix.gguf"
 
 
@@ -43,12 +41,12 @@ def precisions_for(formats: Sequence[str], precisions: Sequence[str]) -> dict[st
     """Spread the requested precisions over the requested formats (each where it exists)."""
     plan: dict[str, list[str]] = {f: [] for f in formats}
     for p in precisions:
-        hits = [f for f in formats if p in PRECISION_NAMES[f]]
+        hits = [f for f in formats if precision_in(f, p) is not None]
         if not hits:
             known = sorted({k for f in formats for k in PRECISION_NAMES[f]})
             raise ConfigError(f"precision {p!r} exists in none of the formats {list(formats)}; choose from {known}")
         for f in hits:
-            name = PRECISION_NAMES[f][p]
+            name = precision_in(f, p)
             if name not in plan[f]:
                 plan[f].append(name)
     empty = [f for f, ps in plan.items() if not ps]
@@ -374,7 +372,8 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
                 from .tensorrt_validate import validate_tensorrt_profile
 
                 t_report = validate_tensorrt_profile(src, w.root, trt, e2e_prompts, progress)
-                report = {k: report.get(k, []) + t_report[k] for k in ("parts", "end_to_end")}
+                # add the profile's rows; keep what validate_exports recorded (failed formats, measurements)
+                report = {**report, **{k: report.get(k, []) + t_report[k] for k in ("parts", "end_to_end")}}
         parts, dropped = drop_failed_formats(report, parts, w.root)
         for fmt, what in deviations.items():
             if fmt not in dropped:

@@ -14,7 +14,6 @@ from .pipeline import Pipeline
 from .spec import ModelSpec
 from .torch_session import TorchSession
 
-CHAT_TEMPLATE = "chat_template.json"  # older vlmexport model directories; see models.checkpoint.read_chat_template
 
 
 def model_spec(model: VLM) -> ModelSpec:

@@ -63,6 +63,11 @@ class GGUFProjector:
     known_issue: str = ""  # what llama.cpp runs instead of the model, when it cannot run the model
 
 
+def _overrides(cls: type, hook: str) -> bool:
+    """Whether ``cls`` defines ``hook`` itself (the base class only declares it)."""
+    return hasattr(cls, hook) and getattr(cls, hook) is not getattr(ConnectorKind, hook, None)
+
+
 class ConnectorKind:
     """Base class of a connector kind; subclasses set ``name`` and implement the hooks."""
 
@@ -70,21 +75,24 @@ class ConnectorKind:
     gguf: ClassVar[GGUFProjector | None] = None
     gguf_refusal: ClassVar[str] = ""  # why llama.cpp cannot run this kind (when ``gguf`` is None)
 
-    _HOOKS = ("name", "patch_tokens", "onnx", "gguf_tensors")
+    _HOOKS = ("name", "onnx", "gguf_tensors")  # what every kind writes itself
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        missing = [h for h in cls._HOOKS if not hasattr(cls, h)]
-        if missing:
-            raise TypeError(f"connector kind {cls.__name__} lacks {missing}")
+        if not hasattr(cls, "name"):
+            raise TypeError(f"connector kind {cls.__name__} lacks {[h for h in cls._HOOKS if not _overrides(cls, h)]}")
         if cls.gguf is None and not cls.gguf_refusal:
             raise TypeError(f"connector kind {cls.__name__}: set gguf, or gguf_refusal saying why llama.cpp cannot run it")
+        missing = [h for h in cls._HOOKS if not _overrides(cls, h)]
+        if missing:
+            raise TypeError(f"connector kind {cls.__name__} lacks {missing}")
 
     # ------------------------------------------------------------------ tokens
     @staticmethod
     def patch_tokens(spec: ConnectorSpec, vision_tokens: int) -> int:
-        """Embeddings the connector makes from ``vision_tokens`` ViT outputs (boi/eoi not counted)."""
-        raise NotImplementedError
+        """Embeddings the connector makes from ``vision_tokens`` ViT outputs (boi/eoi not counted):
+        one per ViT output by default; a kind that pools or resamples overrides it."""
+        return vision_tokens
 
     @classmethod
     def output_tokens(cls, spec: ConnectorSpec, vision_tokens: int) -> int:

@@ -13,10 +13,6 @@ class GLU(ConnectorKind):
     gguf = GGUFProjector("cogvlm", "post", cls_last=True, reads_last_layer_only=True)
 
     @staticmethod
-    def patch_tokens(spec, vision_tokens: int) -> int:
-        return vision_tokens
-
-    @staticmethod
     def onnx(ops, spec, features: str, vision_width: int, hidden_size: int) -> str:
         x = ops.linear(features, "linear", (hidden_size, vision_width))
         x = ops.activation(ops.layer_norm(x, "norm", hidden_size, spec.layer_norm_eps), spec.activation)

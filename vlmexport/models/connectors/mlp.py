@@ -24,10 +24,6 @@ class MLP(ConnectorKind):
         "alone"))
 
     @staticmethod
-    def patch_tokens(spec, vision_tokens: int) -> int:
-        return vision_tokens
-
-    @staticmethod
     def onnx(ops, spec, features: str, vision_width: int, hidden_size: int) -> str:
         x = ops.activation(ops.linear(features, "linear_1", (hidden_size, vision_width)), spec.activation)
         return ops.linear(x, "linear_2", (hidden_size, hidden_size))
