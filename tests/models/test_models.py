@@ -68,7 +68,10 @@ def test_semantics_claims():
 
 
 @pytest.mark.parametrize("arch, routing, positions", ARCH_SEMANTICS)
-def test_kv_cache_decode_equals_full_recompute(tiny_model, arch, routing, positions):
+@pytest.mark.parametrize("static", [False, True], ids=["eager-decode", "static-decode"])
+def test_kv_cache_decode_equals_full_recompute(tiny_model, arch, routing, positions, static):
+    """Eager decoding (cache sliced to the sequence) and static decoding (fixed shapes over the
+    whole cache, the form a CUDA graph replays) both equal a full recompute."""
     model = tiny_model(arch, seed=1, jitter=True, expert_routing=routing, position_ids=positions)
     continuation = (12, 40, 41, 200, 3)
     prompt = layout_for(model, two_image_pieces(model))
@@ -79,7 +82,8 @@ def test_kv_cache_decode_equals_full_recompute(tiny_model, arch, routing, positi
     px = pixels(2)
     expected = full_logits(model, full, px)
 
-    session = TorchSession(model, max_length=96)
+    session = TorchSession(model, max_length=96, static_decode=static)
+    assert session.static_decode is static and not session.cuda_graphs
     embeds = session.encode_images(px.numpy())
     assert embeds.shape == (2, model.image_tokens(), model.config.hidden_size)
     got = session.prefill(prompt, embeds)

@@ -233,12 +233,14 @@ class VLM(nn.Module):
         return emb
 
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
-               position_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+               position_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
                last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Run the text decoder on embeddings -> logits [B, S or 1, vocab].
 
         ``select`` (flat indices into B*S) computes logits only at those positions ->
         [len(select), vocab]; training uses it to skip the LM head on unsupervised tokens.
+        ``start`` a 0-d tensor runs a static-shape step over the whole cache (see
+        ``KVCache.update``); the caller then keeps ``cache.length``.
         """
         route = Route.from_token_type(token_type) if self.has_experts else None
         cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, inputs_embeds.dtype)
@@ -249,7 +251,7 @@ class VLM(nn.Module):
                 h = activation_checkpoint(layer, h, cos, sin, route, None, i, 0, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, route, cache, i, start)
-        if cache is not None:
+        if cache is not None and isinstance(start, int):  # a static step's caller keeps the length
             cache.length = start + inputs_embeds.shape[1]
         if last_only:
             h = h[:, -1:]

@@ -98,7 +98,19 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled (advanced by the decoder after all layers ran)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k``/``v`` at slots ``start:start+L``; return the keys/values attention reads.
+
+        ``start`` an int: views of slots ``0:start+L`` (shapes grow with the sequence).
+        ``start`` a 0-d tensor (static decoding): the writes are ``index_copy_`` at tensor
+        slots and the whole buffers come back, so every step has the same shapes and no
+        host sync (what a CUDA graph needs); :func:`attention` masks the unwritten slots.
+        """
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested")
@@ -110,13 +122,17 @@ class KVCache:
         self.length = 0
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention. q: [B, H, L, D] for slots start..start+L; k/v: [B, Hkv, start+L, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    """Causal attention. q: [B, H, L, D] for slots start..start+L; k/v: [B, Hkv, start+L, D],
+    or the whole cache [B, Hkv, max_len, D] when ``start`` is a tensor (static decoding)."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     L = q.shape[2]
+    if isinstance(start, torch.Tensor):  # static shapes: mask the slots not yet written
+        q_slot = (start + torch.arange(L, device=q.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(k.shape[2], device=q.device) <= q_slot)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
     if L == 1:

@@ -95,15 +95,22 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
     except BundleError:
         raise BundleError(f"{bundle.root}: holds no PyTorch reference weights; rebuild without --no-reference to use "
                           "the torch backend") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MissingDependencyError("device='cuda' needs a CUDA build of PyTorch and a visible GPU "
+                                     "(torch.cuda.is_available() is False here); install torch for CUDA or use "
+                                     "device='cpu'")
     if threads:
         torch.set_num_threads(threads)
     dtypes = {"fp32": torch.float32, "reference": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision is not None and precision not in dtypes:
         raise VlmexportError(f"the torch backend runs {sorted(dtypes)}, not precision {precision!r}; pick one of "
                              "those or another backend")
-    dtype = dtypes.get(precision or "fp32")
+    # on CUDA: fp16 by default (as the ONNX and TensorRT profiles), static KV cache, decode as a CUDA graph
+    dtype = dtypes.get(precision or ("fp16" if device == "cuda" else "fp32"))
     loaded = load_pretrained(bundle.file(art.file).parent, dtype=dtype, device=device)
-    return TorchSession(loaded.model), f"torch-{str(dtype).replace('torch.', '')}"
+    session = TorchSession(loaded.model)
+    graphs = "-cudagraph" if session.cuda_graphs else ""
+    return session, f"torch-{str(dtype).replace('torch.', '')}{graphs}"
 
 
 def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):

@@ -1,4 +1,15 @@
-"""The PyTorch reference implementation of the backend protocol (encode, prefill, decode)."""
+"""The PyTorch reference implementation of the backend protocol (encode, prefill, decode).
+
+Decoding one token has two forms. The eager form slices the KV cache to the sequence so
+far (shapes grow every step). The static form (``static_decode``) writes the new key and
+value at a tensor slot and attends over the whole preallocated cache with a mask, so every
+step has the same shapes, the same buffers and no host synchronisation; on CUDA that step
+is captured once as a CUDA graph and replayed (``cuda_graphs``, the default there), which
+removes the per-kernel launch cost that dominates decoding a small batch. Both forms give
+the same logits (checked on CPU for every architecture in tests/runtimes/test_torch_session.py;
+the CUDA-graph replay against eager decoding is a ``gpu`` test, not executed on this
+project's CPU-only machines).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +18,72 @@ import torch
 
 from ..core.layout import LANGUAGE, SequenceLayout
 from ..models.base import VLM
+from ..models.layers import KVCache
+
+
+class _StaticDecodeStep:
+    """One decode step with fixed input buffers: token, position and cache slot are written
+    into tensors that stay put, so the step can be a CUDA graph (captured on first use)."""
+
+    def __init__(self, model: VLM, cache: KVCache, device: torch.device, graph: bool):
+        self.model, self.cache, self.use_graph = model, cache, graph
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        # decode positions are all language tokens: no expert routing (token_type None is the
+        # language expert), which also keeps the step free of data-dependent shapes
+        emb = self.model.embed(self.token)
+        return self.model.decode(emb, None, self.position, cache=self.cache, start=self.slot)
+
+    def _capture(self) -> None:
+        # warm up on a side stream (allocator and cuBLAS workspaces), then record the step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def __call__(self, token: int, position: int, slot: int) -> torch.Tensor:
+        self.token.fill_(token)
+        self.position.fill_(position)
+        self.slot.fill_(slot)
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
 
 
 class TorchSession:
-    """Runs a :class:`VLM` with a preallocated KV cache; numpy in, numpy out."""
+    """Runs a :class:`VLM` with a preallocated KV cache; numpy in, numpy out.
 
-    def __init__(self, model: VLM, max_length: int | None = None, device: str | torch.device | None = None):
+    ``static_decode`` (default: on CUDA) decodes with fixed shapes over the whole cache;
+    ``cuda_graphs`` (default: on CUDA) replays that step as a CUDA graph.
+    """
+
+    def __init__(self, model: VLM, max_length: int | None = None, device: str | torch.device | None = None,
+                 static_decode: bool | None = None, cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_length = max_length or model.config.max_position_embeddings
         self.cache = model.new_cache(1, self.max_length, dtype=self.dtype, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError("CUDA graphs need the model on a CUDA device; pass cuda_graphs=False on "
+                             f"{self.device.type}")
+        self.static_decode = self.cuda_graphs or (on_cuda if static_decode is None else bool(static_decode))
+        self._step = _StaticDecodeStep(model, self.cache, self.device, self.cuda_graphs) if self.static_decode else None
 
     def _t(self, a: np.ndarray, dtype=None) -> torch.Tensor:
         return torch.as_tensor(a, device=self.device, dtype=dtype)
@@ -41,9 +107,15 @@ class TorchSession:
 
     @torch.inference_mode()
     def decode(self, token: int, position: int) -> np.ndarray:
+        start = self.cache.length
+        if self._step is not None:
+            if start >= self.max_length:
+                raise ValueError(f"KV cache holds {self.max_length} positions; {start + 1} were requested")
+            logits = self._step(token, position, start)
+            self.cache.length = start + 1
+            return logits[0, -1].float().cpu().numpy()
         ids = torch.tensor([[token]], device=self.device)
         emb = self.model.embed(ids)
-        start = self.cache.length
         logits = self.model.decode(emb, torch.full((1, 1), LANGUAGE, device=self.device),
                                    torch.tensor([[position]], device=self.device), cache=self.cache, start=start)
         return logits[0, -1].float().cpu().numpy()
