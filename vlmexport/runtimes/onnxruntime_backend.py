@@ -53,6 +53,17 @@ def physical_cores() -> int:
 QDQ_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
 
+# Run options of the steps whose working memory grows with the request (the vision parts with the
+# number of images, a prefill with the prompt): hand the arena regions they grew back when the run
+# ends. Without it each session's arena keeps its largest request's buffers for good, and the
+# sessions' arenas add up: bench-s int4, 5 images + text to the 1,024-token context, four requests in
+# one process, resident above the loaded weights 334 -> 513 -> 515 -> 515 MB with every arena kept,
+# 208 -> 284 -> 284 -> 284 MB with this (docs/deployment.md). Decode steps keep their arena (the
+# hot path, small and constant); the cost is re-faulting the freed pages on the next request.
+SHRINK_ARENA = ort.RunOptions()
+SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always."""
     available = ort.get_available_providers()
@@ -166,9 +177,9 @@ class OrtModelSession:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.vision_encoder is not None:
             px = pixel_values.astype(_ORT_TO_NUMPY[self.vision_encoder.get_inputs()[0].type], copy=False)
-            feats = self.vision_encoder.run(["image_features"], {"pixel_values": px})[0]
+            feats = self.vision_encoder.run(["image_features"], {"pixel_values": px}, SHRINK_ARENA)[0]
             feats = feats.astype(_ORT_TO_NUMPY[self.connector.get_inputs()[0].type], copy=False)
-            return self.connector.run(["image_embeds"], {"image_features": feats})[0].astype(np.float32)
+            return self.connector.run(["image_embeds"], {"image_features": feats}, SHRINK_ARENA)[0].astype(np.float32)
         if self.vision_fallback is None:
             raise RuntimeError("this session has no vision_encoder/connector ONNX files and no vision_fallback; "
                                "export the vision parts or pass vision_fallback")
@@ -212,7 +223,7 @@ class OrtModelSession:
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         if self._routed[id(sess)]:
             io.bind_cpu_input("token_type", np.ascontiguousarray(token_type, dtype=np.int64))
-        sess.run_with_iobinding(io)
+        sess.run_with_iobinding(io, SHRINK_ARENA if emb.shape[1] > 1 else None)  # a prefill; decode keeps its arena
 
     def end_profiling(self) -> list[str]:
         return [s.end_profiling() for s in (self.decoder, self.decode_graph) if s is not None]

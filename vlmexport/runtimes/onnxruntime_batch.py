@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..core.layout import LANGUAGE, SequenceLayout
-from .onnxruntime_backend import _ORT_TO_NUMPY, OrtModelSession
+from .onnxruntime_backend import _ORT_TO_NUMPY, SHRINK_ARENA, OrtModelSession
 
 
 class BatchedOrtSession:
@@ -44,17 +44,25 @@ class BatchedOrtSession:
         self.sess = base.decode_graph or base.decoder
         self._routed = "token_type" in {i.name for i in base.decoder.get_inputs()}
         self._routed_decode = "token_type" in {i.name for i in self.sess.get_inputs()}
+        self._bindings: dict[tuple[int, int, int], tuple[ort.IOBinding, np.ndarray]] = {}
 
     # ---------------------------------------------------------------- binding
-    def _io(self, sess: ort.InferenceSession, rows: slice, logits: np.ndarray) -> ort.IOBinding:
-        io = sess.io_binding()
-        for i in range(self.base.facts.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                view = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + j][rows])
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", view)
-                io.bind_ortvalue_output(f"present.{i}.{kind}", view)  # same memory: GQA writes in place
-        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        return io
+    def _io(self, sess: ort.InferenceSession, rows: slice) -> tuple[ort.IOBinding, np.ndarray]:
+        """The binding of ``rows`` of the KV buffers (past and present: the same memory, GQA writes
+        in place) and its logits buffer; made once per (session, rows) and reused, since the
+        buffers never move (at most 2 x slots bindings)."""
+        key = (id(sess), rows.start, rows.stop)
+        if key not in self._bindings:
+            io = sess.io_binding()
+            for i in range(self.base.facts.num_layers):
+                for j, kind in enumerate(("key", "value")):
+                    view = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + j][rows])
+                    io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", view)
+                    io.bind_ortvalue_output(f"present.{i}.{kind}", view)
+            logits = np.zeros((rows.stop - rows.start, 1, self.base.facts.vocab_size), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            self._bindings[key] = (io, logits)
+        return self._bindings[key]
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.base.encode_images(pixel_values)
@@ -68,14 +76,13 @@ class BatchedOrtSession:
         emb = np.take(b.embedding, layout.input_ids, axis=0).astype(b.dtype, copy=False)
         if image_embeds is not None:
             emb[layout.is_image] = np.asarray(image_embeds).reshape(-1, b.facts.hidden_size)
-        logits = np.zeros((1, 1, b.facts.vocab_size), np.float32)
-        io = self._io(b.decoder, slice(slot, slot + 1), logits)
+        io, logits = self._io(b.decoder, slice(slot, slot + 1))
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb[None]))
         io.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(layout.position_ids[None], dtype=np.int64))
         if self._routed:
             io.bind_cpu_input("token_type", np.ascontiguousarray(layout.token_type[None], dtype=np.int64))
-        b.decoder.run_with_iobinding(io)
+        b.decoder.run_with_iobinding(io, SHRINK_ARENA)  # a prefill's working memory goes back after it
         self.lengths[slot] = n
         return logits[0, -1].copy()
 
@@ -98,8 +105,7 @@ class BatchedOrtSession:
         total = int(lengths.max()) + 1
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)  # right-padded rows
         emb = b.embedding[tokens].astype(b.dtype, copy=False).reshape(rows, 1, -1)
-        logits = np.zeros((rows, 1, b.facts.vocab_size), np.float32)
-        io = self._io(self.sess, slice(0, rows), logits)
+        io, logits = self._io(self.sess, slice(0, rows))
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb))
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", positions)
