@@ -32,6 +32,9 @@ def _status(key: str) -> float:
     return float("nan")
 
 
+REQUESTS = 3  # answers per measurement; the peak is taken after the last
+
+
 def worker(bundle: str, backend: str, precision: str, context: int, images: int) -> None:
     """One measurement (in its own process); prints a JSON line."""
     import numpy as np
@@ -65,8 +68,13 @@ def worker(bundle: str, backend: str, precision: str, context: int, images: int)
         if length <= context - 5 or n == 1:
             break
         n = max(1, n - max(1, (length - context + 5) // 2, n // 16))
-    pipe.generate(prompt, pics, max_new_tokens=4)
-    print(json.dumps({"base_mb": base, "loaded_mb": loaded, "peak_mb": _status("VmHWM")}))
+    # the steady state, not the first request: a runtime may keep what one request grew (onnxruntime's
+    # arenas did, 334 -> 515 MB above the weights on bench-s from the first to the second request)
+    first = None
+    for _ in range(REQUESTS):
+        pipe.generate(prompt, pics, max_new_tokens=4)
+        first = first or _status("VmHWM")
+    print(json.dumps({"base_mb": base, "loaded_mb": loaded, "first_peak_mb": first, "peak_mb": _status("VmHWM")}))
 
 
 def measure(bundle: Path, backend: str, precision: str, context: int, images: int) -> dict:
@@ -108,6 +116,24 @@ def make_mid(workdir: Path, name: str = "mid") -> Path:
     return out
 
 
+def fit_activations(backend: str, rows: list[dict]) -> dict:
+    """What the longest prompt adds above the loaded weights and KV (peak - loaded, steady state)
+    against the planner's two formulas (plan.activation_terms). onnxruntime: fixed MB + a x decoder
+    + b x vision, least squares; llama.cpp (one reused buffer, the larger term): one scale
+    through the origin."""
+    import numpy as np
+
+    y = np.array([r["peak_mb"] - r["loaded_mb"] for r in rows])
+    dec = np.array([r["decoder_formula_mb"] for r in rows])
+    vis = np.array([r["vision_formula_mb"] for r in rows])
+    if backend == "onnxruntime":
+        (fixed, a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(dec), dec, vis]), y, rcond=None)
+        return {"fixed_mb": round(float(fixed), 1), "decoder": round(float(a), 2), "vision": round(float(b), 2)}
+    x = np.maximum(dec, vis)
+    scale = round(float(x @ y / (x @ x)), 2)
+    return {"decoder": scale, "vision": scale}
+
+
 def fit(rows: list[dict]) -> dict:
     """base (median), fixed (intercept of the fp32 loads over two model sizes) and per-byte factors per precision
     (least squares):
@@ -129,7 +155,8 @@ def fit(rows: list[dict]) -> dict:
             xy = [(r["files_mb"], r["loaded_mb"] - r["base_mb"] - r["kv_mb"] - fixed) for r in mine
                   if r["precision"] == p]
             per_byte[p] = round(sum(x * y for x, y in xy) / sum(x * x for x, _ in xy), 3)
-        out[backend] = {"base_mb": round(base, 1), "fixed_mb": round(fixed, 1), "per_byte": per_byte}
+        out[backend] = {"base_mb": round(base, 1), "fixed_mb": round(fixed, 1), "per_byte": per_byte,
+                        "activations": fit_activations(backend, mine)}
     return out
 
 
@@ -141,10 +168,19 @@ def main() -> int:
     ap.add_argument("bundles", nargs="*", type=Path)
     ap.add_argument("--make", type=Path, default=None, help="build the random bundles of SHAPES here first")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--refit", type=Path, default=None, help="fit MEASURED from a saved --json only")
+    ap.add_argument("--fit", type=int, default=None, metavar="N",
+                    help="fit MEASURED on the first N bundles only (the rest are held out); default: all")
     args = ap.parse_args()
+    if args.refit:  # refit from a saved --json, measuring nothing
+        saved = json.loads(args.refit.read_text())
+        names = list(dict.fromkeys(r["bundle"] for r in saved))
+        keep = set(names[:args.fit]) if args.fit is not None else set(names)
+        print(json.dumps(fit([r for r in saved if r["bundle"] in keep]), indent=1))
+        return 0
     bundles = list(args.bundles) + ([make_mid(args.make, n) for n in SHAPES] if args.make else [])
 
-    from vlmexport.plan import ModelShape, activation_bytes, artifact_sets, estimate, host_device, kv_cache_bytes
+    from vlmexport.plan import ModelShape, activation_terms, artifact_sets, estimate, host_device, kv_cache_bytes
     from vlmexport.bundle import Bundle
 
     dev = host_device(bandwidth_gbs=10.0)  # bandwidth plays no part in memory
@@ -160,14 +196,17 @@ def main() -> int:
             rows.append({"bundle": path.name, "backend": a.backend, "precision": a.precision,
                          "files_mb": a.files_bytes / mb, **m,
                          "kv_mb": kv_cache_bytes(s, s.max_length, a.kv_bytes_per_element) / mb,
-                         "activations_mb": activation_bytes(s, s.max_length, images, a.backend) / mb,
+                         **dict(zip(("decoder_formula_mb", "vision_formula_mb"),
+                                    (t / mb for t in activation_terms(s, s.max_length, images, a.backend)))),
+                         "activations_mb": e.activations_gb * 1e9 / mb,
                          "predicted_mb": e.peak_gb * 1e9 / mb, "measured_terms": e.measured})
             r = rows[-1]
             print(f"{r['bundle']} {r['backend']} {r['precision']}: files {r['files_mb']:.1f} MB, base "
                   f"{r['base_mb']:.0f}, loaded {r['loaded_mb']:.0f}, peak {r['peak_mb']:.0f} MB; predicted "
                   f"{r['predicted_mb']:.0f} MB ({(r['predicted_mb'] / r['peak_mb'] - 1):+.1%})", flush=True)
     print("\nmeasured overhead terms -> vlmexport/plan.py MEASURED:")
-    print(json.dumps(fit(rows), indent=1))
+    fitted = [r for r in rows if args.fit is None or r["bundle"] in {p.name for p in bundles[:args.fit]}]
+    print(json.dumps(fit(fitted), indent=1))
     print("\n| bundle | backend | precision | weight files MB | KV MB | activations MB (predicted) | peak - loaded "
           "MB (measured) | predicted peak MB | measured peak RSS MB | error |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -105,3 +105,22 @@ def test_cli_table_json_and_errors(tiny_bundle):
     for args, msg in ((["--device", "raspberry"], "unknown device"), (["--device", "l4", "--context", "0"], "--context")):
         r = runner.invoke(app, ["plan", str(tiny_bundle), *args])
         assert r.exit_code == 2 and msg in ANSI.sub("", r.output), r.output
+
+
+def test_activations_follow_each_runtime_and_its_measured_terms(tiny_bundle):
+    """onnxruntime keeps the decoder's arena and encodes the next images on top (the two working
+    sets add up); llama.cpp reuses one compute buffer (the larger); each with its measured terms."""
+    from vlmexport.plan import activation_bytes, activation_terms
+
+    s = shape(tiny_bundle)
+    dec, vis = activation_terms(s, s.max_length, 2, "onnxruntime")
+    terms = {"fixed_mb": 3.0, "decoder": 1.5, "vision": 2.0}
+    for backend in ("onnxruntime", "llamacpp"):
+        d, v = activation_terms(s, s.max_length, 2, backend)
+        expected = 3.0 * (1 << 20) + (1.5 * d + 2.0 * v if backend == "onnxruntime" else max(1.5 * d, 2.0 * v))
+        assert activation_bytes(s, s.max_length, 2, backend, {backend: {"activations": terms}}) == pytest.approx(expected)
+    sets = {a.precision: a for a in artifact_sets(Bundle.open(tiny_bundle))}
+    host = DeviceSpec("tiny", "test device", 64.0, 10.0, None, False, 0.0, ("onnxruntime",))
+    measured = {"onnxruntime": {**MEASURED["onnxruntime"], "activations": terms}}
+    e = estimate(s, sets["fp32"], host, s.max_length, 2, measured=measured)
+    assert e.activations_gb * 1e9 == pytest.approx(3.0 * (1 << 20) + 1.5 * dec + 2.0 * vis)

@@ -78,19 +78,24 @@ DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
 )}
 
 # Measured here with benchmarks/plan_check.py (2-vCPU x86 VM, onnxruntime 1.32, llama-cpp-python
-# 0.3.36; the demo bundle and two random bundles of other shapes; docs/deployment.md has the table):
+# 0.3.36; the demo, bench-s and `mid` bundles, three requests each so that the peak is the steady
+# state; the `wide` bundle held out; docs/deployment.md has the table):
 # - base_mb: RSS of a process that imported the backend and read the tokenizer, before any weights;
 # - fixed_mb: what loading costs besides the weights and the KV cache (sessions, graphs, llama.cpp's
 #   compute buffers): the intercept of the fp32 loads of two model sizes;
 # - per_byte: resident bytes per byte of weight files once loaded (onnxruntime on a CPU turns fp16
 #   weights into fp32; llama.cpp repacks f16 / q8_0 for its CPU kernels). A precision not measured
 #   falls back to 1.0 and its estimate says so (measured=False).
-# int8 / int4 / q4_k_m were measured on the demo size only.
+# - activations: the steady-state peak above the loaded weights and KV against the two formulas of
+#   activation_terms (onnxruntime: fixed MB + scales of the decoder and vision terms, least squares;
+#   llama.cpp: one scale of the larger term).
 MEASURED: dict[str, dict[str, Any]] = {
-    "onnxruntime": {"base_mb": 72.5, "fixed_mb": 15.2,
-                    "per_byte": {"fp16": 2.235, "fp32": 0.838, "int4": 1.053, "int8": 1.205}},
-    "llamacpp": {"base_mb": 54.9, "fixed_mb": 15.2,
-                 "per_byte": {"f16": 1.898, "f32": 1.0, "q4_k_m": 1.048, "q8_0": 0.996}},
+    "onnxruntime": {"base_mb": 68.8, "fixed_mb": 17.8,
+                    "per_byte": {"fp16": 2.054, "fp32": 0.94, "int4": 1.096, "int8": 1.148},
+                    "activations": {"fixed_mb": 10.4, "decoder": 1.37, "vision": 2.62}},
+    "llamacpp": {"base_mb": 58.4, "fixed_mb": 15.9,
+                 "per_byte": {"f16": 1.727, "f32": 1.005, "q4_k_m": 1.032, "q8_0": 1.015},
+                 "activations": {"decoder": 1.12, "vision": 1.12}},
 }
 # CUDA context + cuBLAS/cuDNN handles per process: published / commonly reported figures, not
 # measured on these machines (no GPU here).
@@ -289,18 +294,35 @@ def kv_cache_bytes(s: ModelShape, context: int, bytes_per_element: int) -> int:
     return s.num_layers * 2 * s.num_kv_heads * s.head_dim * context * bytes_per_element
 
 
-def activation_bytes(s: ModelShape, prompt: int, images: int, backend: str) -> int:
-    """Transient buffers of the largest step: the prefill of ``prompt`` positions (llama.cpp: in
-    micro-batches of 512) or the vision encoder on ``images`` images, whichever is larger. fp32."""
+def activation_terms(s: ModelShape, prompt: int, images: int, backend: str) -> tuple[int, int]:
+    """(decoder, vision) working-memory formulas of a request, fp32 bytes, before the measured terms.
+
+    decoder: the prefill of ``prompt`` positions (llama.cpp: in micro-batches of 512): hidden
+    states and the causal lower triangle of every head's score matrix (the pages a causal
+    prefill writes). vision: the encoder on ``images`` images, full score matrices."""
     seq = min(prompt, LLAMA_UBATCH) if backend == "llamacpp" else prompt
     hidden_states = seq * (6 * s.hidden_size + 3 * s.intermediate_size) * 4
-    # causal prefill writes the lower triangle of each head's score matrix: resident memory counts
-    # the pages written, half of heads x seq x context
     scores = s.num_heads * seq * min(prompt, s.max_length) * 4 // 2
     logits = s.vocab_size * 4
     vision = images * s.vision_tokens * (6 * s.vision_hidden + 2 * s.vision_intermediate) * 4 \
         + images * s.vision_heads * s.vision_tokens ** 2 * 4
-    return max(hidden_states + scores + logits, vision)
+    return hidden_states + scores + logits, vision
+
+
+def activation_bytes(s: ModelShape, prompt: int, images: int, backend: str,
+                     measured: dict[str, dict[str, Any]] | None = None) -> float:
+    """Working memory of a request above the loaded weights and KV cache, with the backend's
+    measured terms (``MEASURED[backend]["activations"]``: fixed MB, decoder and vision scales).
+
+    llama.cpp reuses one compute buffer: the larger of the two. onnxruntime runs each part as
+    its own session with its own arena: the decoder's first arena region (sized by the first
+    long prefill) stays resident and the next request's image encode comes on top of it, so
+    the two add up (measured: docs/deployment.md)."""
+    t = (measured or MEASURED).get(backend, {}).get("activations", {})
+    decoder, vision = activation_terms(s, prompt, images, backend)
+    decoder, vision = decoder * t.get("decoder", 1.0), vision * t.get("vision", 1.0)
+    fixed = t.get("fixed_mb", 0.0) * (1 << 20)
+    return fixed + (decoder + vision if backend == "onnxruntime" else max(decoder, vision))
 
 
 def decode_bytes_per_token(s: ModelShape, a: ArtifactSet, context: int) -> float:
@@ -330,7 +352,7 @@ def estimate(s: ModelShape, a: ArtifactSet, dev: DeviceSpec, context: int, image
 
     def peak(ctx: int) -> tuple[float, float, float]:
         kv = kv_cache_bytes(s, ctx, a.kv_bytes_per_element)
-        act = activation_bytes(s, ctx, images, a.backend)
+        act = activation_bytes(s, ctx, images, a.backend, measured)
         return kv, act, weights + kv + act + overhead
 
     kv, act, total = peak(context)
