@@ -147,6 +147,7 @@ class OrtProfileExecutor:
         self.current = 0  # which set holds the cache
         vocab = self.prefill_graph.get_outputs()[0].shape[-1]
         self.logits = np.zeros((1, 1, int(vocab)), np.float32)
+        self._bindings: dict[tuple[int, int], object] = {}
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         px = pixel_values.astype(_ORT_TO_NUMPY[self.vision_encoder.get_inputs()[0].type], copy=False)
@@ -154,22 +155,33 @@ class OrtProfileExecutor:
         feats = feats.astype(_ORT_TO_NUMPY[self.connector.get_inputs()[0].type], copy=False)
         return self.connector.run(["image_embeds"], {"image_features": feats})[0]
 
+    def _binding(self, sess):
+        """The IOBinding of ``sess`` reading the current KV set and writing the other one (and the
+        logits): made once per (session, set) and reused, since the buffers never move."""
+        key = (id(sess), self.current)
+        if key not in self._bindings:
+            io = sess.io_binding()
+            src, dst = self.kv[self.current], self.kv[1 - self.current]
+            for i in range(self.num_layers):
+                for j, kind in enumerate(("key", "value")):
+                    # an OrtValue over the numpy memory: the reused binding reads the buffer as it is now
+                    io.bind_ortvalue_input(f"past_key_values.{i}.{kind}",
+                                           self._ort.OrtValue.ortvalue_from_numpy(src[2 * i + j]))
+                    io.bind_output(f"present.{i}.{kind}", "cpu", 0, self.dtype, list(dst[2 * i + j].shape),
+                                   dst[2 * i + j].ctypes.data)
+            io.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+            self._bindings[key] = io
+        return self._bindings[key]
+
     def step(self, embeds, position_ids, token_type, write_index: int) -> np.ndarray:
         sess = self.decode_graph if token_type is None else self.prefill_graph
-        io = sess.io_binding()
+        io = self._binding(sess)
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         if self.routed[id(sess)]:
             tt = token_type if token_type is not None else np.zeros_like(position_ids)
             io.bind_cpu_input("token_type", np.ascontiguousarray(tt))
         io.bind_cpu_input("write_index", np.array([write_index], np.int64))
-        src, dst = self.kv[self.current], self.kv[1 - self.current]
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                io.bind_cpu_input(f"past_key_values.{i}.{kind}", src[2 * i + j])
-                io.bind_output(f"present.{i}.{kind}", "cpu", 0, self.dtype, list(dst[2 * i + j].shape),
-                               dst[2 * i + j].ctypes.data)
-        io.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
         sess.run_with_iobinding(io)
         self.current = 1 - self.current
         return self.logits[0, -1].copy()
