@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..core.names import ONNX_QUANTIZED
 from ..bundle import artifact_file
 from ..core.errors import ConfigError
 from .tensorrt_audit import TARGETS, AuditError, audit_model
 
 TENSORRT_PRECISIONS = ("fp16", "fp32", "int8", "int4")
-QUANTIZED = ("int8", "int4")  # decoder weights INT8 / INT4 (tensorrt_qdq); the other parts use fp16
+QUANTIZED = tuple(p.value for p in ONNX_QUANTIZED)  # decoder weights INT8 / INT4 (tensorrt_qdq); the other parts use fp16
 GATING_TARGET = "jetson-orin"  # the oldest parser the bundle promises to parse on
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from ..core.names import ONNX_QUANTIZED
 from .onnx_decoder import _external, _to_numpy
 from .tensorrt_decoder import _TrtDecoderBuilder
 
-QUANT_PRECISIONS = ("int8", "int4")
+QUANT_PRECISIONS = tuple(p.value for p in ONNX_QUANTIZED)
 BLOCKED_OPSET = 21
 FP16_SCALE_OPSET = 19
 DEFAULT_BLOCK = 128  # TensorRT's INT4 weight-only GEMMs take 64 or 128; 128 is what ModelOpt writes for GPUs

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..bundle import artifact_file, part_precision
 from ..core.errors import ConfigError
-from ..core.names import Part
+from ..core.names import ONNX_QUANTIZED, Part
 from ..quant.calib import CalibrationSettings, build_calibration, decoder_feeds, feature_reader, pixel_reader
 from ..quant.gates import Gate, check_gates, score, task_scores
 from ..quant.quantize import (
@@ -36,7 +36,7 @@ from ..runtimes.spec import decoder_shape, model_spec
 
 log = logging.getLogger(__name__)
 
-QUANT_PRECISIONS = ("int8", "int4")
+QUANT_PRECISIONS = tuple(p.value for p in ONNX_QUANTIZED)
 PARTS_FOR = {"int8": (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER), "int4": (Part.TEXT_DECODER,)}
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.names import ONNX_QUANTIZED
 from ..runtimes.spec import model_spec
 
-QUANTIZED = ("int8", "int4")
+QUANTIZED = tuple(p.value for p in ONNX_QUANTIZED)
 # the accuracy-drop gates of the onnx int8/int4 recipes (quant/gates.py), in percentage points
 MAX_ACCURACY_DROP = {"int8": 0.5, "int4": 1.5}
 

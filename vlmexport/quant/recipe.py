@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..core.errors import ConfigError
-from ..core.names import Part
+from ..core.names import ONNX_QUANTIZED, Part
 
-PRECISIONS = ("int8", "int4")
+PRECISIONS = tuple(p.value for p in ONNX_QUANTIZED)
 PARTS = (Part.VISION_ENCODER, Part.CONNECTOR, Part.TEXT_DECODER)
 
 
