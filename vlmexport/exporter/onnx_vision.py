@@ -14,9 +14,10 @@ Graphs (``num_images`` is the one dynamic axis; sizes come from the spec)::
     connector       image_features [num_images, T, Dv']
                  -> image_embeds [num_images, T (+1 boi) (+1 eoi), hidden]
 
-Vision encoder: patch Conv -> CLS first -> + learned positions -> optional pre-LayerNorm
--> blocks, either post-norm (EVA: ``x + LN(attn(x))``, ``x + LN(mlp(x))``) or pre-norm
-(CLIP: ``x + attn(LN(x))``, ``x + mlp(LN(x))``). ``feature_layers`` indexes the hidden
+Vision encoder: patch Conv -> CLS first -> + learned positions ([n+1, D] or [1, n+1, D])
+-> optional pre-LayerNorm -> blocks, either post-norm (EVA: ``x + LN(attn(x))``,
+``x + LN(mlp(x))``) or pre-norm (CLIP: ``x + attn(LN(x))``, ``x + mlp(LN(x))``) -> optional
+post-LayerNorm on the last layer's output (BLIP-2's ``post_layernorm``). ``feature_layers`` indexes the hidden
 states ``[embeddings (after the pre-norm), layer 1, ..., layer N]``; several are
 concatenated along the feature axis; only the layers up to the deepest one used are
 exported. CLS is dropped unless ``keep_cls``. Biases are found by name
@@ -207,6 +208,9 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
     layers = tuple(spec.feature_layers) or (spec.num_layers,)
     if any(not 0 <= j <= spec.num_layers for j in layers):
         raise ConfigError(f"vision feature_layers {layers} must index hidden states 0..{spec.num_layers}")
+    if spec.post_norm is not None and layers != (spec.num_layers,):
+        raise ConfigError(f"a vision post_norm normalises the last layer's output; feature_layers {layers} must be "
+                          f"({spec.num_layers},)")
     w = _Weights(tensors, "vision encoder")
     with GraphBuilder(out_path, "vision_encoder", precision) as g:
         patch = w.get(spec.patch_weight, (D, None, p, p))
@@ -219,12 +223,16 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
         x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
         cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
         x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
-        x = g.node("Add", [x, g.weight(spec.positions, w.get(spec.positions, (n + 1, D)))])
+        pos = w.get(spec.positions, numel=(n + 1) * D)
+        x = g.node("Add", [x, g.weight(spec.positions, pos, shape=(n + 1, D))])
+        del pos
         if spec.pre_norm:
             x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
         states = [x]
         for i in range(max(layers)):
             states.append(_vit_block(g, w, spec, i, states[-1]))
+        if spec.post_norm is not None:
+            states[-1] = _layer_norm(g, w, states[-1], spec.post_norm[0], spec.post_norm[1], D, spec.layer_norm_eps)
         feats = [states[j] for j in layers]
         x = g.node("Concat", feats, axis=-1) if len(feats) > 1 else feats[0]
         if not spec.keep_cls:

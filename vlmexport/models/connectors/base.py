@@ -120,6 +120,9 @@ class ConnectorKind:
         if v.norm_placement != proj.norm_placement:
             raise ConfigError(f"llama.cpp's {proj.projector_type} projector runs {proj.norm_placement}-norm ViT "
                               f"blocks, this model's are {v.norm_placement}-norm; it cannot be exported to GGUF")
+        if v.post_norm is not None:
+            raise ConfigError(f"the GGUF writer has no LayerNorm on the ViT output for llama.cpp's "
+                              f"{proj.projector_type} projector; this model has one, so it cannot be exported to GGUF")
         if v.keep_cls:
             raise ConfigError("llama.cpp's projectors drop the CLS token; a model that keeps it "
                               "(vision_feature_select_strategy='full') cannot be exported to GGUF")
