@@ -12,7 +12,7 @@ Graphs (``num_images`` is the one dynamic axis; sizes come from the spec)::
     vision_encoder  pixel_values [num_images, 3, S, S]
                  -> image_features [num_images, n_patches (+1 with keep_cls), Dv * len(feature_layers)]
     connector       image_features [num_images, T, Dv']
-                 -> image_embeds [num_images, T (+1 boi) (+1 eoi), hidden]
+                 -> image_embeds [num_images, T' (+1 boi) (+1 eoi), hidden]   (T': the kind's count)
 
 Vision encoder: patch Conv -> CLS first -> + learned positions ([n+1, D] or [1, n+1, D])
 -> optional pre-LayerNorm -> blocks, either post-norm (EVA: ``x + LN(attn(x))``,
@@ -269,6 +269,22 @@ class _ConnectorOps:
     def mul(self, a: str, b: str) -> str:
         return self.g.node("Mul", [a, b])
 
+    def add(self, a: str, b: str) -> str:
+        return self.g.node("Add", [a, b])
+
+    def parameter(self, role: str, shape: tuple[int, ...], like: str) -> str:
+        name = self._role(role)
+        numel = 1
+        for d in shape:
+            numel *= d
+        t = self.g.weight(name, self.w.get(name, numel=numel), shape=(1, *shape))
+        return self.g.batch_expand(t, like, shape)
+
+    def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
+        g = self.g
+        heads = [g.split_heads(t, num_heads, head_dim) for t in (q, k, v)]
+        return g.merge_heads(g.sdpa(*heads, head_dim), num_heads * head_dim)
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -276,14 +292,14 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     """Write the connector as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``image_features`` [num_images, T, vision_width] -> ``image_embeds``
-    [num_images, T + (boi) + (eoi), hidden_size]. ``num_tokens`` fixes T (what a
+    [num_images, T' + (boi) + (eoi), hidden_size] with T' the kind's count (T, or a
+    resampler's fixed number of queries: ``output_axis``). ``num_tokens`` fixes T (what a
     TensorRT engine prefers); None leaves it a named dynamic axis ``vision_tokens``.
     """
     kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
-    extra = int(spec.boi is not None) + int(spec.eoi is not None)
-    out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
+    out_tokens = kind.output_axis(spec, tokens)
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

@@ -116,6 +116,9 @@ class ConnectorSpec:
     layer_norm_eps: float = 1e-5
     boi: str | None = None
     eoi: str | None = None
+    # the kind's structural numbers that no weight shape gives (layer count, heads, how many
+    # learned queries a resampler has); what each kind reads is in its file
+    settings: dict[str, int | float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
