@@ -121,3 +121,36 @@ def test_gguf_is_refused_in_one_line():
 def test_other_text_decoders_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="LLaMA decoder only"):
         Blip2.config_from_hf({"architectures": ["Blip2ForConditionalGeneration"], "text_config": {"model_type": "opt"}})
+
+
+def test_template_version_survives_a_save_and_load(tiny_model_dir, tokenizer):
+    from vlmexport.models.checkpoint import load_pretrained
+
+    loaded = load_pretrained(tiny_model_dir("blip2", template_version="minigpt4"))
+    assert loaded.model.config.template_version == "minigpt4"
+    assert loaded.template.image_token == "<ImageHere>" and loaded.template.encode_runs_apart
+    r = render(loaded.template, [Turn("Colour?", 1)], tokenizer, loaded.model.image_tokens())
+    assert r.text.endswith("###Human: <Img><ImageHere></Img> Colour?###Assistant:")
+
+
+@pytest.mark.parametrize("version", ["blip2", "minigpt4"])
+def test_align_stage_trains_the_connector_only_on_synthetic_vqa(tokenizer, tmp_path, version):
+    """Stage 1 on the synthetic VQA data, either template: the Q-Former, its queries and the
+    projection move; the ViT and the decoder do not."""
+    from vlmexport.core.preprocess import PreprocessConfig
+    from vlmexport.data import SyntheticVQA
+    from vlmexport.models import seeded_init
+    from vlmexport.training.batching import ModelLayoutInfo
+    from vlmexport.training.datasets import SyntheticTrainData
+    from vlmexport.training.trainer import TrainConfig, train
+
+    model = seeded_init(Blip2(Blip2.tiny_config(template_version=version, max_position_embeddings=512)), 0)
+    data = SyntheticTrainData(SyntheticVQA(image_size=32, seed=0), tokenizer, model.default_chat_template(model.config),
+                              ModelLayoutInfo.of(model), PreprocessConfig(image_size=32), turns=(1, 2), seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, data, TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, save_every=100, log_every=1,
+                                   precision="fp32"), tmp_path / "run", stage="align")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    roles = {model.parameter_role(n) for n in changed}
+    assert roles == {"connector"} and "query_tokens" in changed
+    assert any(n.startswith("qformer.encoder.layer.1.") for n in changed)
