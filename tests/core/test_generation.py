@@ -248,6 +248,7 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
     expected_text = {
         "cogvlm": "<s>Question: <image>What colour? Answer: red\nQuestion: And the shape? Answer:",
         "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
+        "blip2": "<s>Question: <image>What colour? Answer: red Question: And the shape? Answer:",
     }[type(pipe.session.model).arch_name]
     ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
     expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
@@ -282,13 +283,15 @@ def test_placeholder_image_mismatch_is_a_prompt_error(pipe, imgs):
 
 
 def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs):
-    """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text."""
+    """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text; BLIP-2
+    (transformers' Blip2Processor): before BOS."""
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
     n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
-    prefix = {"cogvlm": "<s>", "llava": "<s>USER: "}[type(pipe.session.model).arch_name]
-    ids, _ = pipe.tokenizer.encode_prompt(prefix + "<image>", ("<image>",))
-    assert layout.image_spans == ((len(ids) - 1, n),)
+    start = {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>"}[
+        type(pipe.session.model).arch_name]
+    ids, _ = pipe.tokenizer.encode_prompt(start, ("<image>",))
+    assert layout.image_spans == ((ids.index("<image>"), n),)
     # an image in a later turn goes where the template puts it too
     layout2, _ = pipe.prepare([Turn("hi", 0, "hello"), Turn("and this?", 1)], imgs[:1])
     assert len(layout2.image_spans) == 1

@@ -19,6 +19,17 @@ def test_a_bare_sentencepiece_model_keeps_its_legacy_encoding(tokenizer):
     assert tokenizer.kind == "sentencepiece" and tokenizer.legacy and tokenizer.bos_token == "<s>"
 
 
+def test_bos_after_leading_placeholders_is_not_doubled(tokenizer):
+    """BLIP-2's processor puts the image tokens before BOS: a prompt rendered that way gets no
+    BOS in front of the images; a prompt without BOS still gets one at the start."""
+    ids, _ = tokenizer.encode_prompt("<image><image><s>red", ("<image>",))
+    assert ids == ["<image>", "<image>", tokenizer.bos_id] + tokenizer.encode("red")
+    ids, _ = tokenizer.encode_prompt("<image>red", ("<image>",))
+    assert ids == [tokenizer.bos_id, "<image>"] + tokenizer.encode("red")
+    ids, _ = tokenizer.encode_prompt("<image><s>red", ("<image>",), runs_apart=True)
+    assert ids == ["<image>", tokenizer.bos_id] + tokenizer.encode("red")
+
+
 def test_offsets_point_into_the_text_for_non_ascii(tokenizer):
     text = "<s>Café naïve 12 → ok"
     ids, offsets = tokenizer.encode_prompt(text)

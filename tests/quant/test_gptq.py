@@ -158,6 +158,14 @@ def test_gptq_at_larger_blocks_with_int8_compute(tmp_path, block):
     assert np.linalg.norm(outs["gptq"] - y) < np.linalg.norm(outs["rtn"] - y)
 
 
+def test_feeds_for_inputs_the_graph_lacks_are_left_out(tmp_path):
+    """Decoder calibration feeds hold token_type; a decoder without experts takes none."""
+    w, x, src, _ = _calibrated_matmul(tmp_path, 5, 32, 8)
+    extra = _Reader([{"x": x[:128], "token_type": np.zeros((1, 128), np.int64)}])
+    h = input_hessians(src, extra, ["mm"])["mm"]
+    assert np.allclose(h, x[:128].astype(np.float64).T @ x[:128], rtol=1e-5, atol=1e-6)
+
+
 def test_hessians_are_per_expert_and_name_bad_layers(tmp_path):
     rng = np.random.default_rng(5)
     src = tmp_path / "mm.onnx"

@@ -197,7 +197,7 @@ class Tokenizer:
     def encode_prompt(self, text: str, placeholders: Sequence[str] = (), runs_apart: bool = False
                       ) -> tuple[list[int | str], list[tuple[int, int]]]:
         """Encode a rendered prompt as transformers' tokenizer does (``add_special_tokens`` unless the
-        prompt starts with BOS). Returns the ids, with each occurrence of a ``placeholders`` string
+        prompt starts with BOS, leading placeholders aside). Returns the ids, with each occurrence of a ``placeholders`` string
         kept as that string, and each id's (start, end) character offsets in ``text``.
 
         ``runs_apart``: every text run between special tokens is encoded as a text of its own (as
@@ -206,8 +206,7 @@ class Tokenizer:
             return self._hf_encode_prompt(text, tuple(placeholders))
         ids: list[int | str] = []
         offsets: list[tuple[int, int]] = []
-        bos = self.bos_token
-        if self.add_bos and not (bos and text.startswith(bos)) and self.bos_id >= 0:
+        if self.add_bos and not self._starts_with_bos(text, tuple(placeholders)) and self.bos_id >= 0:
             ids.append(self.bos_id)
             offsets.append((0, 0))
         for start, end, special in self._split(text, tuple(placeholders)):
@@ -221,6 +220,20 @@ class Tokenizer:
             ids += chunk_ids
             offsets += [(start + a, start + b) for a, b in chunk_offsets]
         return ids, offsets
+
+    def _starts_with_bos(self, text: str, placeholders: tuple[str, ...]) -> bool:
+        """Whether the prompt begins with BOS, image placeholders in front of it aside: a template
+        that writes BOS after the images (BLIP-2's processor puts the image tokens before BOS)
+        gets no second BOS at the start."""
+        bos = self.bos_token
+        if not bos:
+            return False
+        i, marks = 0, [p for p in placeholders if p]
+        while True:
+            p = next((p for p in marks if text.startswith(p, i)), None)
+            if p is None:
+                return text.startswith(bos, i)
+            i += len(p)
 
     def _hf_encode_prompt(self, text: str, placeholders: tuple[str, ...]
                           ) -> tuple[list[int | str], list[tuple[int, int]]]:
@@ -237,8 +250,7 @@ class Tokenizer:
                 t.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in missing])
                 self._hf_plus = (tuple(missing), t)
             tok = self._hf_plus[1]
-        bos = self.bos_token
-        enc = tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        enc = tok.encode(text, add_special_tokens=not self._starts_with_bos(text, placeholders))
         marks = {tok.token_to_id(p): p for p in placeholders if p}
         return [marks.get(i, i) for i in enc.ids], [tuple(o) for o in enc.offsets]
 

@@ -12,11 +12,12 @@ Graphs (``num_images`` is the one dynamic axis; sizes come from the spec)::
     vision_encoder  pixel_values [num_images, 3, S, S]
                  -> image_features [num_images, n_patches (+1 with keep_cls), Dv * len(feature_layers)]
     connector       image_features [num_images, T, Dv']
-                 -> image_embeds [num_images, T (+1 boi) (+1 eoi), hidden]
+                 -> image_embeds [num_images, T' (+1 boi) (+1 eoi), hidden]   (T': the kind's count)
 
-Vision encoder: patch Conv -> CLS first -> + learned positions -> optional pre-LayerNorm
--> blocks, either post-norm (EVA: ``x + LN(attn(x))``, ``x + LN(mlp(x))``) or pre-norm
-(CLIP: ``x + attn(LN(x))``, ``x + mlp(LN(x))``). ``feature_layers`` indexes the hidden
+Vision encoder: patch Conv -> CLS first -> + learned positions ([n+1, D] or [1, n+1, D])
+-> optional pre-LayerNorm -> blocks, either post-norm (EVA: ``x + LN(attn(x))``,
+``x + LN(mlp(x))``) or pre-norm (CLIP: ``x + attn(LN(x))``, ``x + mlp(LN(x))``) -> optional
+post-LayerNorm on the last layer's output (BLIP-2's ``post_layernorm``). ``feature_layers`` indexes the hidden
 states ``[embeddings (after the pre-norm), layer 1, ..., layer N]``; several are
 concatenated along the feature axis; only the layers up to the deepest one used are
 exported. CLS is dropped unless ``keep_cls``. Biases are found by name
@@ -207,6 +208,9 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
     layers = tuple(spec.feature_layers) or (spec.num_layers,)
     if any(not 0 <= j <= spec.num_layers for j in layers):
         raise ConfigError(f"vision feature_layers {layers} must index hidden states 0..{spec.num_layers}")
+    if spec.post_norm is not None and layers != (spec.num_layers,):
+        raise ConfigError(f"a vision post_norm normalises the last layer's output; feature_layers {layers} must be "
+                          f"({spec.num_layers},)")
     w = _Weights(tensors, "vision encoder")
     with GraphBuilder(out_path, "vision_encoder", precision) as g:
         patch = w.get(spec.patch_weight, (D, None, p, p))
@@ -219,12 +223,16 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
         x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
         cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
         x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
-        x = g.node("Add", [x, g.weight(spec.positions, w.get(spec.positions, (n + 1, D)))])
+        pos = w.get(spec.positions, numel=(n + 1) * D)
+        x = g.node("Add", [x, g.weight(spec.positions, pos, shape=(n + 1, D))])
+        del pos
         if spec.pre_norm:
             x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
         states = [x]
         for i in range(max(layers)):
             states.append(_vit_block(g, w, spec, i, states[-1]))
+        if spec.post_norm is not None:
+            states[-1] = _layer_norm(g, w, states[-1], spec.post_norm[0], spec.post_norm[1], D, spec.layer_norm_eps)
         feats = [states[j] for j in layers]
         x = g.node("Concat", feats, axis=-1) if len(feats) > 1 else feats[0]
         if not spec.keep_cls:
@@ -261,6 +269,22 @@ class _ConnectorOps:
     def mul(self, a: str, b: str) -> str:
         return self.g.node("Mul", [a, b])
 
+    def add(self, a: str, b: str) -> str:
+        return self.g.node("Add", [a, b])
+
+    def parameter(self, role: str, shape: tuple[int, ...], like: str) -> str:
+        name = self._role(role)
+        numel = 1
+        for d in shape:
+            numel *= d
+        t = self.g.weight(name, self.w.get(name, numel=numel), shape=(1, *shape))
+        return self.g.batch_expand(t, like, shape)
+
+    def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
+        g = self.g
+        heads = [g.split_heads(t, num_heads, head_dim) for t in (q, k, v)]
+        return g.merge_heads(g.sdpa(*heads, head_dim), num_heads * head_dim)
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -268,14 +292,14 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     """Write the connector as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``image_features`` [num_images, T, vision_width] -> ``image_embeds``
-    [num_images, T + (boi) + (eoi), hidden_size]. ``num_tokens`` fixes T (what a
+    [num_images, T' + (boi) + (eoi), hidden_size] with T' the kind's count (T, or a
+    resampler's fixed number of queries: ``output_axis``). ``num_tokens`` fixes T (what a
     TensorRT engine prefers); None leaves it a named dynamic axis ``vision_tokens``.
     """
     kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
-    extra = int(spec.boi is not None) + int(spec.eoi is not None)
-    out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
+    out_tokens = kind.output_axis(spec, tokens)
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

@@ -69,8 +69,8 @@ class VisionSpec:
     norm_placement: str  # "post" (EVA: x + LN(f(x))) | "pre" (CLIP: x + f(LN(x)))
     patch_weight: str
     patch_bias: str | None
-    cls: str  # class embedding, shape [D] or [1, D]
-    positions: str  # [n_patches + 1, D], CLS row first
+    cls: str  # class embedding, shape [D], [1, D] or [1, 1, D]
+    positions: str  # [n_patches + 1, D] (or [1, n_patches + 1, D]), CLS row first
     pre_norm: tuple[str, str] | None  # (weight, bias) of a LayerNorm before the blocks
     qkv: str | tuple[str, str, str]  # weight name(s); biases: same with "weight" -> "bias"
     o: str
@@ -81,6 +81,9 @@ class VisionSpec:
     # which hidden states feed the connector: indices into [embeddings, layer1, ..., layerN]
     feature_layers: tuple[int, ...] = ()
     keep_cls: bool = False
+    # (weight, bias) of a LayerNorm on the last layer's output (BLIP-2's post_layernorm); it
+    # needs the last layer to be the one feature layer
+    post_norm: tuple[str, str] | None = None
 
     @property
     def num_patches(self) -> int:
@@ -113,6 +116,9 @@ class ConnectorSpec:
     layer_norm_eps: float = 1e-5
     boi: str | None = None
     eoi: str | None = None
+    # the kind's structural numbers that no weight shape gives (layer count, heads, how many
+    # learned queries a resampler has); what each kind reads is in its file
+    settings: dict[str, int | float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

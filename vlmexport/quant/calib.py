@@ -307,6 +307,17 @@ def nonfinite_error(part: str, where: str, batch: int) -> DataError:
                      "weights, or calibrate on other data (--calib)")
 
 
+class _DeclaredInputs:
+    """A session run on the feeds its graph declares: decoder calibration feeds carry every
+    input a text decoder may take, and one without experts (llava, blip2) has no ``token_type``."""
+
+    def __init__(self, sess):
+        self.sess, self.inputs = sess, {i.name for i in sess.get_inputs()}
+
+    def run(self, outputs, feed):
+        return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.inputs})
+
+
 @contextlib.contextmanager
 def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable, threads: int = 1):
     """An onnxruntime CPU session of ``model_path`` that also returns ``names_of(model)`` as
@@ -326,7 +337,7 @@ def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable, thr
     try:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        yield ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"]), names, m
+        yield _DeclaredInputs(ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])), names, m
     finally:
         tmp.unlink(missing_ok=True)
 

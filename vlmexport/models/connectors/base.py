@@ -31,6 +31,19 @@ class ConnectorOps(Protocol):
 
     def mul(self, a: str, b: str) -> str: ...
 
+    def add(self, a: str, b: str) -> str: ...
+
+    def parameter(self, role: str, shape: tuple[int, ...], like: str) -> str:
+        """The learned tensor the spec names for ``role`` (any stored shape with as many elements),
+        as [images, *shape]: broadcast over the first axis of ``like``."""
+        ...
+
+    def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
+        """Unmasked multi-head attention: q [images, Sq, H*hd] over k, v [images, Sk, H*hd]
+        -> [images, Sq, H*hd] (self-attention when k, v come from q's sequence, cross-attention
+        when they come from another)."""
+        ...
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -99,6 +112,15 @@ class ConnectorKind:
         """Embeddings one image becomes: the projected patches plus boi and eoi where the spec names them."""
         return cls.patch_tokens(spec, vision_tokens) + int(spec.boi is not None) + int(spec.eoi is not None)
 
+    @classmethod
+    def output_axis(cls, spec: ConnectorSpec, vision_tokens: int | str) -> int | str:
+        """The token axis of the ONNX graph's output for an input axis ``vision_tokens`` (a fixed
+        count, or the name of a dynamic axis): a kind whose count does not follow the ViT's (a
+        resampler with learned queries) overrides it with its fixed count."""
+        if isinstance(vision_tokens, int):
+            return cls.output_tokens(spec, vision_tokens)
+        return "image_tokens" if spec.boi is not None or spec.eoi is not None else vision_tokens
+
     # ------------------------------------------------------------------ graphs
     @staticmethod
     def onnx(ops: ConnectorOps, spec: ConnectorSpec, features: str, vision_width: int, hidden_size: int) -> str:
@@ -120,6 +142,9 @@ class ConnectorKind:
         if v.norm_placement != proj.norm_placement:
             raise ConfigError(f"llama.cpp's {proj.projector_type} projector runs {proj.norm_placement}-norm ViT "
                               f"blocks, this model's are {v.norm_placement}-norm; it cannot be exported to GGUF")
+        if v.post_norm is not None:
+            raise ConfigError(f"the GGUF writer has no LayerNorm on the ViT output for llama.cpp's "
+                              f"{proj.projector_type} projector; this model has one, so it cannot be exported to GGUF")
         if v.keep_cls:
             raise ConfigError("llama.cpp's projectors drop the CLS token; a model that keeps it "
                               "(vision_feature_select_strategy='full') cannot be exported to GGUF")
