@@ -316,15 +316,20 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
         p.add(MT[t.key], special[t.role] if t.role in special else c.weights[t.role], t.bid, suffix=t.suffix)
     rows = v.num_patches + 1
     pos_shape = tuple(src.tensors.shape(v.positions))
+    if len(pos_shape) == 3 and pos_shape[0] == 1:  # timm's [1, rows, D] (InternViT): written as [rows, D]
+        pos_shape = pos_shape[1:]
     if pos_shape[0] != rows:
         raise ConfigError(f"{src.path}: {v.positions} has {pos_shape[0]} rows, expected "
                           f"{rows} (CLS + {v.num_patches} patches)")
+    flat = lambda t: t.reshape(pos_shape)  # noqa: E731  (a no-op on [rows, D])
     if proj.drop_cls:  # DELIBERATE (4)
-        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_drop_cls_row, shape=(rows - 1, *pos_shape[1:]),
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=lambda t: _drop_cls_row(flat(t)),
+              shape=(rows - 1, *pos_shape[1:]),
               note="CLS row dropped (no CLS token: llama.cpp's llava graph would drop the first patch)")
     else:
         p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
-        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
+        reorder = (lambda t: _reorder_cls_last(flat(t))) if proj.cls_last else None
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=reorder, shape=pos_shape if reorder else None,
               note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
     if v.patch_bias is not None:
         p.add(MT.V_ENC_EMBD_PATCH, v.patch_bias, suffix=".bias")
@@ -346,6 +351,10 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
         p.add_with_bias(up, f(v.fc1), i)
         p.add_with_bias(down, f(v.fc2), i)
         p.add_with_bias(MT.V_ENC_POST_ATTN_NORM, f(v.norm2), i)
+        if v.ls1 is not None:  # layer scale (llama.cpp's build_vit multiplies by ls1 / ls2 when present)
+            p.add(MT.V_LAYER_SCALE_1, f(v.ls1), i)
+        if v.ls2 is not None:
+            p.add(MT.V_LAYER_SCALE_2, f(v.ls2), i)
     return p.out
 
 

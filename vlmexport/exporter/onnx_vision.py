@@ -187,12 +187,17 @@ def _vit_block(g: GraphBuilder, w: _Weights, spec: VisionSpec, i: int, x: str) -
         h = g.activation(_linear(g, w, v, name(spec.fc1), (F, D)), spec.activation)
         return _linear(g, w, h, name(spec.fc2), (D, F))
 
+    def scale(template: str | None, v: str) -> str:  # layer scale: a per-channel factor on the branch
+        if template is None:
+            return v
+        return g.node("Mul", [v, g.weight(name(template), w.get(name(template), numel=D), shape=(D,))])
+
     if spec.norm_placement == "post":
-        x = g.node("Add", [x, norm(spec.norm1, attention(x))])
-        return g.node("Add", [x, norm(spec.norm2, mlp(x))])
+        x = g.node("Add", [x, scale(spec.ls1, norm(spec.norm1, attention(x)))])
+        return g.node("Add", [x, scale(spec.ls2, norm(spec.norm2, mlp(x)))])
     if spec.norm_placement == "pre":
-        x = g.node("Add", [x, attention(norm(spec.norm1, x))])
-        return g.node("Add", [x, mlp(norm(spec.norm2, x))])
+        x = g.node("Add", [x, scale(spec.ls1, attention(norm(spec.norm1, x)))])
+        return g.node("Add", [x, scale(spec.ls2, mlp(norm(spec.norm2, x)))])
     raise ConfigError(f"vision norm_placement must be 'pre' or 'post', got {spec.norm_placement!r}")
 
 
@@ -219,7 +224,9 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
         x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
         cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
         x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
-        x = g.node("Add", [x, g.weight(spec.positions, w.get(spec.positions, (n + 1, D)))])
+        pos = w.get(spec.positions, numel=(n + 1) * D)  # [n + 1, D], or timm's [1, n + 1, D]
+        x = g.node("Add", [x, g.weight(spec.positions, pos.reshape(n + 1, D))])
+        del pos  # streamed: not held while the blocks are written
         if spec.pre_norm:
             x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
         states = [x]

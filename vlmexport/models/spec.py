@@ -70,7 +70,7 @@ class VisionSpec:
     patch_weight: str
     patch_bias: str | None
     cls: str  # class embedding, shape [D] or [1, D]
-    positions: str  # [n_patches + 1, D], CLS row first
+    positions: str  # [n_patches + 1, D] (or [1, n_patches + 1, D], timm's layout), CLS row first
     pre_norm: tuple[str, str] | None  # (weight, bias) of a LayerNorm before the blocks
     qkv: str | tuple[str, str, str]  # weight name(s); biases: same with "weight" -> "bias"
     o: str
@@ -81,6 +81,10 @@ class VisionSpec:
     # which hidden states feed the connector: indices into [embeddings, layer1, ..., layerN]
     feature_layers: tuple[int, ...] = ()
     keep_cls: bool = False
+    # layer scale (CaiT / InternViT): per-channel vectors [D] multiplying the attention and MLP
+    # branches before each residual add; None: no layer scale
+    ls1: str | None = None
+    ls2: str | None = None
 
     @property
     def num_patches(self) -> int:
