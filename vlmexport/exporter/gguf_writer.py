@@ -129,7 +129,7 @@ class GGUFSource:
 
     @property
     def gguf_arch(self) -> str:
-        return self.arch.gguf_arch
+        return self.specs.decoder.gguf_arch or self.arch.gguf_arch
 
     def hf_text_config(self) -> dict:
         """config.json with ``text_config`` lifted to the top, as llama.cpp's converter reads it."""
@@ -265,6 +265,12 @@ def _plan_expert(p: _Planner, d: DecoderSpec, e: ExpertNames, i: int, interleave
         p.add(MT.ATTN_K, k, i, transform=_permute_rope(d.num_kv_heads) if interleaved else None,
               note="rows permuted to llama.cpp's interleaved RoPE layout" if interleaved else "")
         p.add(MT.ATTN_V, v, i)
+    if e.qkv_bias is not None:  # Qwen2-style attention biases (llama.cpp's qwen2 graph reads attn_{q,k,v}.bias)
+        if isinstance(e.qkv_bias, str) or vision or interleaved:
+            raise ConfigError(f"q/k/v biases are written only as separate tensors of a non-expert, NEOX-RoPE "
+                              f"decoder; llama.cpp's {p.src.gguf_arch} cannot take this model's")
+        for key, n in zip((MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V), e.qkv_bias):
+            p.add(key, f(n), i, suffix=".bias")
     p.add(keys["o"], f(e.o), i)
     p.add(keys["gate"], f(e.gate), i)
     p.add(keys["up"], f(e.up), i)

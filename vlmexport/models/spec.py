@@ -27,6 +27,8 @@ class ExpertNames:
     gate: str
     up: str
     down: str
+    # q/k/v biases (Qwen2-style attention), same form as ``qkv``; None: the projections have none
+    qkv_bias: str | tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class DecoderSpec:
     ffn_norm: str
     language: ExpertNames
     vision: ExpertNames | None = None  # visual expert; None: no experts
+    # llama.cpp architecture of the text GGUF when it differs from the VLM's ``gguf_arch`` (a decoder
+    # flavour chosen by config, e.g. a Qwen2 decoder is llama.cpp's "qwen2")
+    gguf_arch: str | None = None
 
     @property
     def has_experts(self) -> bool:
