@@ -455,6 +455,8 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
     # block_count), so an implicit default would change meaning with the llama.cpp version.
     if proj.explicit_feature_layers:
         w.add_array(_FEATURE_LAYER_KEY, [int(x) for x in v.feature_layers])
+    for key, value in get_connector(src.specs.connector.kind).gguf_metadata(src.specs.connector).items():
+        w.add_uint32(key, int(value))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -268,6 +268,12 @@ class _ConnectorOps:
     def mul(self, a: str, b: str) -> str:
         return self.g.node("Mul", [a, b])
 
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.g.node("Reshape", [x, self.g.const(list(shape))])
+
+    def transpose(self, x: str, perm: list[int]) -> str:
+        return self.g.node("Transpose", [x], perm=list(perm))
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -275,14 +281,18 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     """Write the connector as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``image_features`` [num_images, T, vision_width] -> ``image_embeds``
-    [num_images, T + (boi) + (eoi), hidden_size]. ``num_tokens`` fixes T (what a
-    TensorRT engine prefers); None leaves it a named dynamic axis ``vision_tokens``.
+    [num_images, T' + (boi) + (eoi), hidden_size], T' the kind's ``patch_tokens`` (T unless the
+    kind merges tokens). ``num_tokens`` fixes T (what a TensorRT engine prefers); None leaves it a
+    named dynamic axis ``vision_tokens``, unless the kind needs a fixed T (``input_tokens``).
     """
     kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
+    if num_tokens is None:  # a kind that folds a fixed grid (pixel shuffle) fixes T itself
+        num_tokens = kind.input_tokens(spec)
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     extra = int(spec.boi is not None) + int(spec.eoi is not None)
-    out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
+    out_tokens: int | str = (kind.output_tokens(spec, tokens) if isinstance(tokens, int)
+                             else ("image_tokens" if extra else tokens))
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

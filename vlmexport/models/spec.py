@@ -13,6 +13,7 @@ names (q, k, v) is concatenated along the output dimension into one fused weight
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # tensor-name roles of one decoder layer
 DECODER_ROLES = ("qkv", "o", "gate", "up", "down")
@@ -122,6 +123,8 @@ class ConnectorSpec:
     layer_norm_eps: float = 1e-5
     boi: str | None = None
     eoi: str | None = None
+    # structural settings a kind reads besides weights (e.g. a token-merging kind's scale factor)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
