@@ -189,3 +189,49 @@ def test_unsupported_configs_are_refused_in_one_line(hf_pair, change, match):
     with pytest.raises(ConfigError, match=match) as e:
         get_architecture("internvl").config_from_hf(hf)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_qwen2_model_with_a_tokenizer_json_only_builds_and_runs_onnx(tiny_model, tmp_path):
+    """InternVL's Qwen2 decoders ship their tokenizer as tokenizer.json only (byte-level BPE, no
+    BOS, <|im_end|> as EOS): such a directory builds to ONNX, validates, and the onnxruntime
+    pipeline answers as the torch one does; the prompt is InternVL's (<img><IMG_CONTEXT>...</img>)."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import vlmexport
+    from vlmexport.data import SyntheticVQA
+    from vlmexport.pipeline.build import build
+
+    gen = SyntheticVQA(image_size=32, seed=0)
+    corpus = [t for s in gen.samples("train", 200) for qa in s.qas for t in (qa.question, qa.answer)]
+    core = HFTok(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=310, special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 2 and len(tok) <= 320
+    model = tiny_model("internvl", seed=5, jitter=True, text_model_type="qwen2",
+                       image_token_index=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    d = save_pretrained(model, tmp_path / "model", None, PreprocessConfig(image_size=32))
+    tok.save_pretrained(d)
+    assert (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").exists()
+    res = build(d, tmp_path / "bundle", formats=("onnx",), precisions=("fp32",), e2e_prompts=4)
+    assert all(r["passed"] for r in res.validation["parts"])
+    torch_pipe = vlmexport.load(tmp_path / "bundle", backend="torch")
+    ort_pipe = vlmexport.load(tmp_path / "bundle", backend="onnxruntime", precision="fp32")
+    assert ort_pipe.tokenizer.kind == "tokenizers" and ort_pipe.tokenizer.eos_id == 2
+    from vlmexport.core.prompt import Turn
+
+    layout, _ = ort_pipe.prepare([Turn(user="What colour is the circle?", images=1)], [gen.eval_items("test", 2)[0].image])
+    expected = tok("<|im_start|>user\n<img>")["input_ids"]
+    start, length = layout.image_spans[0]
+    assert layout.input_ids[:start].tolist() == expected  # no BOS; the image chunk follows <img>
+    assert length == model.image_tokens()
+    assert layout.input_ids[start + length] == tok.convert_tokens_to_ids("</img>")
+    for it in gen.eval_items("test", 2)[:4]:
+        assert ort_pipe.generate(it.question, [it.image], max_new_tokens=6) == \
+            torch_pipe.generate(it.question, [it.image], max_new_tokens=6)
