@@ -158,7 +158,7 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
                 reader = None
                 if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node
                     emb = load_file(str(fp32[Part.TOKEN_EMBEDDING]))["weight"].astype(np.float32)
-                    reader = decoder_feeds(calib, emb, ref.encode_images, facts)
+                    reader = decoder_feeds(calib, emb, ref.encode_images, facts, routed=bool(model["has_experts"]))
                 parts.append(quantize_weight_only(part, fp32[part], out, precision, r, options.algorithm,
                                                   options.block_size, options.accuracy_level, reader))
     scores: dict = {}

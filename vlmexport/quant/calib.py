@@ -277,13 +277,14 @@ def feature_reader(encode: Callable[[np.ndarray], np.ndarray], cs: CalibrationSe
 
 
 def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Callable[[np.ndarray], np.ndarray], facts,
-                  dtype=np.float32) -> _Reader:
+                  dtype=np.float32, routed: bool = True) -> _Reader:
     """Full-graph feeds (empty past) of the text decoder for every calibration pair.
 
     ``embedding`` is the token table; ``image_embeds(pixels)`` runs the
     (fp32) vision parts. The decoder routes rows by ``token_type`` with Gathers, so a visual
     expert's MatMul sees image-token rows only and a language expert's text-token rows only:
     a data-driven algorithm fed these feeds calibrates each expert on its own modality.
+    ``routed`` False: a decoder without experts, whose graph has no ``token_type`` input.
     """
     feeds = []
     for i in range(cs.num_pairs):
@@ -292,7 +293,9 @@ def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Calla
         emb[p["is_image"]] = np.asarray(image_embeds(cs.pixels[i:i + 1])).reshape(-1, facts.hidden_size)
         n = len(p["input_ids"])
         f = {"inputs_embeds": emb[None].astype(dtype), "position_ids": p["position_ids"][None],
-             "token_type": p["token_type"][None], "attention_mask": np.ones((1, n), np.int64)}
+             "attention_mask": np.ones((1, n), np.int64)}
+        if routed:
+            f["token_type"] = p["token_type"][None]
         for layer in range(facts.num_layers):
             for kind in ("key", "value"):
                 f[f"past_key_values.{layer}.{kind}"] = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype)
