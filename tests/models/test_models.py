@@ -20,6 +20,7 @@ from vlmexport.core.errors import ConfigError
 from vlmexport.core.layout import LANGUAGE, VISION, ImagePiece, TextPiece, build_layout
 from vlmexport.core.names import ONNX_PARTS
 from vlmexport.models import VLM, Part, architectures, get_architecture, register, seeded_init
+from vlmexport.models.connectors import get_connector
 from vlmexport.models.layers import Route, routed
 from vlmexport.runtimes.torch_session import TorchSession
 
@@ -270,7 +271,10 @@ def test_image_chunk_length_is_image_tokens(tiny_model, arch):
     with torch.no_grad():
         emb = model.image_embeddings(pixels(3))
     assert emb.shape == (3, model.image_tokens(), model.config.hidden_size)
-    assert model.image_tokens() >= model.config.vision_config.num_patches
+    specs = type(model).part_specs(model.config)
+    merges = get_connector(specs.connector.kind).patch_tokens(specs.connector, specs.vision.output_tokens)
+    assert merges <= specs.vision.output_tokens  # a kind keeps every ViT output, or merges some (pixel shuffle)
+    assert model.image_tokens() >= merges
 
 
 def test_cogvlm_chunk_is_boi_patches_eoi(tiny_model):

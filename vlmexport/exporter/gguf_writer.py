@@ -129,7 +129,7 @@ class GGUFSource:
 
     @property
     def gguf_arch(self) -> str:
-        return self.arch.gguf_arch
+        return self.specs.decoder.gguf_arch or self.arch.gguf_arch
 
     def hf_text_config(self) -> dict:
         """config.json with ``text_config`` lifted to the top, as llama.cpp's converter reads it."""
@@ -265,6 +265,12 @@ def _plan_expert(p: _Planner, d: DecoderSpec, e: ExpertNames, i: int, interleave
         p.add(MT.ATTN_K, k, i, transform=_permute_rope(d.num_kv_heads) if interleaved else None,
               note="rows permuted to llama.cpp's interleaved RoPE layout" if interleaved else "")
         p.add(MT.ATTN_V, v, i)
+    if e.qkv_bias is not None:  # Qwen2-style attention biases (llama.cpp's qwen2 graph reads attn_{q,k,v}.bias)
+        if isinstance(e.qkv_bias, str) or vision or interleaved:
+            raise ConfigError(f"q/k/v biases are written only as separate tensors of a non-expert, NEOX-RoPE "
+                              f"decoder; llama.cpp's {p.src.gguf_arch} cannot take this model's")
+        for key, n in zip((MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V), e.qkv_bias):
+            p.add(key, f(n), i, suffix=".bias")
     p.add(keys["o"], f(e.o), i)
     p.add(keys["gate"], f(e.gate), i)
     p.add(keys["up"], f(e.up), i)
@@ -316,15 +322,20 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
         p.add(MT[t.key], special[t.role] if t.role in special else c.weights[t.role], t.bid, suffix=t.suffix)
     rows = v.num_patches + 1
     pos_shape = tuple(src.tensors.shape(v.positions))
+    if len(pos_shape) == 3 and pos_shape[0] == 1:  # timm's [1, rows, D] (InternViT): written as [rows, D]
+        pos_shape = pos_shape[1:]
     if pos_shape[0] != rows:
         raise ConfigError(f"{src.path}: {v.positions} has {pos_shape[0]} rows, expected "
                           f"{rows} (CLS + {v.num_patches} patches)")
+    flat = lambda t: t.reshape(pos_shape)  # noqa: E731  (a no-op on [rows, D])
     if proj.drop_cls:  # DELIBERATE (4)
-        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_drop_cls_row, shape=(rows - 1, *pos_shape[1:]),
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=lambda t: _drop_cls_row(flat(t)),
+              shape=(rows - 1, *pos_shape[1:]),
               note="CLS row dropped (no CLS token: llama.cpp's llava graph would drop the first patch)")
     else:
         p.add(MT.V_ENC_EMBD_CLS, v.cls, suffix="")
-        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=_reorder_cls_last if proj.cls_last else None,
+        reorder = (lambda t: _reorder_cls_last(flat(t))) if proj.cls_last else None
+        p.add(MT.V_ENC_EMBD_POS, v.positions, transform=reorder, shape=pos_shape if reorder else None,
               note="rows reordered: patches first, CLS last (llama.cpp appends CLS after the patches)")
     if v.patch_bias is not None:
         p.add(MT.V_ENC_EMBD_PATCH, v.patch_bias, suffix=".bias")
@@ -346,6 +357,10 @@ def plan_mmproj(src: GGUFSource, outtype: str) -> list[PlannedTensor]:
         p.add_with_bias(up, f(v.fc1), i)
         p.add_with_bias(down, f(v.fc2), i)
         p.add_with_bias(MT.V_ENC_POST_ATTN_NORM, f(v.norm2), i)
+        if v.ls1 is not None:  # layer scale (llama.cpp's build_vit multiplies by ls1 / ls2 when present)
+            p.add(MT.V_LAYER_SCALE_1, f(v.ls1), i)
+        if v.ls2 is not None:
+            p.add(MT.V_LAYER_SCALE_2, f(v.ls2), i)
     return p.out
 
 
@@ -440,6 +455,8 @@ def _mmproj_kv(w, src: GGUFSource, outtype: str) -> None:
     # block_count), so an implicit default would change meaning with the llama.cpp version.
     if proj.explicit_feature_layers:
         w.add_array(_FEATURE_LAYER_KEY, [int(x) for x in v.feature_layers])
+    for key, value in get_connector(src.specs.connector.kind).gguf_metadata(src.specs.connector).items():
+        w.add_uint32(key, int(value))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

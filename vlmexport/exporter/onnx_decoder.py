@@ -231,6 +231,13 @@ class _DecoderBuilder:
                 p = f"layers.{i}.{tag}"
                 qkv = _names(e.qkv, i)
                 self._linear(f"{p}.qkv.weight", qkv, (q + 2 * kv,) if len(qkv) == 1 else (q, kv, kv), H)
+                if e.qkv_bias is not None:  # Qwen2-style attention: one fused [q + 2 kv] bias
+                    bias = _names(e.qkv_bias, i)
+                    parts = [self._get(n, (o,)) for n, o in zip(bias, (q + 2 * kv,) if len(bias) == 1
+                                                                else (q, kv, kv))]
+                    self.weights[f"{p}.qkv.bias"] = self.g.weight(
+                        f"{p}.qkv.bias", (q + 2 * kv,), self.dtype, _rows(np.concatenate(parts), self.dtype))
+                    del parts  # the written biases are no longer held
                 self._linear(f"{p}.o.weight", _names(e.o, i), (H,), q)
             self._vector(f"layers.{i}.ffn_norm.weight", s.ffn_norm.format(i=i), H)
             for tag, e in experts:
@@ -317,7 +324,13 @@ class _DecoderBuilder:
         return f
 
     def _proj(self, i: int, role: str) -> Callable[[str, str], str]:
-        return lambda h, e: self._matmul(h, f"layers.{i}.{e}.{role}.weight", f"layers.{i}.{e}.{role}")
+        def f(h: str, e: str) -> str:
+            name = f"layers.{i}.{e}.{role}"
+            y = self._matmul(h, f"{name}.weight", name)
+            if f"{name}.bias" in self.weights:
+                y = self.g.op("Add", [y, self.weights[f"{name}.bias"]], f"{name}.add_bias")
+            return y
+        return f
 
     def _layer(self, i: int, h: str, x: str, route, pre: dict[str, str], presents: list[str]) -> tuple[str, str, str]:
         """One decoder layer: (normed input, residual) -> (next normed input, residual, mlp output)."""

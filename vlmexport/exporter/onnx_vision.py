@@ -188,12 +188,17 @@ def _vit_block(g: GraphBuilder, w: _Weights, spec: VisionSpec, i: int, x: str) -
         h = g.activation(_linear(g, w, v, name(spec.fc1), (F, D)), spec.activation)
         return _linear(g, w, h, name(spec.fc2), (D, F))
 
+    def scale(template: str | None, v: str) -> str:  # layer scale: a per-channel factor on the branch
+        if template is None:
+            return v
+        return g.node("Mul", [v, g.weight(name(template), w.get(name(template), numel=D), shape=(D,))])
+
     if spec.norm_placement == "post":
-        x = g.node("Add", [x, norm(spec.norm1, attention(x))])
-        return g.node("Add", [x, norm(spec.norm2, mlp(x))])
+        x = g.node("Add", [x, scale(spec.ls1, norm(spec.norm1, attention(x)))])
+        return g.node("Add", [x, scale(spec.ls2, norm(spec.norm2, mlp(x)))])
     if spec.norm_placement == "pre":
-        x = g.node("Add", [x, attention(norm(spec.norm1, x))])
-        return g.node("Add", [x, mlp(norm(spec.norm2, x))])
+        x = g.node("Add", [x, scale(spec.ls1, attention(norm(spec.norm1, x)))])
+        return g.node("Add", [x, scale(spec.ls2, mlp(norm(spec.norm2, x)))])
     raise ConfigError(f"vision norm_placement must be 'pre' or 'post', got {spec.norm_placement!r}")
 
 
@@ -223,9 +228,9 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
         x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
         cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
         x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
-        pos = w.get(spec.positions, numel=(n + 1) * D)
-        x = g.node("Add", [x, g.weight(spec.positions, pos, shape=(n + 1, D))])
-        del pos
+        pos = w.get(spec.positions, numel=(n + 1) * D)  # [n + 1, D], or timm's [1, n + 1, D]
+        x = g.node("Add", [x, g.weight(spec.positions, pos.reshape(n + 1, D))])
+        del pos  # streamed: not held while the blocks are written
         if spec.pre_norm:
             x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
         states = [x]
@@ -285,6 +290,12 @@ class _ConnectorOps:
         heads = [g.split_heads(t, num_heads, head_dim) for t in (q, k, v)]
         return g.merge_heads(g.sdpa(*heads, head_dim), num_heads * head_dim)
 
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.g.node("Reshape", [x, self.g.const(list(shape))])
+
+    def transpose(self, x: str, perm: list[int]) -> str:
+        return self.g.node("Transpose", [x], perm=list(perm))
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -292,12 +303,15 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     """Write the connector as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``image_features`` [num_images, T, vision_width] -> ``image_embeds``
-    [num_images, T' + (boi) + (eoi), hidden_size] with T' the kind's count (T, or a
-    resampler's fixed number of queries: ``output_axis``). ``num_tokens`` fixes T (what a
-    TensorRT engine prefers); None leaves it a named dynamic axis ``vision_tokens``.
+    [num_images, T' + (boi) + (eoi), hidden_size] with T' the kind's count (T; fewer for a kind
+    that merges tokens; a resampler's fixed number of queries: ``output_axis``). ``num_tokens``
+    fixes T (what a TensorRT engine prefers); None leaves it a named dynamic axis
+    ``vision_tokens``, unless the kind needs a fixed T (``input_tokens``).
     """
     kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
+    if num_tokens is None:  # a kind that folds a fixed grid (pixel shuffle) fixes T itself
+        num_tokens = kind.input_tokens(spec)
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     out_tokens = kind.output_axis(spec, tokens)
     with GraphBuilder(out_path, "connector", precision) as g:

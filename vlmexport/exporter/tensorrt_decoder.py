@@ -158,7 +158,10 @@ class _TrtDecoderBuilder(_DecoderBuilder):
             h = self.rms_norm(x, self.weights[f"{p}.attn_norm.weight"], f"{p}.attn_norm")
 
             def qkv(hh, e, i=i):
-                return matmul(hh, f"layers.{i}.{e}.qkv.weight", f"layers.{i}.{e}.qkv")
+                y = matmul(hh, f"layers.{i}.{e}.qkv.weight", f"layers.{i}.{e}.qkv")
+                if f"layers.{i}.{e}.qkv.bias" in self.weights:  # Qwen2-style attention bias
+                    y = g.op("Add", [y, self.weights[f"layers.{i}.{e}.qkv.bias"]], f"layers.{i}.{e}.qkv.bias_add")
+                return y
 
             q, k, v = g.op("Split", [route(h, i, qkv), c([self.q_out, self.kv_out, self.kv_out])], f"{p}.qkv_split",
                            outputs=3, axis=-1)

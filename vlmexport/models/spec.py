@@ -13,6 +13,7 @@ names (q, k, v) is concatenated along the output dimension into one fused weight
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # tensor-name roles of one decoder layer
 DECODER_ROLES = ("qkv", "o", "gate", "up", "down")
@@ -27,6 +28,8 @@ class ExpertNames:
     gate: str
     up: str
     down: str
+    # q/k/v biases (Qwen2-style attention), same form as ``qkv``; None: the projections have none
+    qkv_bias: str | tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class DecoderSpec:
     ffn_norm: str
     language: ExpertNames
     vision: ExpertNames | None = None  # visual expert; None: no experts
+    # llama.cpp architecture of the text GGUF when it differs from the VLM's ``gguf_arch`` (a decoder
+    # flavour chosen by config, e.g. a Qwen2 decoder is llama.cpp's "qwen2")
+    gguf_arch: str | None = None
 
     @property
     def has_experts(self) -> bool:
@@ -70,7 +76,7 @@ class VisionSpec:
     patch_weight: str
     patch_bias: str | None
     cls: str  # class embedding, shape [D], [1, D] or [1, 1, D]
-    positions: str  # [n_patches + 1, D] (or [1, n_patches + 1, D]), CLS row first
+    positions: str  # [n_patches + 1, D] (or [1, n_patches + 1, D]: timm, transformers), CLS row first
     pre_norm: tuple[str, str] | None  # (weight, bias) of a LayerNorm before the blocks
     qkv: str | tuple[str, str, str]  # weight name(s); biases: same with "weight" -> "bias"
     o: str
@@ -84,6 +90,10 @@ class VisionSpec:
     # (weight, bias) of a LayerNorm on the last layer's output (BLIP-2's post_layernorm); it
     # needs the last layer to be the one feature layer
     post_norm: tuple[str, str] | None = None
+    # layer scale (CaiT / InternViT): per-channel vectors [D] multiplying the attention and MLP
+    # branches before each residual add; None: no layer scale
+    ls1: str | None = None
+    ls2: str | None = None
 
     @property
     def num_patches(self) -> int:
@@ -117,8 +127,9 @@ class ConnectorSpec:
     boi: str | None = None
     eoi: str | None = None
     # the kind's structural numbers that no weight shape gives (layer count, heads, how many
-    # learned queries a resampler has); what each kind reads is in its file
-    settings: dict[str, int | float | str] = field(default_factory=dict)
+    # learned queries a resampler has, a token-merging kind's scale factor); what each kind
+    # reads is in its file
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class SourceModel:
             "num_heads": d.num_heads, "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim,
             "vocab_size": d.vocab_size, "max_length": d.max_position_embeddings, "has_experts": d.has_experts,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
-            "gguf_arch": self.arch.gguf_arch, "hf_config": self.hf_config,
+            "gguf_arch": d.gguf_arch or self.arch.gguf_arch, "hf_config": self.hf_config,
         }
 
 

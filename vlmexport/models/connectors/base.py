@@ -44,6 +44,10 @@ class ConnectorOps(Protocol):
         when they come from another)."""
         ...
 
+    def reshape(self, x: str, shape: list[int]) -> str: ...  # ONNX Reshape semantics (0 copies, -1 infers)
+
+    def transpose(self, x: str, perm: list[int]) -> str: ...
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -107,6 +111,12 @@ class ConnectorKind:
         one per ViT output by default; a kind that pools or resamples overrides it."""
         return vision_tokens
 
+    @staticmethod
+    def input_tokens(spec: ConnectorSpec) -> int | None:
+        """The number of ViT outputs the kind's graph is built for, when it needs a fixed one (a kind
+        that folds a patch grid); None: any number (the ONNX token axis stays dynamic)."""
+        return None
+
     @classmethod
     def output_tokens(cls, spec: ConnectorSpec, vision_tokens: int) -> int:
         """Embeddings one image becomes: the projected patches plus boi and eoi where the spec names them."""
@@ -131,6 +141,11 @@ class ConnectorKind:
     def gguf_tensors(spec: ConnectorSpec) -> list[GGUFTensor]:
         """The connector's mmproj tensors in llama.cpp's names (only for kinds with ``gguf``)."""
         raise NotImplementedError
+
+    @staticmethod
+    def gguf_metadata(spec: ConnectorSpec) -> dict[str, int]:
+        """Extra mmproj keys (llama.cpp key -> uint32) the projector's graph reads; none by default."""
+        return {}
 
     @classmethod
     def check_gguf(cls, specs: PartSpecs) -> GGUFProjector:
