@@ -288,6 +288,16 @@ class _ConnectorOps:
     def mul(self, a: str, b: str) -> str:
         return self.g.node("Mul", [a, b])
 
+    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        return self.g.node("Slice", [x, self.g.const(starts), self.g.const(ends), self.g.const(axes)])
+
+    def concat(self, xs: list[str], axis: int) -> str:
+        return self.g.node("Concat", xs, axis=axis) if len(xs) > 1 else xs[0]
+
+    def for_spec(self, spec: ConnectorSpec) -> "_ConnectorOps":
+        """The same graph, weights read through another (sub-connector's) spec."""
+        return _ConnectorOps(self.g, self.w, spec)
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -300,9 +310,12 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     """
     kind = get_connector(spec.kind)
     w = _Weights(tensors, "connector")
+    if num_tokens is None:
+        num_tokens = kind.input_tokens(spec)  # a kind that slices fixed rows fixes the token axis
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     extra = int(spec.boi is not None) + int(spec.eoi is not None)
-    out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
+    out_tokens: int | str = (kind.output_tokens(spec, tokens) if isinstance(tokens, int)
+                             else ("image_tokens" if extra else tokens))
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

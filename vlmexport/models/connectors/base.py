@@ -31,6 +31,12 @@ class ConnectorOps(Protocol):
 
     def mul(self, a: str, b: str) -> str: ...
 
+    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str: ...
+
+    def concat(self, xs: list[str], axis: int) -> str: ...
+
+    def for_spec(self, spec: ConnectorSpec) -> "ConnectorOps": ...  # weights read through another spec
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -93,6 +99,12 @@ class ConnectorKind:
         """Embeddings the connector makes from ``vision_tokens`` ViT outputs (boi/eoi not counted):
         one per ViT output by default; a kind that pools or resamples overrides it."""
         return vision_tokens
+
+    @staticmethod
+    def input_tokens(spec: ConnectorSpec) -> int | None:
+        """The number of ViT outputs the connector's graph must be given, or None where any number
+        works (the ONNX token axis then stays dynamic)."""
+        return None
 
     @classmethod
     def output_tokens(cls, spec: ConnectorSpec, vision_tokens: int) -> int:
