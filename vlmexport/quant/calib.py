@@ -326,9 +326,21 @@ def _session_with_outputs(model_path: str | os.PathLike, names_of: Callable, thr
     try:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        yield ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"]), names, m
+        yield _TakesItsInputs(ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])), names, m
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _TakesItsInputs:
+    """A session that runs a feed holding more than its graph takes: the decoder feeds carry
+    ``token_type``, which only a decoder with visual experts reads (one without, llava's, has no
+    such input, and onnxruntime refuses unknown names)."""
+
+    def __init__(self, sess):
+        self.sess, self.inputs = sess, {i.name for i in sess.get_inputs()}
+
+    def run(self, outputs, feed):
+        return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.inputs})
 
 
 def first_nonfinite(model_path: str | os.PathLike, reader: _Reader) -> tuple[str, int] | None:
