@@ -14,7 +14,7 @@ from vlmexport.core.generation import GenerationConfig, Sampler, generate_tokens
 from vlmexport.core.layout import TextPiece, build_layout
 from vlmexport.core.preprocess import preprocess
 from vlmexport.core.prompt import PromptError, Turn, render
-from vlmexport.models import architectures
+from vlmexport.models import architectures, get_architecture
 from vlmexport.runtimes.pipeline import Message
 from vlmexport.runtimes.torch_backend import pipeline_from_model
 
@@ -32,6 +32,17 @@ def pipe(request, tiny_model, tokenizer, preprocess_config):
 @pytest.fixture(scope="module")
 def imgs(images):
     return images[:2]
+
+
+def template_family(pipe, table: dict):
+    """``table``'s entry for the model's architecture, or for the architecture whose chat template it
+    reuses (an architecture built on another's decoder may keep its template)."""
+    arch = type(pipe.session.model).arch_name
+    if arch in table:
+        return table[arch]
+    same = [a for a in table if get_architecture(a).default_chat_template().jinja == pipe.template.jinja]
+    assert same, f"{arch}: no expected rendering for its chat template"
+    return table[same[0]]
 
 
 def greedy_by_hand(pipe, pieces, images, n: int, stops=()) -> list[int]:
@@ -166,8 +177,11 @@ def test_stream_concatenates_to_generate(pipe, imgs):
 
 def test_stop_strings_cut_the_text(pipe, imgs):
     full = pipe.generate(PROMPT, imgs, max_new_tokens=12, stop_token_ids=())
-    i = next((i for i in range(2, len(full) - 1) if full[i:i + 2].isprintable() and "\ufffd" not in full[i:i + 2]
-              and full[i:i + 2].strip()), None)
+    # two characters, one of them visible, that first occur after the start (so some text comes before);
+    # a random tiny model may repeat control characters ('\x0cZ\x0cZ...'), which a stop string may hold
+    i = next((i for i in range(1, len(full) - 1) if "\ufffd" not in full[i:i + 2]
+              and any(c.isprintable() and not c.isspace() for c in full[i:i + 2]) and full.find(full[i:i + 2]) > 0),
+             None)
     assert i is not None, f"no usable stop string in {full!r}"
     stop = full[i:i + 2]
     expected = full[:full.find(stop)]
@@ -245,11 +259,11 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
     (layout,) = seen
     # the history goes through the family's own template (THUDM's for cogvlm, llava-hf's for llava):
     # answers in the text, no EOS between turns, the text tokenized as the template says
-    expected_text = {
+    expected_text = template_family(pipe, {
         "cogvlm": "<s>Question: <image>What colour? Answer: red\nQuestion: And the shape? Answer:",
         "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
         "blip2": "<s>Question: <image>What colour? Answer: red Question: And the shape? Answer:",
-    }[type(pipe.session.model).arch_name]
+    })
     ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
     expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
     got = np.where(layout.is_image, -1, layout.input_ids)
@@ -288,8 +302,7 @@ def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs)
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
     n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
-    start = {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>"}[
-        type(pipe.session.model).arch_name]
+    start = template_family(pipe, {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>"})
     ids, _ = pipe.tokenizer.encode_prompt(start, ("<image>",))
     assert layout.image_spans == ((ids.index("<image>"), n),)
     # an image in a later turn goes where the template puts it too

@@ -213,3 +213,13 @@ def test_a_weight_shared_by_two_matmuls_is_rounded_to_nearest(tmp_path):
     deq = G.dequantize(*G.rtn(w, 4, 32), 64)
     np.testing.assert_allclose(ya, x["a"] @ deq, atol=1e-4)
     np.testing.assert_allclose(yb, x["b"] @ deq, atol=1e-4)
+
+
+def test_hessians_take_a_feed_holding_more_than_the_graph_reads(tmp_path):
+    """The decoder feeds carry token_type, which only a decoder with visual experts reads: a
+    decoder without experts (llava's) has no such input, and its GPTQ Hessians must still come."""
+    w, x, src, _ = _calibrated_matmul(tmp_path, 5, 16, 8)
+    reader = _Reader([{"x": x[:64], "token_type": np.zeros((1, 64), np.int64)}])
+    h = input_hessians(src, reader, ["mm"])["mm"]
+    ref = x[:64].astype(np.float64).T @ x[:64]
+    assert np.allclose(h, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())

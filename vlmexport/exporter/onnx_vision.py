@@ -95,6 +95,7 @@ import torch
 from ..core.errors import CheckpointError, ConfigError
 from ..models.connectors import get_connector
 from ..models.spec import ConnectorSpec, VisionSpec, bias_of
+from ..models.vision_specs import ParallelVisionSpec, ViTDetSpec
 from .onnx_common import (  # noqa: F401  (re-exported for the bundle builder and tests)
     ExportedGraph,
     GraphBuilder,
@@ -103,6 +104,7 @@ from .onnx_common import (  # noqa: F401  (re-exported for the bundle builder an
     TensorSource,
     fused_name,
 )
+from .onnx_vision_kinds import write_parallel, write_vitdet
 
 NUM_IMAGES = "num_images"
 INT64_MAX = 2**63 - 1
@@ -207,43 +209,68 @@ def export_vision_encoder(tensors: TensorSource, spec: VisionSpec, out_path: str
     """Write the vision encoder as ``out_path`` + ``out_path.data`` (weights streamed).
 
     ``pixel_values`` [num_images, C, S, S] -> ``image_features`` [num_images, tokens, width]
-    with tokens = ``spec.output_tokens`` and width = ``spec.output_width``.
+    with tokens = ``spec.output_tokens`` and width = ``spec.output_width``. ``spec`` is a
+    ViT :class:`VisionSpec` or a spec type of ``models/vision_specs.py`` (graph by type).
     """
-    D, p, S, n = spec.hidden_size, spec.patch_size, spec.image_size, spec.num_patches
+    w = _Weights(tensors, "vision encoder")
+    with GraphBuilder(out_path, "vision_encoder", precision) as g:
+        declared: dict[int, str] = {}
+
+        def pixels(channels: int) -> str:  # declared by the first patch conv read (its weight says the channels)
+            if declared and channels not in declared:
+                raise CheckpointError(f"the vision encoders read {sorted(declared)[0]} and {channels} image "
+                                      "channels; every encoder must read the same pixel_values")
+            if not declared:
+                declared[channels] = g.input("pixel_values", (NUM_IMAGES, channels, spec.image_size, spec.image_size))
+            return declared[channels]
+
+        x = _encoder(g, w, spec, pixels)
+        g.output(x, "image_features", (NUM_IMAGES, spec.output_tokens, spec.output_width))
+        return g.finish({"part": "vision_encoder", "precision": precision})
+
+
+def _encoder(g: GraphBuilder, w: _Weights, spec, pixels) -> str:
+    """The graph of ``spec``'s encoder type on ``pixels(channels)`` (the input's name): [B, tokens, width]."""
+    if isinstance(spec, ParallelVisionSpec):
+        return write_parallel(g, spec, pixels, lambda branch, px: _encoder(g, w, branch, px))
+    if isinstance(spec, ViTDetSpec):
+        return write_vitdet(g, w, spec, pixels, _linear, _layer_norm)
+    return _vit(g, w, spec, pixels)
+
+
+def _vit(g: GraphBuilder, w: _Weights, spec: VisionSpec, pixels) -> str:
+    D, p, n = spec.hidden_size, spec.patch_size, spec.num_patches
     layers = tuple(spec.feature_layers) or (spec.num_layers,)
     if any(not 0 <= j <= spec.num_layers for j in layers):
         raise ConfigError(f"vision feature_layers {layers} must index hidden states 0..{spec.num_layers}")
     if spec.post_norm is not None and layers != (spec.num_layers,):
         raise ConfigError(f"a vision post_norm normalises the last layer's output; feature_layers {layers} must be "
                           f"({spec.num_layers},)")
-    w = _Weights(tensors, "vision encoder")
-    with GraphBuilder(out_path, "vision_encoder", precision) as g:
-        patch = w.get(spec.patch_weight, (D, None, p, p))
-        pixels = g.input("pixel_values", (NUM_IMAGES, patch.shape[1], S, S))
-        conv_in = [pixels, g.weight(spec.patch_weight, patch)]
-        del patch
-        if spec.patch_bias:
-            conv_in.append(g.weight(spec.patch_bias, w.get(spec.patch_bias, numel=D), shape=(D,)))
-        x = g.node("Conv", conv_in, kernel_shape=[p, p], strides=[p, p])
-        x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
-        cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
-        x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
-        pos = w.get(spec.positions, numel=(n + 1) * D)  # [n + 1, D], or timm's [1, n + 1, D]
-        x = g.node("Add", [x, g.weight(spec.positions, pos.reshape(n + 1, D))])
-        del pos  # streamed: not held while the blocks are written
-        if spec.pre_norm:
-            x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
-        states = [x]
-        for i in range(max(layers)):
-            states.append(_vit_block(g, w, spec, i, states[-1]))
-        if spec.post_norm is not None:
-            states[-1] = _layer_norm(g, w, states[-1], spec.post_norm[0], spec.post_norm[1], D, spec.layer_norm_eps)
-        feats = [states[j] for j in layers]
-        x = g.node("Concat", feats, axis=-1) if len(feats) > 1 else feats[0]
-        if not spec.keep_cls:
-            x = g.node("Slice", [x, g.const([1]), g.const([INT64_MAX]), g.const([1])])
-        g.output(x, "image_features", (NUM_IMAGES, spec.output_tokens, D * len(layers)))
-        return g.finish({"part": "vision_encoder", "precision": precision})
+    patch = w.get(spec.patch_weight, (D, None, p, p))
+    pixels = pixels(patch.shape[1])
+    conv_in = [pixels, g.weight(spec.patch_weight, patch)]
+    del patch
+    if spec.patch_bias:
+        conv_in.append(g.weight(spec.patch_bias, w.get(spec.patch_bias, numel=D), shape=(D,)))
+    x = g.node("Conv", conv_in, kernel_shape=[p, p], strides=[p, p])
+    x = g.node("Transpose", [g.node("Reshape", [x, g.const([0, D, -1])])], perm=[0, 2, 1])  # [B, n, D]
+    cls = g.weight(spec.cls, w.get(spec.cls, numel=D), shape=(1, 1, D))
+    x = g.node("Concat", [g.batch_expand(cls, pixels, (1, D)), x], axis=1)  # CLS first
+    pos = w.get(spec.positions, numel=(n + 1) * D)  # [n + 1, D], or timm's [1, n + 1, D]
+    x = g.node("Add", [x, g.weight(spec.positions, pos.reshape(n + 1, D))])
+    del pos  # streamed: not held while the blocks are written
+    if spec.pre_norm:
+        x = _layer_norm(g, w, x, spec.pre_norm[0], spec.pre_norm[1], D, spec.layer_norm_eps)
+    states = [x]
+    for i in range(max(layers)):
+        states.append(_vit_block(g, w, spec, i, states[-1]))
+    if spec.post_norm is not None:
+        states[-1] = _layer_norm(g, w, states[-1], spec.post_norm[0], spec.post_norm[1], D, spec.layer_norm_eps)
+    feats = [states[j] for j in layers]
+    x = g.node("Concat", feats, axis=-1) if len(feats) > 1 else feats[0]
+    if not spec.keep_cls:
+        x = g.node("Slice", [x, g.const([1]), g.const([INT64_MAX]), g.const([1])])
+    return x
 
 
 class _ConnectorOps:
@@ -295,6 +322,16 @@ class _ConnectorOps:
 
     def transpose(self, x: str, perm: list[int]) -> str:
         return self.g.node("Transpose", [x], perm=list(perm))
+
+    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        return self.g.node("Slice", [x, self.g.const(starts), self.g.const(ends), self.g.const(axes)])
+
+    def concat(self, xs: list[str], axis: int) -> str:
+        return self.g.node("Concat", xs, axis=axis) if len(xs) > 1 else xs[0]
+
+    def for_spec(self, spec: ConnectorSpec) -> "_ConnectorOps":
+        """The same graph, weights read through another (sub-connector's) spec."""
+        return _ConnectorOps(self.g, self.w, spec)
 
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,

@@ -281,8 +281,8 @@ class VLM(nn.Module):
         """Parameter names grouped by role (for freezing in training stages)."""
         groups: dict[str, list[str]] = {"vision": [], "connector": [], "language": [], "visual_expert": [],
                                         "embedding": [], "other": []}
-        for name, _ in self.named_parameters():
-            groups[self.parameter_role(name)].append(name)
+        for name, _ in self.named_parameters():  # an architecture may name finer roles of its own
+            groups.setdefault(self.parameter_role(name), []).append(name)
         return groups
 
     def parameter_role(self, name: str) -> str:  # pragma: no cover - overridden

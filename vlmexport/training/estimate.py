@@ -34,7 +34,7 @@ class StageEstimate:
 
 def estimate_stage(model: VLM, data, cfg: TrainConfig, stage: str, nproc: int, device: str = "cpu",
                    train_language: bool = False, train_vision: bool = False) -> StageEstimate:
-    apply_stage(model, stage, train_language, train_vision, init_experts=False)
+    apply_stage(model, stage, train_language, train_vision, init_experts=False, roles=cfg.train_roles)
     mixed = autocast_dtype(cfg.precision, torch.device(device)) is not None
     est = StageEstimate(stage, cfg.batch_size // cfg.grad_accum, 0)
     for name, world, shard in (("1 process", 1, "none"), (f"DDP x{nproc}", nproc, "ddp"),

@@ -57,8 +57,12 @@ def init_visual_experts(model: VLM) -> int:
 
 
 def apply_stage(model: VLM, stage: Stage | str, train_language: bool = False, train_vision: bool = False,
-                init_experts: bool | None = None) -> list[str]:
-    """Set ``requires_grad`` for a stage; returns the names of the trainable parameters."""
+                init_experts: bool | None = None, roles: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Set ``requires_grad`` for a stage; returns the names of the trainable parameters.
+
+    ``roles`` (``TrainConfig.train_roles``), when given, are exactly the parameter roles that
+    train, in place of the stage's set: for an architecture whose ``parameter_role`` names
+    finer roles (e.g. a second connector that a first stage aligns alone)."""
     stage = Stage(stage)
     if stage is Stage.FUSE and init_experts is None:
         init_experts = True
@@ -66,7 +70,15 @@ def apply_stage(model: VLM, stage: Stage | str, train_language: bool = False, tr
         if not model.has_experts:
             raise ConfigError(f"{model.arch_name} has no visual experts to initialise; use the align stage")
         init_visual_experts(model)
-    roles = trainable_roles(stage, train_language, train_vision)
+    if roles:
+        known = set(model.named_parameter_groups())
+        unknown = sorted(set(roles) - known)
+        if unknown:
+            raise ConfigError(f"train_roles {unknown} name no parameter of {model.arch_name}; its roles are "
+                              f"{sorted(r for r, ps in model.named_parameter_groups().items() if ps)}")
+        roles = set(roles)
+    else:
+        roles = trainable_roles(stage, train_language, train_vision)
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(model.parameter_role(name) in roles)

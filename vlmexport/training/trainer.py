@@ -52,6 +52,9 @@ class TrainConfig:
     # a from-scratch ViT + connector diverge at the decoder's learning rate (measured), so
     # the demo recipe trains them at a fraction of it
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # exactly these parameter roles train, in place of the stage's set (stages.apply_stage); e.g. a
+    # first stage that aligns one of two connectors alone. Empty: the stage decides.
+    train_roles: tuple[str, ...] = ()
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -239,7 +242,8 @@ def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage
     torch.manual_seed(cfg.seed)
     model.to(device)
     resuming = run_state.exists(run_dir)
-    apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False)
+    apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False,
+                roles=cfg.train_roles)
     model.gradient_checkpointing = cfg.grad_checkpointing
     objective = objective_for(stage, model, dense_weight).to(device)
     snap = run_state.read(run_dir) if resuming else None

@@ -48,6 +48,12 @@ class ConnectorOps(Protocol):
 
     def transpose(self, x: str, perm: list[int]) -> str: ...
 
+    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str: ...
+
+    def concat(self, xs: list[str], axis: int) -> str: ...
+
+    def for_spec(self, spec: ConnectorSpec) -> "ConnectorOps": ...  # weights read through another spec
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
