@@ -183,6 +183,42 @@ def routed(route: Route | None, x: torch.Tensor, f_language: nn.Module, f_vision
     return route.apply(x, f_language, f_vision)
 
 
+# ----------------------------------------------------------------- cross-attention
+@dataclass
+class CrossAttention:
+    """Images a decoder attends to instead of reading them in its sequence (image_placement
+    ``cross_attend``, e.g. Flamingo's gated cross-attention).
+
+    ``memory`` [Bm, M, W] (Bm is 1, shared by every row, or the batch): the images' tokens, image
+    ``i`` at rows ``i * tokens_per_image`` to ``(i + 1) * tokens_per_image``. ``media`` [B, S] int64:
+    the image each position attends to, -1 for none (``SequenceLayout.media``). ``kv`` holds what
+    the decoder's layers derive from ``memory`` (their keys and values), computed once per image
+    set and reused by every later step that is handed the same object.
+    """
+
+    memory: torch.Tensor
+    media: torch.Tensor
+    tokens_per_image: int
+    kv: dict = None  # layer -> (keys, values); filled by the layers
+
+    def __post_init__(self) -> None:
+        if self.kv is None:
+            self.kv = {}
+
+    def with_media(self, media: torch.Tensor) -> "CrossAttention":
+        """The same memory (and cached keys/values) for other positions."""
+        return CrossAttention(self.memory, media, self.tokens_per_image, self.kv)
+
+    def mask(self) -> torch.Tensor:
+        """[B, S, M] bool: position s attends memory row m (m belongs to its image)."""
+        image_of_row = torch.arange(self.memory.shape[1], device=self.media.device) // self.tokens_per_image
+        return image_of_row[None, None, :] == self.media[:, :, None]
+
+    def gate(self) -> torch.Tensor:
+        """[B, S] bool: the position attends to an image at all."""
+        return self.media >= 0
+
+
 # ----------------------------------------------------------------------- ViT pieces
 def vit_self_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        num_heads: int) -> torch.Tensor:

@@ -30,6 +30,33 @@ class ExpertNames:
 
 
 @dataclass(frozen=True)
+class CrossAttentionSpec:
+    """Gated cross-attention blocks (image placement ``cross_attend``): before decoder layer
+    ``j * interval`` runs block ``j`` (names take ``{i}`` = j):
+    ``x + tanh(alpha_attn) * gate * attn(RMSNorm(x), memory)``, then
+    ``x + tanh(alpha_ffn) * SwiGLU(RMSNorm(x))``, where ``gate`` is 0 for positions that attend
+    to no image. Queries come from the text, keys and values from ``memory`` (the connector's
+    output, ``memory_tokens`` rows of width ``memory_width`` per image), no RoPE, no bias."""
+
+    num_blocks: int
+    interval: int
+    memory_width: int
+    memory_tokens: int  # per image
+    q: str
+    k: str
+    v: str
+    o: str
+    gate: str
+    up: str
+    down: str
+    attn_norm: str
+    ffn_norm: str
+    alpha_attn: str  # tanh gates: shape [1] or [1, 1, hidden]
+    alpha_ffn: str
+    placeholder_tokens: int = 1  # positions an image takes in the sequence (its "<image>" token)
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     num_layers: int
     hidden_size: int
@@ -48,10 +75,16 @@ class DecoderSpec:
     ffn_norm: str
     language: ExpertNames
     vision: ExpertNames | None = None  # visual expert; None: no experts
+    cross_attention: CrossAttentionSpec | None = None  # None: images are spliced into the sequence
 
     @property
     def has_experts(self) -> bool:
         return self.vision is not None
+
+    @property
+    def image_placement(self) -> str:
+        """``splice`` or ``cross_attend`` (core.layout.ImagePlacement)."""
+        return "splice" if self.cross_attention is None else "cross_attend"
 
 
 @dataclass(frozen=True)
@@ -113,6 +146,7 @@ class ConnectorSpec:
     layer_norm_eps: float = 1e-5
     boi: str | None = None
     eoi: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)  # a kind's structural sizes (e.g. latents, heads)
 
 
 @dataclass(frozen=True)
@@ -123,8 +157,12 @@ class PartSpecs:
 
     @property
     def image_tokens(self) -> int:
-        """Embeddings one image becomes in the decoder's sequence (the one place this is computed)."""
+        """Positions one image takes in the decoder's sequence (the one place this is computed): the
+        connector's embeddings, or the placeholder token(s) of a decoder that cross-attends to them."""
         from .connectors import get_connector
+
+        if self.decoder.cross_attention is not None:
+            return self.decoder.cross_attention.placeholder_tokens
 
         return get_connector(self.connector.kind).output_tokens(self.connector, self.vision.output_tokens)
 
