@@ -73,9 +73,9 @@ class FlamingoConfig(VLMConfig):
         if self.num_key_value_heads != self.num_attention_heads:
             raise ConfigError("flamingo (Idefics) has no grouped-query attention: set num_key_value_heads to "
                               "num_attention_heads")
-        if not 1 <= self.cross_layer_interval <= self.num_hidden_layers:
-            raise ConfigError(f"cross_layer_interval must be in 1..{self.num_hidden_layers}; "
-                              f"got {self.cross_layer_interval}")
+        if self.cross_layer_interval < 1 or self.num_hidden_layers % self.cross_layer_interval:
+            raise ConfigError(f"cross_layer_interval must divide num_hidden_layers ({self.num_hidden_layers}), as "
+                              f"Idefics indexes its blocks by layer // interval; got {self.cross_layer_interval}")
         if self.alpha_type not in ("float", "vector"):
             raise ConfigError(f"alpha_type must be 'float' or 'vector'; got {self.alpha_type!r}")
         for name in ("resampler_n_latents", "resampler_depth", "resampler_n_heads", "resampler_head_dim"):
@@ -357,14 +357,8 @@ class Flamingo(VLM):
             nn.init.zeros_(block.alpha_cross_attn)
             nn.init.zeros_(block.alpha_dense)
 
-    def cross_attention(self, image_embeds: torch.Tensor | None, media: torch.Tensor) -> CrossAttention:
-        """The decoder's cross-attention input: ``image_embeds`` [N, T, W] (every image of the batch, in
-        order; ``media`` indexes them), or None (no image: every position attends to none)."""
-        T, W = self.config.resampler_n_latents, self.config.vision_config.hidden_size
-        if image_embeds is None:
-            image_embeds = torch.zeros(1, T, W, dtype=self.lm_head.weight.dtype, device=media.device)
-            media = torch.full_like(media, -1)
-        return CrossAttention(image_embeds.reshape(1, -1, W), media, T)
+    def image_placeholder_id(self) -> int:
+        return self.config.image_token_id
 
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
                position_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
