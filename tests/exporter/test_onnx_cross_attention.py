@@ -95,3 +95,28 @@ def test_fp16_graph_stays_finite_and_close(A, tmp_path):
     actual = _run(got, layout, px, steps=2)
     assert np.isfinite(actual).all()
     assert np.abs(actual - _run(ref, layout, px, steps=2)).max() <= 5e-2
+
+
+@pytest.mark.parametrize("A", _cross_archs(), ids=lambda a: a.arch_name)
+def test_vision_and_resampler_graphs_give_the_keys_values_torch_gives(A, tmp_path):
+    """The connector graph (here a resampler plus every block's key/value projections) equals torch."""
+    import onnxruntime as ort
+
+    from vlmexport.exporter.onnx_vision import export_connector, export_vision_encoder
+    from vlmexport.models.base import seeded_init
+
+    model = _open_gates(seeded_init(A(A.tiny_config(num_hidden_layers=4, cross_layer_interval=2)), 0))
+    specs = A.part_specs(model.config)
+    src = StateDictTensors(model)
+    ve = export_vision_encoder(src, specs.vision, tmp_path / "ve.onnx")
+    cn = export_connector(src, specs.connector, specs.vision.output_width, specs.decoder.hidden_size,
+                          tmp_path / "cn.onnx")
+    size = specs.vision.image_size
+    px = np.random.default_rng(2).standard_normal((2, 3, size, size)).astype(np.float32)
+    feats = ort.InferenceSession(str(ve.path)).run(None, {"pixel_values": px})[0]
+    got = ort.InferenceSession(str(cn.path)).run(None, {"image_features": feats})[0]
+    with torch.no_grad():
+        expected = model.image_embeddings(torch.from_numpy(px)).numpy()
+    assert got.shape == expected.shape == (2, specs.decoder.cross_attention.memory_tokens,
+                                           specs.decoder.cross_attention.memory_width)
+    assert np.abs(got - expected).max() <= 1e-4

@@ -105,7 +105,7 @@ def test_config_reads_the_idefics_structure(ours):
     assert (c.cross_layer_interval, c.num_cross_layers, c.resampler_n_latents, c.resampler_depth) == (2, 2, 4, 2)
     specs = Flamingo.part_specs(c)
     assert specs.image_tokens == 1 and specs.decoder.image_placement == "cross_attend"
-    assert ours.image_embeddings(pixels(2)).shape == (2, 4, 48)
+    assert ours.image_embeddings(pixels(2)).shape == (2, 4, 2 * 2 * 64)  # every block's keys and values
 
 
 def test_logits_equal_transformers_with_two_interleaved_images(hf_model, ours):

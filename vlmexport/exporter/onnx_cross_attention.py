@@ -3,13 +3,14 @@
 A decoder whose images are attended to, not spliced into its sequence (Flamingo), gets two
 more inputs::
 
-    cross_attention_memory [1, memory, width]  every image's tokens (the connector's output), in order
+    cross_attention_memory [1, memory, 2 * blocks * hidden]  every image's rows (the connector's
+                                              output, in image order): each row holds every
+                                              block's key and value, [K_0 | V_0 | K_1 | ...]
     media [batch, sequence] int64             the image each position attends to (-1: none)
 
 and, before decoder layer ``j * interval``, block ``j``::
 
-    x += tanh(alpha_attn) * gate * softmax(q k^T / sqrt(d) + mask) v W_o,   q = RMSNorm(x) W_q,
-                                                                            k, v = memory W_k, W_v
+    x += tanh(alpha_attn) * gate * softmax(q K_j^T / sqrt(d) + mask) V_j W_o,   q = RMSNorm(x) W_q
     x += tanh(alpha_ffn) * SwiGLU(RMSNorm(x))
 
 ``mask`` lets a position see only the rows of its image (row r belongs to image
@@ -17,9 +18,9 @@ r // memory_tokens); ``gate`` is 0 where ``media`` is -1 (no image yet), as tran
 Idefics zeroes those rows. Scores and softmax run in float32 in every precision (a row
 that sees no image must stay finite before it is gated off).
 
-The graph takes the images' *features* and computes each block's keys and values in every
-run, rather than taking precomputed per-block keys/values: see docs/export.md
-("Cross-attention memory") for the measurement behind that choice.
+The keys and values are computed once per image (by the connector), not projected again
+from features at every step: see docs/export.md ("Cross-attention memory") for the
+measurement behind that choice.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def has_cross_attention(spec: DecoderSpec) -> bool:
 def write_weights(b) -> None:
     """Stream every block's weights into the decoder's data file (``b``: the decoder builder)."""
     x, s = b.spec.cross_attention, b.spec
-    H, F, W = s.hidden_size, s.intermediate_size, x.memory_width
+    H, F = s.hidden_size, s.intermediate_size
+    if x.memory_width != 2 * x.num_blocks * H:
+        raise ValueError(f"cross-attention memory_width {x.memory_width} must be 2 * blocks * hidden "
+                         f"({2 * x.num_blocks * H}): every block's keys and values")
     for j in range(x.num_blocks):
         p = f"cross.{j}"
         b._vector(f"{p}.attn_norm.weight", x.attn_norm.format(i=j), H)
         b._linear(f"{p}.q.weight", (x.q.format(i=j),), (H,), H)
-        b._linear(f"{p}.k.weight", (x.k.format(i=j),), (H,), W)
-        b._linear(f"{p}.v.weight", (x.v.format(i=j),), (H,), W)
         b._linear(f"{p}.o.weight", (x.o.format(i=j),), (H,), H)
         b._vector(f"{p}.ffn_norm.weight", x.ffn_norm.format(i=j), H)
         b._linear(f"{p}.gate.weight", (x.gate.format(i=j),), (F,), H)
@@ -83,12 +85,16 @@ def block(b, j: int, x: str, pre: dict[str, str]) -> str:
     g, c, s, W = b.g, b.g.const, b.spec, b.weights
     p = f"cross.{j}"
     nh, hd = s.num_heads, s.head_dim
-    # keys / values of the memory: [1, heads, head_dim, M] and [1, heads, M, head_dim]
+    # this block's precomputed keys / values: [1, heads, head_dim, M] and [1, heads, M, head_dim]
+    H = s.hidden_size
     mem_heads = c([1, -1, nh, hd])
-    k = g.op("Transpose", [g.op("Reshape", [b._matmul(MEMORY, f"{p}.k.weight", f"{p}.k"), mem_heads], f"{p}.k_4d")],
-             f"{p}.k_t", perm=[0, 2, 3, 1])
-    v = g.op("Transpose", [g.op("Reshape", [b._matmul(MEMORY, f"{p}.v.weight", f"{p}.v"), mem_heads], f"{p}.v_4d")],
-             f"{p}.v_t", perm=[0, 2, 1, 3])
+
+    def columns(lo: int, name: str) -> str:
+        cols = g.op("Slice", [MEMORY, c([lo]), c([lo + H]), c([2])], f"{p}.{name}_cols")
+        return g.op("Reshape", [cols, mem_heads], f"{p}.{name}_4d")
+
+    k = g.op("Transpose", [columns(2 * j * H, "k")], f"{p}.k_t", perm=[0, 2, 3, 1])
+    v = g.op("Transpose", [columns((2 * j + 1) * H, "v")], f"{p}.v_t", perm=[0, 2, 1, 3])
     h = b.rms_norm(x, W[f"{p}.attn_norm.weight"], f"{p}.attn_norm")
     q = g.op("Reshape", [b._matmul(h, f"{p}.q.weight", f"{p}.q"), pre["cross.heads_shape"]], f"{p}.q_4d")
     q = g.op("Transpose", [q], f"{p}.q_t", perm=[0, 2, 1, 3])  # [B, heads, S, head_dim]

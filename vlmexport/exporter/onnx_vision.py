@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
@@ -261,6 +262,24 @@ class _ConnectorOps:
     def mul(self, a: str, b: str) -> str:
         return self.g.node("Mul", [a, b])
 
+    def parameter(self, role: str, shape: tuple[int, ...]) -> str:
+        name = self._role(role)
+        return self.g.weight(name, self.w.get(name, numel=int(np.prod(shape))), shape=shape)
+
+    def batch_expand(self, param: str, like: str, tail: tuple[int, ...]) -> str:
+        return self.g.batch_expand(param, like, tail)
+
+    def concat(self, values: list[str], axis: int) -> str:
+        return self.g.node("Concat", list(values), axis=axis)
+
+    def add(self, a: str, b: str) -> str:
+        return self.g.node("Add", [a, b])
+
+    def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
+        g = self.g
+        heads = [g.split_heads(t, num_heads, head_dim) for t in (q, k, v)]
+        return g.merge_heads(g.sdpa(*heads, head_dim, softmax_fp32=True), num_heads * head_dim)
+
 
 def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: int, hidden_size: int,
                      out_path: str | os.PathLike, precision: str = "fp32",
@@ -276,6 +295,9 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     extra = int(spec.boi is not None) + int(spec.eoi is not None)
     out_tokens: int | str = (tokens + extra if isinstance(tokens, int) else ("image_tokens" if extra else tokens))
+    if kind.fixed_tokens(spec) is not None:  # a resampler: as many rows as it has queries
+        out_tokens = kind.fixed_tokens(spec) + extra
+    hidden_size = kind.output_width(spec, hidden_size)
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

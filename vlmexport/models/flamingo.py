@@ -8,7 +8,9 @@ The open Flamingo reproduction as transformers' ``IdeficsForVisionText2Text`` wr
 - the ViT's last hidden states, CLS included (no post-LayerNorm: Idefics applies it to
   the pooled output only), go through the perceiver resampler: ``n_latents`` learned
   latents that cross-attend to [features; latents] in ``depth`` blocks, then a LayerNorm.
-  One image becomes ``n_latents`` tokens of the ViT's width;
+  The ``connector`` part is the resampler followed by every gated block's key and value
+  projections: one image becomes ``n_latents`` rows of precomputed keys/values, computed
+  once per image and read by every decoder step (connectors/perceiver.py);
 - the image is not spliced into the token sequence: the prompt holds one ``<image>``
   token per image (``image_placement = cross_attend``) and, before every
   ``cross_layer_interval``-th decoder layer, a gated cross-attention block lets each
@@ -156,6 +158,20 @@ class PerceiverResampler(nn.Module):
         return self.layer_norm(latents)
 
 
+class ResamplerKeysValues(nn.Module):
+    """``connector`` part: the resampler, then every gated block's keys and values of its latents
+    ([N, n_latents, 2 * blocks * hidden], ``[K_0 | V_0 | K_1 | ...]``), computed once per image."""
+
+    def __init__(self, resampler: PerceiverResampler, blocks: nn.ModuleList):
+        super().__init__()
+        self.resampler, self.blocks = resampler, blocks
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        latents = self.resampler(features)
+        return torch.cat([t for b in self.blocks for t in (b.cross_attn.k_proj(latents), b.cross_attn.v_proj(latents))],
+                         dim=-1)
+
+
 class VisionEncoder(nn.Module):
     """``vision_encoder`` part: pixels -> the last layer's hidden states, CLS first."""
 
@@ -183,11 +199,9 @@ class GatedCrossAttention(nn.Module):
         self.v_proj = nn.Linear(w, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
-    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, M, _ = memory.shape
-        k = self.k_proj(memory).reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(memory).reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)
-        return k, v
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """Precomputed keys or values [Bm, M, hidden] -> [Bm, heads, M, head_dim]."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -211,9 +225,10 @@ class GatedCrossAttentionLayer(nn.Module):
         self.alpha_dense = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x: torch.Tensor, cross: CrossAttention, index: int) -> torch.Tensor:
-        if index not in cross.kv:
-            cross.kv[index] = self.cross_attn.keys_values(cross.memory.to(x.dtype))
-        k, v = cross.kv[index]
+        """``cross.memory`` rows hold every block's keys and values (see ResamplerKeysValues)."""
+        H = x.shape[-1]
+        kv = cross.memory[..., 2 * index * H: 2 * (index + 1) * H].to(x.dtype)
+        k, v = self.cross_attn.heads(kv[..., :H]), self.cross_attn.heads(kv[..., H:])
         a = self.cross_attn(self.input_layernorm(x), k, v, cross.mask())
         a = a.masked_fill(~cross.gate()[:, :, None], 0.0)
         x = x + torch.tanh(self.alpha_cross_attn) * a
@@ -332,7 +347,7 @@ class Flamingo(VLM):
         return VisionEncoder(self.model.vision_model)
 
     def connector_module(self) -> nn.Module:
-        return self.model.perceiver_resampler
+        return ResamplerKeysValues(self.model.perceiver_resampler, self.model.gated_cross_attn_layers)
 
     def token_embedding(self) -> nn.Module:
         return self.model.embed_tokens
@@ -347,8 +362,9 @@ class Flamingo(VLM):
         return self.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> the resampled latents [N, n_latents, vision width]: cross-attention memory."""
-        return self.model.perceiver_resampler(self.vision_encoder_module()(pixel_values))
+        """[N, 3, H, W] -> the cross-attention memory [N, n_latents, 2 * blocks * hidden]: the resampled
+        latents' keys and values for every gated block, computed once per image."""
+        return self.connector_module()(self.vision_encoder_module()(pixel_values))
 
     def reset_special_parameters(self) -> None:
         nn.init.normal_(self.model.vision_model.embeddings.class_embedding, std=0.02)
@@ -405,6 +421,9 @@ class Flamingo(VLM):
         L, X, R = "model.layers.{i}.", "model.gated_cross_attn_layers.{i}.", "model.perceiver_resampler."
         n = vc.num_hidden_layers
         resampler = {"latents": R + "latents", "norm": R + "layer_norm.weight", "norm_bias": R + "layer_norm.bias"}
+        for j in range(c.num_cross_layers):
+            resampler[f"kv.{j}.k"] = X.format(i=j) + "cross_attn.k_proj.weight"
+            resampler[f"kv.{j}.v"] = X.format(i=j) + "cross_attn.v_proj.weight"
         for d in range(c.resampler_depth):
             a, f = f"{R}blocks.{d}.0.", f"{R}blocks.{d}.1."
             resampler.update({
@@ -427,7 +446,8 @@ class Flamingo(VLM):
                 feature_layers=(n,), keep_cls=True),
             connector=ConnectorSpec(kind="perceiver", weights=resampler, activation="relu", layer_norm_eps=1e-5,
                                     extra={"n_latents": c.resampler_n_latents, "depth": c.resampler_depth,
-                                           "n_heads": c.resampler_n_heads, "head_dim": c.resampler_head_dim}),
+                                           "n_heads": c.resampler_n_heads, "head_dim": c.resampler_head_dim,
+                                           "num_blocks": c.num_cross_layers, "hidden": c.hidden_size}),
             decoder=DecoderSpec(
                 num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                 num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
@@ -441,10 +461,9 @@ class Flamingo(VLM):
                                      o=L + "self_attn.o_proj.weight", gate=L + "mlp.gate_proj.weight",
                                      up=L + "mlp.up_proj.weight", down=L + "mlp.down_proj.weight"),
                 cross_attention=CrossAttentionSpec(
-                    num_blocks=c.num_cross_layers, interval=c.cross_layer_interval, memory_width=vc.hidden_size,
-                    memory_tokens=c.resampler_n_latents,
-                    q=X + "cross_attn.q_proj.weight", k=X + "cross_attn.k_proj.weight",
-                    v=X + "cross_attn.v_proj.weight", o=X + "cross_attn.o_proj.weight",
+                    num_blocks=c.num_cross_layers, interval=c.cross_layer_interval,
+                    memory_width=2 * c.num_cross_layers * c.hidden_size, memory_tokens=c.resampler_n_latents,
+                    q=X + "cross_attn.q_proj.weight", o=X + "cross_attn.o_proj.weight",
                     gate=X + "mlp.gate_proj.weight", up=X + "mlp.up_proj.weight", down=X + "mlp.down_proj.weight",
                     attn_norm=X + "input_layernorm.weight", ffn_norm=X + "post_attention_layernorm.weight",
                     alpha_attn=X + "alpha_cross_attn", alpha_ffn=X + "alpha_dense")),

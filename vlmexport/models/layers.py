@@ -191,23 +191,18 @@ class CrossAttention:
 
     ``memory`` [Bm, M, W] (Bm is 1, shared by every row, or the batch): the images' tokens, image
     ``i`` at rows ``i * tokens_per_image`` to ``(i + 1) * tokens_per_image``. ``media`` [B, S] int64:
-    the image each position attends to, -1 for none (``SequenceLayout.media``). ``kv`` holds what
-    the decoder's layers derive from ``memory`` (their keys and values), computed once per image
-    set and reused by every later step that is handed the same object.
+    the image each position attends to, -1 for none (``SequenceLayout.media``). What a memory row
+    holds is the architecture's (``DecoderSpec.cross_attention``: e.g. every block's keys and
+    values, computed once per image by the connector).
     """
 
     memory: torch.Tensor
     media: torch.Tensor
     tokens_per_image: int
-    kv: dict = None  # layer -> (keys, values); filled by the layers
-
-    def __post_init__(self) -> None:
-        if self.kv is None:
-            self.kv = {}
 
     def with_media(self, media: torch.Tensor) -> "CrossAttention":
-        """The same memory (and cached keys/values) for other positions."""
-        return CrossAttention(self.memory, media, self.tokens_per_image, self.kv)
+        """The same memory for other positions (e.g. the tokens generated after the prompt)."""
+        return CrossAttention(self.memory, media, self.tokens_per_image)
 
     def mask(self) -> torch.Tensor:
         """[B, S, M] bool: position s attends memory row m (m belongs to its image)."""

@@ -33,18 +33,17 @@ class ExpertNames:
 class CrossAttentionSpec:
     """Gated cross-attention blocks (image placement ``cross_attend``): before decoder layer
     ``j * interval`` runs block ``j`` (names take ``{i}`` = j):
-    ``x + tanh(alpha_attn) * gate * attn(RMSNorm(x), memory)``, then
+    ``x + tanh(alpha_attn) * gate * attn(RMSNorm(x) W_q, K_j, V_j) W_o``, then
     ``x + tanh(alpha_ffn) * SwiGLU(RMSNorm(x))``, where ``gate`` is 0 for positions that attend
-    to no image. Queries come from the text, keys and values from ``memory`` (the connector's
-    output, ``memory_tokens`` rows of width ``memory_width`` per image), no RoPE, no bias."""
+    to no image. The keys and values come precomputed, once per image, from the connector:
+    ``memory_tokens`` rows per image, each ``[K_0 | V_0 | K_1 | V_1 | ...]`` (``hidden_size``
+    wide each, ``memory_width`` = 2 * num_blocks * hidden_size). No RoPE, no bias."""
 
     num_blocks: int
     interval: int
     memory_width: int
     memory_tokens: int  # per image
     q: str
-    k: str
-    v: str
     o: str
     gate: str
     up: str

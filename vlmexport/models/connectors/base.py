@@ -31,6 +31,18 @@ class ConnectorOps(Protocol):
 
     def mul(self, a: str, b: str) -> str: ...
 
+    # for kinds that resample (learned queries attending to the features)
+    def parameter(self, role: str, shape: tuple[int, ...]) -> str: ...
+
+    def batch_expand(self, param: str, like: str, tail: tuple[int, ...]) -> str: ...
+
+    def concat(self, values: list[str], axis: int) -> str: ...
+
+    def add(self, a: str, b: str) -> str: ...
+
+    def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
+        """Bidirectional multi-head attention on [B, S, heads * head_dim] values (softmax in float32)."""
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -93,6 +105,16 @@ class ConnectorKind:
         """Embeddings the connector makes from ``vision_tokens`` ViT outputs (boi/eoi not counted):
         one per ViT output by default; a kind that pools or resamples overrides it."""
         return vision_tokens
+
+    @staticmethod
+    def output_width(spec: ConnectorSpec, hidden_size: int) -> int:
+        """Width of each output row: the decoder's hidden size by default (spliced embeddings)."""
+        return hidden_size
+
+    @staticmethod
+    def fixed_tokens(spec: ConnectorSpec) -> int | None:
+        """Rows per image when they do not depend on the ViT's token count (a resampler), else None."""
+        return None
 
     @classmethod
     def output_tokens(cls, spec: ConnectorSpec, vision_tokens: int) -> int:
