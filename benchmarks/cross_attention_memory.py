@@ -32,10 +32,7 @@ from vlmexport.runtimes.spec import DecoderShape
 def model(arch: str):
     from vlmexport.models import get_architecture
 
-    try:
-        A = get_architecture(arch)
-    except Exception:  # not registered yet
-        from vlmexport.models.flamingo import Flamingo as A
+    A = get_architecture(arch)
     c = A.tiny_config(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
                       image_token_id=7999, cross_layer_interval=2, resampler_n_latents=64, resampler_depth=1,

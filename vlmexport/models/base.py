@@ -224,7 +224,8 @@ class VLM(nn.Module):
 
     def image_placeholder_id(self) -> int:
         """The token id an image's positions hold in the sequence (spliced over, or embedded as text)."""
-        return self.config.pad_token_id
+        x = self.part_specs(self.config).decoder.cross_attention
+        return self.config.pad_token_id if x is None else x.placeholder_id
 
     def cross_attention(self, image_embeds: torch.Tensor | None, media: torch.Tensor) -> CrossAttention:
         """What a cross-attending decoder reads: ``image_embeds`` [N, T, W] (every image of the batch in
@@ -236,7 +237,33 @@ class VLM(nn.Module):
             p = self.lm_head_module().weight
             image_embeds = torch.zeros(1, x.memory_tokens, x.memory_width, dtype=p.dtype, device=media.device)
             media = torch.full_like(media, -1)
+        elif media.numel() and int(media.max()) >= image_embeds.shape[0]:
+            raise ValueError(f"the prompt has image positions for {int(media.max()) + 1} images but "
+                             f"{image_embeds.shape[0]} image embeddings were given")
         return CrossAttention(image_embeds.reshape(1, -1, x.memory_width), media, x.memory_tokens)
+
+    def media_of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> the image each position attends to (-1: none), numbering the images of the whole
+        batch in order (as ``pixel_values`` holds them): each row's placeholder tokens counted, the
+        rows before it offset (what ``SequenceLayout.media`` holds for one prompt)."""
+        is_ph = (input_ids == self.image_placeholder_id()).long()
+        per_row = is_ph.sum(1)
+        offset = torch.cumsum(per_row, 0) - per_row
+        media = torch.cumsum(is_ph, 1) - 1 + offset[:, None]
+        return torch.where(torch.cumsum(is_ph, 1) > 0, media, torch.full_like(media, -1))
+
+    def decoder_inputs(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None,
+                       image_embeds: torch.Tensor | None = None, media: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, CrossAttention | None]:
+        """What ``decode`` takes for a batch, whatever the image placement: (embeddings, cross). Spliced:
+        the image embeddings scattered into the ``is_image`` positions, no cross input. Cross-attended:
+        the token embeddings (placeholders included) and the images as memory, ``media`` (default: from
+        the placeholder tokens, :meth:`media_of`) saying which one each position reads."""
+        if self.image_placement == "splice":
+            return self.embed(input_ids, is_image, image_embeds), None
+        if media is None:
+            media = self.media_of(input_ids)
+        return self.embed(input_ids), self.cross_attention(image_embeds, media)
 
     # ------------------------------------------------------------------- decoding
     def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None,
@@ -286,11 +313,12 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 token_type: torch.Tensor | None = None, is_image: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence forward (training / reference): logits [B, S, vocab]."""
+                pixel_values: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence forward (training / reference): logits [B, S, vocab]. ``media``: see
+        :meth:`decoder_inputs` (cross-attending decoders only)."""
         image_embeds = self.image_embeddings(pixel_values) if pixel_values is not None else None
-        emb = self.embed(input_ids, is_image, image_embeds)
-        return self.decode(emb, token_type, position_ids)
+        emb, cross = self.decoder_inputs(input_ids, is_image, image_embeds, media)
+        return self.decode(emb, token_type, position_ids, cross=cross)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         c = self.config

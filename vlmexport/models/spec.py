@@ -52,7 +52,8 @@ class CrossAttentionSpec:
     ffn_norm: str
     alpha_attn: str  # tanh gates: shape [1] or [1, 1, hidden]
     alpha_ffn: str
-    placeholder_tokens: int = 1  # positions an image takes in the sequence (its "<image>" token)
+    placeholder_id: int  # the token an image's position holds (e.g. "<image>"), embedded as text
+    placeholder_tokens: int = 1  # positions an image takes in the sequence
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,16 @@ class PartSpecs:
             return self.decoder.cross_attention.placeholder_tokens
 
         return get_connector(self.connector.kind).output_tokens(self.connector, self.vision.output_tokens)
+
+    @property
+    def image_embeddings_shape(self) -> tuple[int, int]:
+        """(rows, width) of one image's connector output: its spliced embeddings, or the memory a
+        cross-attending decoder reads."""
+        from .connectors import get_connector
+
+        kind = get_connector(self.connector.kind)
+        return (kind.output_tokens(self.connector, self.vision.output_tokens),
+                kind.output_width(self.connector, self.decoder.hidden_size))
 
 
 def bias_of(weight_name: str) -> str:

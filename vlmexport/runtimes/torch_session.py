@@ -107,18 +107,12 @@ class TorchSession:
         if len(layout) > self.max_length:
             raise ValueError(f"the prompt has {len(layout)} positions; the context holds {self.max_length}")
         ids = self._t(layout.input_ids[None], torch.long)
-        kw = {}
-        if self.cross_attend:  # the images are attended to, not spliced: the placeholders stay text
-            emb = self.model.embed(ids)
-            embeds = None if image_embeds is None else self._t(image_embeds, self.dtype)
-            self._cross = self.model.cross_attention(embeds, self._t(layout.media[None], torch.long))
-            kw["cross"] = self._cross
-        else:
-            is_image = self._t(layout.is_image[None], torch.bool)
-            emb = self.model.embed(ids, is_image, None if image_embeds is None else self._t(image_embeds, self.dtype))
+        embeds = None if image_embeds is None else self._t(image_embeds, self.dtype)
+        media = self._t(layout.media[None], torch.long) if layout.media is not None else None
+        emb, self._cross = self.model.decoder_inputs(ids, self._t(layout.is_image[None], torch.bool), embeds, media)
         logits = self.model.decode(emb, self._t(layout.token_type[None], torch.long),
                                    self._t(layout.position_ids[None], torch.long),
-                                   cache=self.cache, start=0, last_only=True, **kw)
+                                   cache=self.cache, start=0, last_only=True, cross=self._cross)
         if self._cross is not None:  # generated tokens attend to the prompt's last image (keys/values kept)
             self._cross = self._cross.with_media(self._cross.media[:, -1:])
             if self._step is not None:

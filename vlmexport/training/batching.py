@@ -28,13 +28,15 @@ class ModelLayoutInfo:
     image_tokens: int
     expert_routing: str
     position_ids: str
-    pad_id: int
+    pad_id: int  # what an image's positions hold (the model's image placeholder)
     max_length: int
+    image_placement: str = "splice"
 
     @classmethod
     def of(cls, model) -> "ModelLayoutInfo":
         c = model.config
-        return cls(model.image_tokens(), c.expert_routing, c.position_ids, c.pad_token_id, c.max_position_embeddings)
+        return cls(model.image_tokens(), c.expert_routing, c.position_ids, model.image_placeholder_id(),
+                   c.max_position_embeddings, model.image_placement)
 
 
 @dataclass
@@ -62,7 +64,8 @@ def build_example(images: Sequence[np.ndarray], turns: Sequence[tuple[str, str]]
             raise DataError(f"a training example needs {rendered.length} positions but the model's context is "
                             f"{info.max_length}; shorten the conversation or raise max_position_embeddings")
         turns.pop()
-    layout = build_layout(rendered.pieces, info.expert_routing, info.position_ids, image_pad_id=info.pad_id)
+    layout = build_layout(rendered.pieces, info.expert_routing, info.position_ids, image_pad_id=info.pad_id,
+                          image_placement=info.image_placement)
     targets = np.full(len(layout), IGNORE, dtype=np.int64)
     for start, end in rendered.answer_spans:
         # position t predicts token t+1
