@@ -23,10 +23,8 @@ from vlmexport.runtimes.torch_session import TorchSession
 
 
 def _cross_archs() -> list[type]:
-    from vlmexport.models.flamingo import Flamingo  # until it is registered
-
-    found = {a for a in architectures().values() if a.image_placement == ImagePlacement.CROSS_ATTEND.value}
-    return sorted(found | {Flamingo}, key=lambda a: a.arch_name)
+    return sorted((a for a in architectures().values() if a.image_placement == ImagePlacement.CROSS_ATTEND.value),
+                  key=lambda a: a.arch_name)
 
 
 def _open_gates(model, seed: int = 3):

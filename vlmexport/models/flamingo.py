@@ -39,7 +39,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, ImagePlacement, PositionIds
 from ..core.prompt import ChatTemplate
-from .base import VLM, VisionConfig, VLMConfig
+from .base import VLM, VisionConfig, VLMConfig, register
 from .layers import CrossAttention, KVCache, RMSNorm, SwiGLU, rope_cos_sin
 from .llava import CLIPVisionTower, LlamaAttention
 from .spec import ConnectorSpec, CrossAttentionSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
@@ -260,6 +260,7 @@ class IdeficsModel(nn.Module):
 
 
 # ------------------------------------------------------------------ the model
+@register
 class Flamingo(VLM):
     arch_name = "flamingo"
     hf_architectures = ("IdeficsForVisionText2Text",)
@@ -373,9 +374,6 @@ class Flamingo(VLM):
             nn.init.zeros_(block.alpha_cross_attn)
             nn.init.zeros_(block.alpha_dense)
 
-    def image_placeholder_id(self) -> int:
-        return self.config.image_token_id
-
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
                position_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
                last_only: bool = False, select: torch.Tensor | None = None,
@@ -398,17 +396,6 @@ class Flamingo(VLM):
         elif select is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, select)
         return self.lm_head(self.model.norm(h))
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                token_type: torch.Tensor | None = None, is_image: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence forward: ``media`` [B, S] the image (index into ``pixel_values``) each position attends."""
-        cross = None
-        if pixel_values is not None:
-            if media is None:
-                raise ValueError("flamingo needs media (which image each position attends to) with pixel_values")
-            cross = self.cross_attention(self.image_embeddings(pixel_values), media)
-        return self.decode(self.embed(input_ids), token_type, position_ids, cross=cross)
 
     @classmethod
     def default_chat_template(cls, config: FlamingoConfig | None = None) -> ChatTemplate:
@@ -466,7 +453,8 @@ class Flamingo(VLM):
                     q=X + "cross_attn.q_proj.weight", o=X + "cross_attn.o_proj.weight",
                     gate=X + "mlp.gate_proj.weight", up=X + "mlp.up_proj.weight", down=X + "mlp.down_proj.weight",
                     attn_norm=X + "input_layernorm.weight", ffn_norm=X + "post_attention_layernorm.weight",
-                    alpha_attn=X + "alpha_cross_attn", alpha_ffn=X + "alpha_dense")),
+                    alpha_attn=X + "alpha_cross_attn", alpha_ffn=X + "alpha_dense",
+                    placeholder_id=c.image_token_id)),
         )
 
     def parameter_role(self, name: str) -> str:
