@@ -93,8 +93,9 @@ class FlamingoConfig(VLMConfig):
     @classmethod
     def tiny(cls, **overrides: Any) -> "FlamingoConfig":
         base = dict(
-            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256, image_token_id=319, cross_layer_interval=1,
+            # "<image>" past the 320 pieces of the tests' tokenizer: no text token may be read as an image
+            vocab_size=328, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, image_token_id=327, cross_layer_interval=1,
             resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=16,
             vision_config=VisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
                                        num_hidden_layers=2, num_heads=4, hidden_act="gelu", layer_norm_eps=1e-5),
