@@ -24,3 +24,14 @@ def arch_semantics(semantics: list[tuple[str, str]]) -> list:
     """pytest params for every (architecture, routing, positions) its tiny config accepts."""
     return [pytest.param(a, r, p, id=f"{a}-{r}-{p}") for a in sorted(architectures()) for r, p in semantics
             if accepts_semantics(a, r, p)]
+
+
+def cross_attending(arch: str) -> bool:
+    """Whether ``arch``'s decoder cross-attends to its images (they take no embeddings in its sequence)."""
+    A = get_architecture(arch)
+    return A.part_specs(A.tiny_config()).decoder.cross_attention is not None
+
+
+def tensorrt_archs() -> list[str]:
+    """Architectures the TensorRT profile can express (it refuses cross-attending decoders)."""
+    return [a for a in sorted(architectures()) if not cross_attending(a)]

@@ -263,6 +263,7 @@ def _train_callbacks():
     "vlmexport eval runs/demo/model --n-per-category 200 --json eval.json",
     "vlmexport eval demo-bundle --backend onnxruntime --precision fp16",
     "vlmexport eval MODEL --data data/test.jsonl",
+    "vlmexport eval MODEL --images 2",
 ))
 @friendly_errors
 def eval_(
@@ -274,6 +275,7 @@ def eval_(
     backend: Backend = typer.Option(Backend.AUTO, help="Backend for a bundle (a model dir runs on torch)."),
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
     device: Device = typer.Option(Device.CPU, help="Device."),
+    images: int = typer.Option(1, help="2: ask each question after an in-context example about another image."),
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
@@ -282,7 +284,7 @@ def eval_(
     from .evaluation.runner import evaluate
 
     pipe, items, meta = prepare_eval(model, split=split, n_per_category=n_per_category, data=data,
-                                     device=device.value, backend=backend.value, precision=precision)
+                                     device=device.value, backend=backend.value, precision=precision, images=images)
     progress = _progress()
     task = progress.add_task("evaluating", total=len(items), info="")
     with progress:

@@ -51,7 +51,7 @@ def greedy_by_hand(pipe, pieces, images, n: int, stops=()) -> list[int]:
     out: list[int] = []
     for _ in range(n):
         lay = build_layout(list(pieces) + ([TextPiece(tuple(out))] if out else []), c.expert_routing, c.position_ids,
-                           image_pad_id=c.pad_token_id)
+                           image_pad_id=model.image_placeholder_id(), image_placement=model.image_placement)
         with torch.no_grad():
             logits = model(torch.as_tensor(lay.input_ids)[None], torch.as_tensor(lay.position_ids)[None],
                            torch.as_tensor(lay.token_type)[None], torch.as_tensor(lay.is_image)[None], px)
@@ -263,10 +263,13 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
         "cogvlm": "<s>Question: <image>What colour? Answer: red\nQuestion: And the shape? Answer:",
         "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
         "blip2": "<s>Question: <image>What colour? Answer: red Question: And the shape? Answer:",
+        "flamingo": "User: <image>What colour?\nAssistant: red\nUser: And the shape?\nAssistant:",
     })
     ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
     expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
-    got = np.where(layout.is_image, -1, layout.input_ids)
+    model = pipe.session.model
+    holds_image = layout.is_image if model.image_placement == "splice" else layout.input_ids == model.image_placeholder_id()
+    got = np.where(holds_image, -1, layout.input_ids)
     assert got.tolist() == expected
     assert tok.eos_id not in expected
     # and the answer is greedy decoding of exactly that sequence
@@ -298,11 +301,12 @@ def test_placeholder_image_mismatch_is_a_prompt_error(pipe, imgs):
 
 def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs):
     """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text; BLIP-2
-    (transformers' Blip2Processor): before BOS."""
+    (transformers' Blip2Processor): before BOS; flamingo: after "User: "."""
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
     n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
-    start = template_family(pipe, {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>"})
+    start = template_family(pipe, {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>",
+                                   "flamingo": "<s>User: <image>"})
     ids, _ = pipe.tokenizer.encode_prompt(start, ("<image>",))
     assert layout.image_spans == ((ids.index("<image>"), n),)
     # an image in a later turn goes where the template puts it too
@@ -318,5 +322,6 @@ def test_prompt_longer_than_the_context(pipe, tokenizer, preprocess_config):
     short = pipeline_from_model(pipe.session.model, tokenizer, preprocess_config, max_length=24)
     with pytest.raises(PromptError, match="context holds 24"):
         short.generate("what colour is the big red circle on the left?")
+    k = 24 // pipe.session.model.image_tokens() + 1  # enough images to fill the context by themselves
     with pytest.raises(PromptError, match="fewer images"):
-        short.generate("<image><image>", [np.zeros((32, 32, 3), np.uint8)] * 2)
+        short.generate("<image>" * k, [np.zeros((32, 32, 3), np.uint8)] * k)

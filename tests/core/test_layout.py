@@ -182,3 +182,17 @@ def test_invalid_layouts_raise():
         build_layout([TextPiece((1,))], expert_routing="everything_vision")
     with pytest.raises(ValueError):
         build_layout([TextPiece((1,))], position_ids="rope2d")
+
+
+def test_media_is_the_most_recent_image_and_cross_attend_keeps_placeholders_as_text():
+    from vlmexport.core.layout import ImagePlacement
+
+    pieces = [TextPiece((1, 5)), ImagePiece(1), TextPiece((6, 7)), ImagePiece(1), TextPiece((8,))]
+    lo = build_layout(pieces, image_pad_id=99, image_placement=ImagePlacement.CROSS_ATTEND)
+    assert lo.input_ids.tolist() == [1, 5, 99, 6, 7, 99, 8]
+    assert lo.media.tolist() == [-1, -1, 0, 0, 0, 1, 1]  # text before the first image attends to none
+    assert not lo.is_image.any() and (lo.token_type == LANGUAGE).all()
+    assert lo.position_ids.tolist() == list(range(7)) and lo.next_position == 7
+    spliced = build_layout([TextPiece((1,)), ImagePiece(3), TextPiece((6,))])
+    assert spliced.is_image.tolist() == [False, True, True, True, False]
+    assert spliced.media.tolist() == [-1, 0, 0, 0, 0]

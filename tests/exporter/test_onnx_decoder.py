@@ -62,7 +62,24 @@ def two_image_layout(model, tail=(9, 10, 11)):
     n = model.image_tokens()
     c = model.config
     pieces = [TextPiece((1, 5, 6)), ImagePiece(n), TextPiece((7, 8)), ImagePiece(n), TextPiece(tail)]
-    return build_layout(pieces, c.expert_routing, c.position_ids, image_pad_id=c.pad_token_id)
+    return build_layout(pieces, c.expert_routing, c.position_ids, image_pad_id=model.image_placeholder_id(),
+                        image_placement=model.image_placement)
+
+
+def image_memory(model, n_images=2, seed=5) -> np.ndarray | None:
+    """Random cross-attention memory for a decoder that cross-attends to its images (None: it splices them)."""
+    x = spec_of(model).cross_attention
+    if x is None:
+        return None
+    return np.random.default_rng(seed).standard_normal((1, n_images * x.memory_tokens, x.memory_width)).astype(
+        np.float32)
+
+
+def cross_of(model, memory, media):
+    if memory is None:
+        return None
+    return model.cross_attention(torch.from_numpy(memory).reshape(-1, spec_of(model).cross_attention.memory_tokens,
+                                                                  memory.shape[-1]), torch.as_tensor(media))
 
 
 def prompt_embeds(model, layout, seed=0) -> np.ndarray:
@@ -77,48 +94,57 @@ def prompt_embeds(model, layout, seed=0) -> np.ndarray:
 class GraphRunner:
     """Runs an exported decoder with plain ``run`` (presents fed back as the next pasts)."""
 
-    def __init__(self, sess, spec, batch=1, dtype=np.float32):
-        self.sess, self.spec = sess, spec
+    def __init__(self, sess, spec, batch=1, dtype=np.float32, memory=None):
+        self.sess, self.spec, self.dtype = sess, spec, dtype
+        self.memory = memory  # cross-attention memory, for a decoder that has cross-attention inputs
+        self.last_media = None
         self.inputs = {i.name for i in sess.get_inputs()}
         z = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype)
         self.past = {f"past_key_values.{i}.{k}": z for i in range(spec.num_layers) for k in ("key", "value")}
         self.mask = np.zeros((batch, 0), np.int64)
 
-    def __call__(self, emb, position_ids, token_type, mask=None):
+    def __call__(self, emb, position_ids, token_type, mask=None, media=None):
         b, s = position_ids.shape
         self.mask = np.concatenate([self.mask, np.ones((b, s), np.int64) if mask is None else mask], axis=1)
         feeds = dict(inputs_embeds=emb, attention_mask=self.mask, position_ids=position_ids, **self.past)
         if "token_type" in self.inputs:
             feeds["token_type"] = token_type
+        if "cross_attention_memory" in self.inputs:  # steps after the prompt attend to its last image
+            media = np.repeat(self.last_media, s, axis=1) if media is None else media
+            self.last_media = media[:, -1:]
+            feeds.update(cross_attention_memory=self.memory.astype(self.dtype), media=media)
         names = [o.name for o in self.sess.get_outputs()]
         out = dict(zip(names, self.sess.run(None, feeds)))
         self.past = {k: out[k.replace("past_key_values", "present")] for k in self.past}
         return out["logits"]
 
 
-def reference(model, layout, emb, steps):
+def reference(model, layout, emb, steps, memory=None):
     """Reference logits: the prompt's last position, then each decode step's."""
     cache = model.new_cache(1, 64)
     tt = torch.as_tensor(layout.token_type)[None]
+    cross = cross_of(model, memory, layout.media[None])
     with torch.no_grad():
         out = [model.decode(torch.from_numpy(emb), tt, torch.as_tensor(layout.position_ids)[None], cache=cache,
-                            last_only=True)[0, -1].numpy()]
+                            last_only=True, cross=cross)[0, -1].numpy()]
+        cross = None if cross is None else cross.with_media(cross.media[:, -1:])
         for i, tok in enumerate(steps):
             e = model.embed(torch.tensor([[tok]]))
             out.append(model.decode(e, torch.zeros(1, 1, dtype=torch.long),
                                     torch.tensor([[layout.next_position + i]]), cache=cache,
-                                    start=len(layout) + i)[0, -1].numpy())
+                                    start=len(layout) + i, cross=cross)[0, -1].numpy())
     return out
 
 
-def run_graph(model, path, layout, emb, steps, decode_path=None, dtype=np.float32):
+def run_graph(model, path, layout, emb, steps, decode_path=None, dtype=np.float32, memory=None):
     spec = spec_of(model)
-    prefill = GraphRunner(session(path), spec, dtype=dtype)
-    out = [prefill(emb.astype(dtype), layout.position_ids[None], layout.token_type[None])[0, -1]]
+    prefill = GraphRunner(session(path), spec, dtype=dtype, memory=memory)
+    out = [prefill(emb.astype(dtype), layout.position_ids[None], layout.token_type[None],
+                   media=layout.media[None])[0, -1]]
     runner = prefill
     if decode_path is not None:  # continue the same cache with the routing-free graph
-        runner = GraphRunner(session(decode_path), spec, dtype=dtype)
-        runner.past, runner.mask = prefill.past, prefill.mask
+        runner = GraphRunner(session(decode_path), spec, dtype=dtype, memory=memory)
+        runner.past, runner.mask, runner.last_media = prefill.past, prefill.mask, prefill.last_media
     for i, tok in enumerate(steps):
         with torch.no_grad():
             e = model.embed(torch.tensor([[tok]])).numpy().astype(dtype)
@@ -135,10 +161,10 @@ def test_fp32_parity_prompt_with_two_images_then_decode(tiny_model, tmp_path, ar
     model = tiny_model(arch, seed=3, jitter=True, expert_routing=routing, position_ids=positions)
     g = export(model, tmp_path / "td.onnx", decode_model=True)
     lay = two_image_layout(model)
-    emb = prompt_embeds(model, lay)
-    expected = reference(model, lay, emb, STEPS)
+    emb, mem = prompt_embeds(model, lay), image_memory(model)
+    expected = reference(model, lay, emb, STEPS, mem)
     for decode_path in (None, g.decode_path):
-        got = run_graph(model, g.path, lay, emb, STEPS, decode_path=decode_path)
+        got = run_graph(model, g.path, lay, emb, STEPS, decode_path=decode_path, memory=mem)
         for i, (a, b) in enumerate(zip(got, expected)):
             np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"step {i} (decode graph: {decode_path})")
     assert (g.decode_path is not None) == model.has_experts
@@ -149,9 +175,9 @@ def test_fp16_variant(tiny_model, tmp_path, arch):
     model = tiny_model(arch, seed=4, jitter=True)
     g16 = export(model, tmp_path / "td16.onnx", precision="fp16")
     lay = two_image_layout(model)
-    emb = prompt_embeds(model, lay)
-    expected = reference(model, lay, emb, STEPS)
-    got = run_graph(model, g16.path, lay, emb, STEPS, dtype=np.float16)
+    emb, mem = prompt_embeds(model, lay), image_memory(model)
+    expected = reference(model, lay, emb, STEPS, mem)
+    got = run_graph(model, g16.path, lay, emb, STEPS, dtype=np.float16, memory=mem)
     scale = max(np.abs(e).max() for e in expected)
     for i, (a, b) in enumerate(zip(got, expected)):
         assert a.dtype == np.float32
@@ -264,6 +290,8 @@ def test_io_names_dtypes_and_dynamic_axes(tiny_model, tmp_path, arch):
     c = model.config
     L = c.num_hidden_layers
     expected_in = ["inputs_embeds", "attention_mask", "position_ids"] + (["token_type"] if model.has_experts else [])
+    x = spec_of(model).cross_attention
+    expected_in += ["cross_attention_memory", "media"] if x is not None else []
     expected_in += [f"past_key_values.{i}.{k}" for i in range(L) for k in ("key", "value")]
     expected_out = ["logits"] + [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
     sess = session(g.path)
@@ -276,6 +304,9 @@ def test_io_names_dtypes_and_dynamic_axes(tiny_model, tmp_path, arch):
     assert specs["past_key_values.0.key"].shape == ("batch", c.num_key_value_heads, "past_sequence", c.head_dim)
     assert specs["present.1.value"].shape == ("batch", c.num_key_value_heads, "total_sequence", c.head_dim)
     assert specs["logits"] == IOSpec("logits", "float32", ("batch", 1, c.vocab_size))
+    if x is not None:
+        assert specs["cross_attention_memory"].shape == (1, "memory", x.memory_width)
+        assert specs["media"] == IOSpec("media", "int64", ("batch", "sequence"))
     for i in sess.get_inputs():  # the ONNX file declares the same axes
         assert tuple(i.shape) == specs[i.name].shape
     assert g.max_length == 100 and g.files == (g.path, g.data_path)
@@ -290,17 +321,19 @@ def test_batch_of_two_prompts_of_different_lengths(tiny_model, tmp_path, arch):
     spec = spec_of(model)
     lays = [two_image_layout(model), two_image_layout(model, tail=(9, 10, 11, 12, 13, 14, 15))]
     embs = [prompt_embeds(model, lay, seed=i) for i, lay in enumerate(lays)]
+    mem = image_memory(model)  # shared by both rows; media says which image each position reads
     singles = []
     for lay, emb in zip(lays, embs):
-        r = GraphRunner(session(g.path), spec)
-        singles.append([r(emb, lay.position_ids[None], lay.token_type[None])[0, 0]])
+        r = GraphRunner(session(g.path), spec, memory=mem)
+        singles.append([r(emb, lay.position_ids[None], lay.token_type[None], media=lay.media[None])[0, 0]])
         singles[-1].append(r(embs[0][:, :1], np.array([[lay.next_position]]), np.zeros((1, 1), np.int64))[0, 0])
     S = max(len(lay) for lay in lays)
     pad = lambda a, fill=0: np.concatenate([a, np.full((S - len(a),) + a.shape[1:], fill, a.dtype)])
-    r = GraphRunner(session(g.path), spec, batch=2)
+    r = GraphRunner(session(g.path), spec, batch=2, memory=mem)
     mask = np.stack([pad(np.ones(len(lay), np.int64)) for lay in lays])
     out = r(np.stack([pad(e[0]) for e in embs]), np.stack([pad(lay.position_ids) for lay in lays]),
-            np.stack([pad(lay.token_type) for lay in lays]), mask=mask)
+            np.stack([pad(lay.token_type) for lay in lays]), mask=mask,
+            media=np.stack([pad(lay.media, lay.media[-1]) for lay in lays]))
     assert out.shape == (2, 1, spec.vocab_size)
     for b in range(2):
         np.testing.assert_allclose(out[b, 0], singles[b][0], atol=ATOL, rtol=0)

@@ -81,7 +81,7 @@ def test_parts_match_pytorch(arch, precision, tiny_model, tmp_path):
         # the connector alone, fed the reference features
         assert_close(run(cn.path, {"image_features": feats.numpy().astype(NP_DTYPE[precision])}),
                      embeds.numpy(), precision)
-    assert embeds.shape[1] == model.image_tokens()
+    assert tuple(embeds.shape[1:]) == type(model).part_specs(model.config).image_embeddings_shape
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -144,7 +144,7 @@ def test_io_records_and_external_data(arch, precision, tiny_model, tmp_path):
     assert [(io.name, io.dtype, io.shape) for io in ve.outputs] == [
         ("image_features", dt, ("num_images", spec.output_tokens, spec.output_width))]
     assert [(io.name, io.dtype, io.shape) for io in cn.outputs] == [
-        ("image_embeds", dt, ("num_images", model.image_tokens(), model.config.hidden_size))]
+        ("image_embeds", dt, ("num_images", *type(model).part_specs(model.config).image_embeddings_shape))]
     assert ve.dynamic_axes == {"pixel_values": {0: "num_images"}, "image_features": {0: "num_images"}}
     for exported in (ve, cn):
         assert exported.data_path == exported.path.with_name(exported.path.name + ".data")

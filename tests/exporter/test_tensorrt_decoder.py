@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from arch_params import arch_semantics
+from arch_params import arch_semantics, cross_attending, tensorrt_archs
 
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.exporter.onnx_common import StateDictTensors
@@ -39,7 +39,7 @@ from vlmexport.runtimes.tensorrt_profile import (
 )
 
 SEMANTICS = [("image_chunk", "sequential"), ("hf_cogvlm", "hf_cogvlm")]
-ARCH_SEMANTICS = arch_semantics(SEMANTICS)
+ARCH_SEMANTICS = [p for p in arch_semantics(SEMANTICS) if p.values[0] in tensorrt_archs()]
 EXPERT_ARCHS = sorted(n for n, A in architectures().items() if A.has_experts)
 ATOL = 1e-4
 FP16_RTOL = 1e-2
@@ -101,7 +101,7 @@ def test_parity_with_pytorch(tiny_model, tmp_path, arch, routing, positions, pre
         assert a.argmax() == b.argmax()
 
 
-@pytest.mark.parametrize("arch", sorted(architectures()))
+@pytest.mark.parametrize("arch", tensorrt_archs())
 def test_chunked_prefill_and_stale_slots(tiny_model, tmp_path, arch):
     """write_index > 0 with several new positions: the causal mask inside the chunk and the
     scatter at the right slots; after reset, stale slots beyond the new length are invisible."""
@@ -153,7 +153,7 @@ def test_routing_by_token_type(tiny_model, tmp_path, arch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("arch", sorted(architectures()))
+@pytest.mark.parametrize("arch", tensorrt_archs())
 def test_graphs_pass_the_tensorrt_audit(tiny_model, tmp_path, arch, precision):
     model = tiny_model(arch)
     g, files = export_all(model, tmp_path, precision)
@@ -178,3 +178,14 @@ def test_kv_buffer_io_is_static(tiny_model, tmp_path):
     assert ins["past_key_values.0.key"].shape == ("batch", s.num_kv_heads, "kv_capacity", s.head_dim)
     assert outs["present.0.key"].shape == ins["past_key_values.0.key"].shape  # updated in place, never grows
     assert ins["write_index"].shape == (1,) and ins["write_index"].dtype == "int64"
+
+
+@pytest.mark.parametrize("arch", [a for a in sorted(architectures()) if cross_attending(a)])
+def test_cross_attending_decoder_is_refused_with_one_line(tiny_model, tmp_path, arch):
+    from vlmexport.core.errors import ConfigError
+
+    model = tiny_model(arch)
+    with pytest.raises(ConfigError, match="TensorRT profile: .*cross-attention") as err:
+        export_tensorrt_decoder(StateDictTensors(model), type(model).part_specs(model.config).decoder,
+                                tmp_path / "td.onnx", "fp16")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())

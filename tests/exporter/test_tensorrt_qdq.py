@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from arch_params import tensorrt_archs
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -31,7 +32,6 @@ from vlmexport.exporter.tensorrt_qdq import (
     quantize_int8_columns,
     quantized_builder,
 )
-from vlmexport.models import architectures
 from vlmexport.runtimes.torch_session import TorchSession
 from vlmexport.runtimes.tensorrt_profile import (
     OrtProfileExecutor,
@@ -85,7 +85,7 @@ def _dequantized_model(model, quant: str, block: int):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-@pytest.mark.parametrize("arch", sorted(architectures()))
+@pytest.mark.parametrize("arch", tensorrt_archs())
 def test_dequantizes_exactly(tiny_model, tmp_path, arch, quant):
     model = tiny_model(arch, jitter=True)
     specs = type(model).part_specs(model.config)

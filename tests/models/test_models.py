@@ -46,7 +46,13 @@ def two_image_pieces(model: VLM, tail: tuple[int, ...] = (9, 10, 11)):
 
 def layout_for(model: VLM, pieces):
     c = model.config
-    return build_layout(pieces, c.expert_routing, c.position_ids, image_pad_id=c.pad_token_id)
+    return build_layout(pieces, c.expert_routing, c.position_ids, image_pad_id=model.image_placeholder_id(),
+                        image_placement=model.image_placement)
+
+
+def chunk(cross, a: int, b: int | None = None):
+    """The cross-attention input of positions a:b (None for a decoder that splices its images)."""
+    return None if cross is None else cross.with_media(cross.media[:, a:b])
 
 
 def as_batch(layout):
@@ -86,7 +92,7 @@ def test_kv_cache_decode_equals_full_recompute(tiny_model, arch, routing, positi
     session = TorchSession(model, max_length=96, static_decode=static)
     assert session.static_decode is static and not session.cuda_graphs
     embeds = session.encode_images(px.numpy())
-    assert embeds.shape == (2, model.image_tokens(), model.config.hidden_size)
+    assert embeds.shape == tuple(model.image_embeddings(px).shape)
     got = session.prefill(prompt, embeds)
     np.testing.assert_allclose(got, expected[len(prompt) - 1].numpy(), atol=ATOL, rtol=0)
     for i, tok in enumerate(continuation):
@@ -107,16 +113,18 @@ def test_chunked_prefill_equals_full(tiny_model, arch, routing, positions, split
     """Prefill in two chunks (the second one at cache offset > 0, several positions long)."""
     model = tiny_model(arch, seed=2, jitter=True, expert_routing=routing, position_ids=positions)
     lay = layout_for(model, two_image_pieces(model))
+    split = min(split, len(lay) - 1)  # a cross-attending layout is short (one placeholder per image)
     b = as_batch(lay)
     px = pixels(2, seed=1)
     with torch.no_grad():
-        emb = model.embed(b["input_ids"], b["is_image"], model.image_embeddings(px))
-        expected = model.decode(emb, b["token_type"], b["position_ids"])[0]
+        emb, cross = model.decoder_inputs(b["input_ids"], b["is_image"], model.image_embeddings(px))
+        expected = model.decode(emb, b["token_type"], b["position_ids"], cross=cross)[0]
         cache = model.new_cache(1, 80)
-        first = model.decode(emb[:, :split], b["token_type"][:, :split], b["position_ids"][:, :split], cache=cache)
+        first = model.decode(emb[:, :split], b["token_type"][:, :split], b["position_ids"][:, :split], cache=cache,
+                             cross=chunk(cross, 0, split))
         assert cache.length == split
         second = model.decode(emb[:, split:], b["token_type"][:, split:], b["position_ids"][:, split:], cache=cache,
-                              start=split)
+                              start=split, cross=chunk(cross, split))
     torch.testing.assert_close(torch.cat((first[0], second[0])), expected, atol=ATOL, rtol=0)
 
 
@@ -255,8 +263,12 @@ def test_parts_composed_by_hand_equal_forward(tiny_model, arch):
         feats = parts[Part.VISION_ENCODER](px)
         img = parts[Part.CONNECTOR](feats)
         emb = parts[Part.TOKEN_EMBEDDING](b["input_ids"]).clone()
-        emb[b["is_image"]] = img.reshape(-1, emb.shape[-1])
-        by_hand = parts[Part.TEXT_DECODER](emb, b["token_type"], b["position_ids"])
+        cross = None
+        if model.image_placement == "splice":
+            emb[b["is_image"]] = img.reshape(-1, emb.shape[-1])
+        else:  # the connector's output is the decoder's cross-attention memory
+            cross = model.cross_attention(img, model.media_of(b["input_ids"]))
+        by_hand = parts[Part.TEXT_DECODER](emb, b["token_type"], b["position_ids"], cross=cross)
         expected = model(pixel_values=px, **b)
     torch.testing.assert_close(by_hand, expected, atol=1e-6, rtol=0)
     # the parts share the model's parameters (no copies)
@@ -270,11 +282,16 @@ def test_image_chunk_length_is_image_tokens(tiny_model, arch):
     model = tiny_model(arch)
     with torch.no_grad():
         emb = model.image_embeddings(pixels(3))
-    assert emb.shape == (3, model.image_tokens(), model.config.hidden_size)
-    specs = type(model).part_specs(model.config)
-    merges = get_connector(specs.connector.kind).patch_tokens(specs.connector, specs.vision.output_tokens)
-    assert merges <= specs.vision.output_tokens  # a kind keeps every ViT output, or merges some (pixel shuffle)
-    assert model.image_tokens() >= merges
+    x = model.part_specs(model.config).decoder.cross_attention
+    if x is None:  # spliced: one embedding per image position
+        assert emb.shape == (3, model.image_tokens(), model.config.hidden_size)
+        specs = type(model).part_specs(model.config)
+        merges = get_connector(specs.connector.kind).patch_tokens(specs.connector, specs.vision.output_tokens)
+        if get_connector(specs.connector.kind).fixed_tokens(specs.connector) is None:
+            assert merges <= specs.vision.output_tokens  # a kind keeps every ViT output, or merges some (pixel shuffle)
+        assert model.image_tokens() >= merges
+    else:  # cross-attended: the placeholder(s) in the sequence, the memory rows beside it
+        assert emb.shape == (3, x.memory_tokens, x.memory_width) and model.image_tokens() == x.placeholder_tokens
 
 
 def test_cogvlm_chunk_is_boi_patches_eoi(tiny_model):

@@ -33,7 +33,10 @@ def test_every_architecture_counts_its_image_tokens_from_the_part_spec(tiny_mode
         specs = type(model).part_specs(model.config)
         with_image = model.image_embeddings(
             __import__("torch").zeros(1, 3, specs.vision.image_size, specs.vision.image_size))
-        assert with_image.shape[1] == specs.image_tokens == model.image_tokens(), arch
+        assert tuple(with_image.shape[1:]) == specs.image_embeddings_shape, arch
+        assert specs.image_tokens == model.image_tokens(), arch
+        if specs.decoder.cross_attention is None:  # spliced: one position per embedding
+            assert with_image.shape[1] == specs.image_tokens, arch
 
 
 @pytest.mark.slow

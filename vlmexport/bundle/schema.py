@@ -155,6 +155,8 @@ class ModelSection(_Strict):
     gguf_arch: Optional[Name] = None
     num_parameters: Optional[Annotated[int, Field(ge=0, le=1 << 44)]] = None
     hf_config: Optional[dict[str, Any]] = None
+    image_placement: Literal["splice", "cross_attend"] = "splice"  # cross_attend: image_tokens are placeholders
+    image_token_id: Optional[TokenId] = None  # what an image's positions hold (default pad_token_id)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSection":
@@ -162,7 +164,7 @@ class ModelSection(_Strict):
             raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"):
             v = getattr(self, name)
             if v is not None and v >= self.vocab_size:
                 raise ValueError(f"{name} {v} is outside the vocabulary of {self.vocab_size}")

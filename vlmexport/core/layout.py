@@ -13,6 +13,13 @@ eoi``; for ``llava`` just the patches.
                    visual expert, text uses the language expert (llama.cpp's behaviour).
   ``hf_cogvlm``    as THUDM's ``CogVLMForCausalLM``: the last position of each chunk
                    (eoi) is routed to the language expert.
+``image_placement``
+  ``splice``       an image chunk's positions hold the connector's embeddings (the default).
+  ``cross_attend`` an image chunk is its placeholder token(s) (``image_pad_id``, e.g.
+                   Flamingo's ``<image>``), embedded as text; the decoder cross-attends to
+                   the image instead. ``media`` says which image each position attends to:
+                   the most recent image chunk starting at or before it, -1 before the first
+                   (transformers' Idefics ``image_attention_mask``).
 ``position_ids``
   ``sequential``   one position per token, image tokens included (llama.cpp).
   ``hf_cogvlm``    boi gets p, every patch gets p+1, eoi gets p+2 (THUDM's
@@ -34,6 +41,11 @@ VISION = 1
 class ExpertRouting(str, Enum):
     IMAGE_CHUNK = "image_chunk"
     HF_COGVLM = "hf_cogvlm"
+
+
+class ImagePlacement(str, Enum):
+    SPLICE = "splice"
+    CROSS_ATTEND = "cross_attend"
 
 
 class PositionIds(str, Enum):
@@ -64,6 +76,7 @@ class SequenceLayout:
     position_ids: np.ndarray  # int64
     image_spans: tuple[tuple[int, int], ...]  # (start, length) of each image chunk
     next_position: int  # position id of the first token generated after this prompt
+    media: np.ndarray | None = None  # int64; the image chunk each position follows (-1: none); see module doc
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -75,10 +88,13 @@ def build_layout(
     position_ids: str = PositionIds.SEQUENTIAL,
     image_pad_id: int = 0,
     start_position: int = 0,
+    image_placement: str = ImagePlacement.SPLICE,
 ) -> SequenceLayout:
     """Lay out text and image pieces and apply the routing / position semantics."""
     routing = ExpertRouting(expert_routing)
     positions = PositionIds(position_ids)
+    spliced = ImagePlacement(image_placement) is ImagePlacement.SPLICE
+    media: list[int] = []
     ids: list[int] = []
     is_image: list[bool] = []
     types: list[int] = []
@@ -92,6 +108,7 @@ def build_layout(
             is_image.extend([False] * n)
             types.extend([LANGUAGE] * n)
             pos.extend(range(p, p + n))
+            media.extend([len(spans) - 1] * n)
             p += n
             continue
         n = int(piece.length)
@@ -99,6 +116,13 @@ def build_layout(
             raise ValueError("an image chunk must hold at least one embedding")
         spans.append((len(ids), n))
         ids.extend([image_pad_id] * n)
+        media.extend([len(spans) - 1] * n)
+        if not spliced:  # placeholder tokens, embedded and routed as text
+            is_image.extend([False] * n)
+            types.extend([LANGUAGE] * n)
+            pos.extend(range(p, p + n))
+            p += n
+            continue
         is_image.extend([True] * n)
         chunk_types = [VISION] * n
         if routing is ExpertRouting.HF_COGVLM:
@@ -123,4 +147,5 @@ def build_layout(
         position_ids=np.asarray(pos, dtype=np.int64),
         image_spans=tuple(spans),
         next_position=p,
+        media=np.asarray(media, dtype=np.int64),
     )

@@ -152,6 +152,20 @@ class EvalItem:
         return hash((self.image_id, self.category, self.question, self.answer, self.pair_id))
 
 
+@dataclass(frozen=True, eq=False)
+class TwoImageItem(EvalItem):
+    """An evaluation question about ``image`` asked after an in-context example: another image
+    (``context_image``) with one of its questions and the answer (a two-image, interleaved prompt)."""
+
+    context_image: np.ndarray = None  # type: ignore[assignment]
+    context_question: str = ""
+    context_answer: str = ""
+
+    @property
+    def context(self) -> tuple[tuple[np.ndarray, str, str], ...]:
+        return ((self.context_image, self.context_question, self.context_answer),)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -587,6 +601,20 @@ class SyntheticVQA:
         return items
 
     # -- text ----------------------------------------------------------------
+    def two_image_items(self, split: str, n_per_category: int) -> list[TwoImageItem]:
+        """:meth:`eval_items`, each asked after an in-context example about another image of the
+        split (the item half the list away, whose question and answer come first)."""
+        items = self.eval_items(split, n_per_category)
+        out = []
+        for i, it in enumerate(items):
+            ctx = items[(i + len(items) // 2) % len(items)]
+            if ctx.image_id == it.image_id:  # never the same picture twice
+                ctx = next(c for c in items if c.image_id != it.image_id)
+            out.append(TwoImageItem(it.image_id, it.image, it.category, it.question, it.answer, it.kind, it.pair_id,
+                                    context_image=ctx.image, context_question=ctx.question,
+                                    context_answer=ctx.answer))
+        return out
+
     def corpus(self, n_samples: int) -> list[str]:
         """Question and answer strings of the first ``n_samples`` train images (no
         rendering), e.g. for training a tokenizer. Rare answers (most of the 1000

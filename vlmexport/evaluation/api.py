@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..assets import demo_model_dir
+from ..core.errors import VlmexportError
 from ..runtimes.torch_backend import pipeline_from_model_dir
 from .metrics import EvalReport
 from .options import check_eval_options, check_model_path
@@ -44,9 +45,13 @@ def jsonl_eval_items(path: str | Path, image_size: int) -> list:
 
 def prepare_eval(path: str | Path | None, split: str = "test", n_per_category: int = 200,
                  data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
-                 precision: str | None = None):
-    """(pipeline, items, meta) for an evaluation run; opening and reading fail before any work."""
+                 precision: str | None = None, images: int = 1):
+    """(pipeline, items, meta) for an evaluation run; opening and reading fail before any work.
+    ``images`` 2: each synthetic question follows an in-context example about another image."""
     check_eval_options(split, n_per_category, data)
+    if images not in (1, 2) or (images == 2 and data is not None):
+        raise VlmexportError(f"--images {images!r}: use 1, or 2 (synthetic data only: a question after an "
+                             "in-context example about another image)")
     pipe = open_pipeline(path, device=device, backend=backend, precision=precision)
     size = pipe.preprocess_config.image_size
     if data is not None:
@@ -55,14 +60,16 @@ def prepare_eval(path: str | Path | None, split: str = "test", n_per_category: i
     else:
         from ..data import SyntheticVQA
 
-        items = SyntheticVQA(image_size=size, seed=seed).eval_items(split, n_per_category)
-        meta = {"split": split, "n_per_category": n_per_category, "seed": seed}
+        gen = SyntheticVQA(image_size=size, seed=seed)
+        items = gen.eval_items(split, n_per_category) if images == 1 else gen.two_image_items(split, n_per_category)
+        meta = {"split": split, "n_per_category": n_per_category, "seed": seed, "images": images}
     meta["model"] = str(path if path is not None else demo_model_dir())
     return pipe, items, meta
 
 
 def evaluate_path(path: str | Path | None, split: str = "test", n_per_category: int = 200,
                   data: str | Path | None = None, device: str = "cpu", seed: int = 0, backend: str = "auto",
-                  precision: str | None = None, progress: Callable[[int, int], None] | None = None) -> EvalReport:
-    pipe, items, meta = prepare_eval(path, split, n_per_category, data, device, seed, backend, precision)
+                  precision: str | None = None, progress: Callable[[int, int], None] | None = None,
+                  images: int = 1) -> EvalReport:
+    pipe, items, meta = prepare_eval(path, split, n_per_category, data, device, seed, backend, precision, images)
     return evaluate(pipe, items, progress=progress, meta=meta)

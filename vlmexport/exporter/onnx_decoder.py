@@ -70,6 +70,7 @@ from onnx import TensorProto, helper
 
 from ..models.layers import rope_inv_freq
 from ..models.spec import DecoderSpec
+from . import onnx_cross_attention as xattn
 from .onnx_common import IR_VERSION, OPSET, PRECISIONS, ExportedGraph, ExternalDataFile, IOSpec, TensorSource
 
 __all__ = ["DecoderGraph", "IOSpec", "export_text_decoder", "export_token_embedding"]
@@ -252,6 +253,8 @@ class _DecoderBuilder:
                  * rope_inv_freq(s.head_dim, s.rope_theta)[None, :])
         for name, table in (("rope.cos", freqs.cos()), ("rope.sin", freqs.sin())):
             self.weights[name] = self.g.weight(name, tuple(table.shape), self.dtype, _rows(table.numpy(), self.dtype))
+        if xattn.has_cross_attention(s):
+            xattn.write_weights(self)
 
     # ------------------------------------------------------------------ graph
     def build(self, routed: bool) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -262,7 +265,13 @@ class _DecoderBuilder:
         route = self._router(routed)
         presents: list[str] = []
         h, x, m = self.rms_norm(pre["x"], W["layers.0.attn_norm.weight"], "layers.0.attn_norm"), pre["x"], None
+        cross = s.cross_attention
+        if cross is not None:
+            xattn.preliminaries(self, pre)
         for i in range(s.num_layers):
+            if cross is not None and i % cross.interval == 0:  # a gated cross-attention block before layer i
+                x = xattn.block(self, i // cross.interval, x, pre)
+                h = self.rms_norm(x, W[f"layers.{i}.attn_norm.weight"], f"layers.{i}.attn_norm_after_cross")
             h, x, m = self._layer(i, h, x, route, pre, presents)
         self._last_logits(pre, m, x)
         return self.io(routed)
@@ -405,6 +414,9 @@ class _DecoderBuilder:
                IOSpec("position_ids", "int64", ("batch", "sequence"))]
         if routed and s.has_experts:
             ins.append(IOSpec("token_type", "int64", ("batch", "sequence")))
+        if s.cross_attention is not None:
+            ins += [IOSpec(xattn.MEMORY, dt, (1, "memory", s.cross_attention.memory_width)),
+                    IOSpec(xattn.MEDIA, "int64", ("batch", "sequence"))]
         outs = [IOSpec("logits", "float32", ("batch", 1, s.vocab_size))]
         for i in range(s.num_layers):
             ins += [IOSpec(f"past_key_values.{i}.key", dt, kv), IOSpec(f"past_key_values.{i}.value", dt, kv)]

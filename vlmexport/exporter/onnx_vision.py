@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
@@ -315,7 +316,7 @@ class _ConnectorOps:
     def attention(self, q: str, k: str, v: str, num_heads: int, head_dim: int) -> str:
         g = self.g
         heads = [g.split_heads(t, num_heads, head_dim) for t in (q, k, v)]
-        return g.merge_heads(g.sdpa(*heads, head_dim), num_heads * head_dim)
+        return g.merge_heads(g.sdpa(*heads, head_dim, softmax_fp32=True), num_heads * head_dim)
 
     def reshape(self, x: str, shape: list[int]) -> str:
         return self.g.node("Reshape", [x, self.g.const(list(shape))])
@@ -351,6 +352,7 @@ def export_connector(tensors: TensorSource, spec: ConnectorSpec, vision_width: i
         num_tokens = kind.input_tokens(spec)
     tokens: int | str = num_tokens if num_tokens is not None else "vision_tokens"
     out_tokens = kind.output_axis(spec, tokens)
+    hidden_size = kind.output_width(spec, hidden_size)
     with GraphBuilder(out_path, "connector", precision) as g:
         feats = g.input("image_features", (NUM_IMAGES, tokens, vision_width))
         x = kind.onnx(_ConnectorOps(g, w, spec), spec, feats, vision_width, hidden_size)

@@ -50,6 +50,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..core.errors import ConfigError
 from ..models.spec import DecoderSpec
 from .onnx_common import IR_VERSION, OPSET, IOSpec, TensorSource
 from .onnx_decoder import _ONNX_DTYPE, DecoderGraph, _check_precision, _DecoderBuilder, write_decoder_graphs
@@ -229,6 +230,13 @@ class _TrtDecoderBuilder(_DecoderBuilder):
         return tuple(ins), tuple(outs)
 
 
+def check_tensorrt_decoder(spec: DecoderSpec) -> None:
+    """One ConfigError line where the TensorRT profile cannot express the decoder."""
+    if spec.cross_attention is not None:
+        raise ConfigError("TensorRT profile: a decoder with gated cross-attention to the images is not supported "
+                          "yet (its static-cache graph has no cross-attention memory input); build --format onnx")
+
+
 def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: str | os.PathLike,
                             precision: str = "fp16", max_length: int | None = None,
                             decode_model: bool = True, builder: type[_TrtDecoderBuilder] | None = None,
@@ -240,6 +248,7 @@ def export_tensorrt_decoder(tensors: TensorSource, spec: DecoderSpec, out_path: 
     (expert models only; plain decoders need no second graph).
     """
     _check_precision(precision)
+    check_tensorrt_decoder(spec)
     if spec.num_heads % spec.num_kv_heads or spec.head_dim % 2:
         raise ValueError(f"num_heads {spec.num_heads} must be a multiple of num_kv_heads {spec.num_kv_heads} and "
                          f"head_dim {spec.head_dim} even")

@@ -23,7 +23,7 @@ from ..core.names import Part  # noqa: F401  (re-exported: models.Part)
 from ..core.plugins import import_package_modules
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
-from .layers import KVCache, Route, rope_cos_sin, rope_inv_freq
+from .layers import CrossAttention, KVCache, Route, rope_cos_sin, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------- configs
@@ -174,6 +174,9 @@ class VLM(nn.Module):
     config_class: ClassVar[type[VLMConfig]]
     gguf_arch: ClassVar[str]
     has_experts: ClassVar[bool] = False
+    # "splice": image embeddings take positions in the sequence; "cross_attend": the decoder attends to
+    # them (core.layout.ImagePlacement), its part spec's decoder.cross_attention says how
+    image_placement: ClassVar[str] = "splice"
     # checkpoint spellings -> our names (one alias per entry; see checkpoint.py)
     checkpoint_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
     checkpoint_ignored: ClassVar[tuple[str, ...]] = ()
@@ -219,6 +222,49 @@ class VLM(nn.Module):
         """[N, 3, H, W] -> [N, image_tokens, hidden]: vision encoder then connector."""
         return self.encode_images(pixel_values)
 
+    def image_placeholder_id(self) -> int:
+        """The token id an image's positions hold in the sequence (spliced over, or embedded as text)."""
+        x = self.part_specs(self.config).decoder.cross_attention
+        return self.config.pad_token_id if x is None else x.placeholder_id
+
+    def cross_attention(self, image_embeds: torch.Tensor | None, media: torch.Tensor) -> CrossAttention:
+        """What a cross-attending decoder reads: ``image_embeds`` [N, T, W] (every image of the batch in
+        order; ``media`` [B, S] indexes them, -1: none), or None when there is no image."""
+        x = self.part_specs(self.config).decoder.cross_attention
+        if x is None:
+            raise TypeError(f"{type(self).__name__} splices images into its sequence; it has no cross-attention")
+        if image_embeds is None:
+            p = self.lm_head_module().weight
+            image_embeds = torch.zeros(1, x.memory_tokens, x.memory_width, dtype=p.dtype, device=media.device)
+            media = torch.full_like(media, -1)
+        elif media.numel() and int(media.max()) >= image_embeds.shape[0]:
+            raise ValueError(f"the prompt has image positions for {int(media.max()) + 1} images but "
+                             f"{image_embeds.shape[0]} image embeddings were given")
+        return CrossAttention(image_embeds.reshape(1, -1, x.memory_width), media, x.memory_tokens)
+
+    def media_of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> the image each position attends to (-1: none), numbering the images of the whole
+        batch in order (as ``pixel_values`` holds them): each row's placeholder tokens counted, the
+        rows before it offset (what ``SequenceLayout.media`` holds for one prompt)."""
+        is_ph = (input_ids == self.image_placeholder_id()).long()
+        per_row = is_ph.sum(1)
+        offset = torch.cumsum(per_row, 0) - per_row
+        media = torch.cumsum(is_ph, 1) - 1 + offset[:, None]
+        return torch.where(torch.cumsum(is_ph, 1) > 0, media, torch.full_like(media, -1))
+
+    def decoder_inputs(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None,
+                       image_embeds: torch.Tensor | None = None, media: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, CrossAttention | None]:
+        """What ``decode`` takes for a batch, whatever the image placement: (embeddings, cross). Spliced:
+        the image embeddings scattered into the ``is_image`` positions, no cross input. Cross-attended:
+        the token embeddings (placeholders included) and the images as memory, ``media`` (default: from
+        the placeholder tokens, :meth:`media_of`) saying which one each position reads."""
+        if self.image_placement == "splice":
+            return self.embed(input_ids, is_image, image_embeds), None
+        if media is None:
+            media = self.media_of(input_ids)
+        return self.embed(input_ids), self.cross_attention(image_embeds, media)
+
     # ------------------------------------------------------------------- decoding
     def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,14 +280,20 @@ class VLM(nn.Module):
 
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
                position_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
-               last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+               last_only: bool = False, select: torch.Tensor | None = None,
+               cross: CrossAttention | None = None) -> torch.Tensor:
         """Run the text decoder on embeddings -> logits [B, S or 1, vocab].
+
+        ``cross``: the images a cross-attending decoder reads (``image_placement == "cross_attend"``,
+        which overrides this method); a splicing decoder takes none.
 
         ``select`` (flat indices into B*S) computes logits only at those positions ->
         [len(select), vocab]; training uses it to skip the LM head on unsupervised tokens.
         ``start`` a 0-d tensor runs a static-shape step over the whole cache (see
         ``KVCache.update``); the caller then keeps ``cache.length``.
         """
+        if cross is not None:
+            raise TypeError(f"{type(self).__name__} splices images into its sequence; it takes no cross-attention")
         route = Route.from_token_type(token_type) if self.has_experts else None
         cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, inputs_embeds.dtype)
         h = inputs_embeds
@@ -261,11 +313,12 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 token_type: torch.Tensor | None = None, is_image: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence forward (training / reference): logits [B, S, vocab]."""
+                pixel_values: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence forward (training / reference): logits [B, S, vocab]. ``media``: see
+        :meth:`decoder_inputs` (cross-attending decoders only)."""
         image_embeds = self.image_embeddings(pixel_values) if pixel_values is not None else None
-        emb = self.embed(input_ids, is_image, image_embeds)
-        return self.decode(emb, token_type, position_ids)
+        emb, cross = self.decoder_inputs(input_ids, is_image, image_embeds, media)
+        return self.decode(emb, token_type, position_ids, cross=cross)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         c = self.config
@@ -314,8 +367,9 @@ class TextDecoder(nn.Module):
         self.norm = model.final_norm()
         self.lm_head = model.lm_head_module()
 
-    def forward(self, inputs_embeds, token_type, position_ids, cache=None, start=0, last_only=False):
-        return self.model.decode(inputs_embeds, token_type, position_ids, cache, start, last_only)
+    def forward(self, inputs_embeds, token_type, position_ids, cache=None, start=0, last_only=False, cross=None):
+        kw = {} if cross is None else {"cross": cross}
+        return self.model.decode(inputs_embeds, token_type, position_ids, cache, start, last_only, **kw)
 
 
 def estimate_parameter_bytes(model: nn.Module) -> int:

@@ -183,6 +183,37 @@ def routed(route: Route | None, x: torch.Tensor, f_language: nn.Module, f_vision
     return route.apply(x, f_language, f_vision)
 
 
+# ----------------------------------------------------------------- cross-attention
+@dataclass
+class CrossAttention:
+    """Images a decoder attends to instead of reading them in its sequence (image_placement
+    ``cross_attend``, e.g. Flamingo's gated cross-attention).
+
+    ``memory`` [Bm, M, W] (Bm is 1, shared by every row, or the batch): the images' tokens, image
+    ``i`` at rows ``i * tokens_per_image`` to ``(i + 1) * tokens_per_image``. ``media`` [B, S] int64:
+    the image each position attends to, -1 for none (``SequenceLayout.media``). What a memory row
+    holds is the architecture's (``DecoderSpec.cross_attention``: e.g. every block's keys and
+    values, computed once per image by the connector).
+    """
+
+    memory: torch.Tensor
+    media: torch.Tensor
+    tokens_per_image: int
+
+    def with_media(self, media: torch.Tensor) -> "CrossAttention":
+        """The same memory for other positions (e.g. the tokens generated after the prompt)."""
+        return CrossAttention(self.memory, media, self.tokens_per_image)
+
+    def mask(self) -> torch.Tensor:
+        """[B, S, M] bool: position s attends memory row m (m belongs to its image)."""
+        image_of_row = torch.arange(self.memory.shape[1], device=self.media.device) // self.tokens_per_image
+        return image_of_row[None, None, :] == self.media[:, :, None]
+
+    def gate(self) -> torch.Tensor:
+        """[B, S] bool: the position attends to an image at all."""
+        return self.media >= 0
+
+
 # ----------------------------------------------------------------------- ViT pieces
 def vit_self_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        num_heads: int) -> torch.Tensor:

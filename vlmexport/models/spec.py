@@ -33,6 +33,33 @@ class ExpertNames:
 
 
 @dataclass(frozen=True)
+class CrossAttentionSpec:
+    """Gated cross-attention blocks (image placement ``cross_attend``): before decoder layer
+    ``j * interval`` runs block ``j`` (names take ``{i}`` = j):
+    ``x + tanh(alpha_attn) * gate * attn(RMSNorm(x) W_q, K_j, V_j) W_o``, then
+    ``x + tanh(alpha_ffn) * SwiGLU(RMSNorm(x))``, where ``gate`` is 0 for positions that attend
+    to no image. The keys and values come precomputed, once per image, from the connector:
+    ``memory_tokens`` rows per image, each ``[K_0 | V_0 | K_1 | V_1 | ...]`` (``hidden_size``
+    wide each, ``memory_width`` = 2 * num_blocks * hidden_size). No RoPE, no bias."""
+
+    num_blocks: int
+    interval: int
+    memory_width: int
+    memory_tokens: int  # per image
+    q: str
+    o: str
+    gate: str
+    up: str
+    down: str
+    attn_norm: str
+    ffn_norm: str
+    alpha_attn: str  # tanh gates: shape [1] or [1, 1, hidden]
+    alpha_ffn: str
+    placeholder_id: int  # the token an image's position holds (e.g. "<image>"), embedded as text
+    placeholder_tokens: int = 1  # positions an image takes in the sequence
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     num_layers: int
     hidden_size: int
@@ -54,10 +81,16 @@ class DecoderSpec:
     # llama.cpp architecture of the text GGUF when it differs from the VLM's ``gguf_arch`` (a decoder
     # flavour chosen by config, e.g. a Qwen2 decoder is llama.cpp's "qwen2")
     gguf_arch: str | None = None
+    cross_attention: CrossAttentionSpec | None = None  # None: images are spliced into the sequence
 
     @property
     def has_experts(self) -> bool:
         return self.vision is not None
+
+    @property
+    def image_placement(self) -> str:
+        """``splice`` or ``cross_attend`` (core.layout.ImagePlacement)."""
+        return "splice" if self.cross_attention is None else "cross_attend"
 
 
 @dataclass(frozen=True)
@@ -140,10 +173,24 @@ class PartSpecs:
 
     @property
     def image_tokens(self) -> int:
-        """Embeddings one image becomes in the decoder's sequence (the one place this is computed)."""
+        """Positions one image takes in the decoder's sequence (the one place this is computed): the
+        connector's embeddings, or the placeholder token(s) of a decoder that cross-attends to them."""
         from .connectors import get_connector
 
+        if self.decoder.cross_attention is not None:
+            return self.decoder.cross_attention.placeholder_tokens
+
         return get_connector(self.connector.kind).output_tokens(self.connector, self.vision.output_tokens)
+
+    @property
+    def image_embeddings_shape(self) -> tuple[int, int]:
+        """(rows, width) of one image's connector output: its spliced embeddings, or the memory a
+        cross-attending decoder reads."""
+        from .connectors import get_connector
+
+        kind = get_connector(self.connector.kind)
+        return (kind.output_tokens(self.connector, self.vision.output_tokens),
+                kind.output_width(self.connector, self.decoder.hidden_size))
 
 
 def bias_of(weight_name: str) -> str:

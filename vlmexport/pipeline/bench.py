@@ -348,7 +348,8 @@ def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode
     pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     text = [5 + (k % 200) for k in range(prompt_tokens)]
     pieces = [TextPiece((pipe.tokenizer.bos_id,)), ImagePiece(model["image_tokens"]), TextPiece(tuple(text))]
-    layout = build_layout(pieces, model["expert_routing"], model["position_ids"], image_pad_id=model["pad_token_id"])
+    layout = build_layout(pieces, model["expert_routing"], model["position_ids"], image_pad_id=pipe.spec.placeholder_id,
+                          image_placement=pipe.spec.image_placement)
     session.encode_images(pixels)  # warm-up
     session.reset()
     session.prefill(layout, session.encode_images(pixels))

@@ -74,6 +74,12 @@ class SourceModel:
     def image_tokens(self) -> int:
         return self.specs.image_tokens
 
+    def layout_options(self) -> dict:
+        """``build_layout``'s image arguments: what an image's positions hold and where it goes."""
+        x = self.specs.decoder.cross_attention
+        return dict(image_pad_id=self.config.pad_token_id if x is None else x.placeholder_id,
+                    image_placement=self.specs.decoder.image_placement)
+
     def model_section(self) -> dict:
         c, d = self.config, self.specs.decoder
         return {
@@ -85,6 +91,9 @@ class SourceModel:
             "vocab_size": d.vocab_size, "max_length": d.max_position_embeddings, "has_experts": d.has_experts,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
             "gguf_arch": d.gguf_arch or self.arch.gguf_arch, "hf_config": self.hf_config,
+            **({} if d.cross_attention is None else {  # written only where not the default (splice)
+                "image_placement": d.image_placement,
+                "image_token_id": d.cross_attention.placeholder_id}),
         }
 
 
@@ -338,6 +347,10 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
     progress("load")
     src = load_source(model_dir if model_dir is not None else demo_model_dir())
     deviations = planned_deviations(src, plan, allow_deviations)
+    if "tensorrt" in plan:  # refused before any work, like a GGUF llama.cpp cannot run
+        from ..exporter.tensorrt_decoder import check_tensorrt_decoder
+
+        check_tensorrt_decoder(src.specs.decoder)
     with output_lock(out, "build"), BundleWriter(out) as w:  # a second build of `out` fails at once
         write_common_files(src, w)
         parts: list[ExportedPart] = []

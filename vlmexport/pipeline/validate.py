@@ -70,8 +70,7 @@ def validate_decoder(src, model, tokenizer, ort_session, precision: str) -> list
     pixels = _images(src, 2)
     pieces = render(src.template, [Turn(user="<image> and <image> Question: what is shown?", images=2)], tokenizer,
                     src.image_tokens).pieces
-    layout = build_layout(pieces, src.config.expert_routing, src.config.position_ids,
-                          image_pad_id=src.config.pad_token_id)
+    layout = build_layout(pieces, src.config.expert_routing, src.config.position_ids, **src.layout_options())
     ref = TorchSession(model)
     ref_embeds = ref.encode_images(pixels)
     results = []

@@ -90,6 +90,7 @@ class CalibrationSet:
     source: str
     skipped: int = 0  # unreadable images passed over while drawing the set
     images: int = -1  # how many pixels the vision parts calibrate on; -1: all of them
+    media: np.ndarray | None = None  # the image each position reads (a cross-attending decoder's layouts)
 
     @property
     def vision_pixels(self) -> np.ndarray:
@@ -103,7 +104,8 @@ class CalibrationSet:
         """Layout arrays of pair ``i``; its image is ``pixels[i]``."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return {"input_ids": self.input_ids[a:b], "position_ids": self.position_ids[a:b],
-                "token_type": self.token_type[a:b], "is_image": self.is_image[a:b]}
+                "token_type": self.token_type[a:b], "is_image": self.is_image[a:b],
+                "media": None if self.media is None else self.media[a:b]}
 
     def summary(self) -> dict:
         n_img = int(self.is_image.sum())
@@ -116,6 +118,7 @@ class CalibrationSet:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, pixels=self.pixels, input_ids=self.input_ids, position_ids=self.position_ids,
                  token_type=self.token_type, is_image=self.is_image, offsets=self.offsets,
+                 **({} if self.media is None else {"media": self.media}),
                  meta=np.frombuffer(json.dumps({"key": self.key, "source": self.source,
                                                 "skipped": self.skipped, "images": self.images}).encode(), np.uint8))
         os.replace(tmp, path)
@@ -125,7 +128,8 @@ class CalibrationSet:
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             return cls(z["pixels"], z["input_ids"], z["position_ids"], z["token_type"], z["is_image"].astype(bool),
-                       z["offsets"], meta["key"], meta["source"], int(meta.get("skipped", 0)), int(meta.get("images", -1)))
+                       z["offsets"], meta["key"], meta["source"], int(meta.get("skipped", 0)), int(meta.get("images", -1)),
+                       z["media"] if "media" in z.files else None)
 
 
 def settings_key(settings: CalibrationSettings, identity: dict) -> str:
@@ -238,7 +242,7 @@ def build_calibration(pipeline, settings: CalibrationSettings = CalibrationSetti
     cs = CalibrationSet(np.stack(pixels).astype(np.float32),  # max(images, pairs): every pair has its image
                         cat(lambda lo: lo.input_ids, np.int64), cat(lambda lo: lo.position_ids, np.int64),
                         cat(lambda lo: lo.token_type, np.int64), cat(lambda lo: lo.is_image, bool), offsets, key,
-                        source, skipped, settings.images)
+                        source, skipped, settings.images, cat(lambda lo: lo.media, np.int64))
     cs.save(path)
     return cs
 
@@ -289,10 +293,17 @@ def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Calla
     for i in range(cs.num_pairs):
         p = cs.pair(i)
         emb = np.take(embedding, p["input_ids"], axis=0).astype(np.float32)
-        emb[p["is_image"]] = np.asarray(image_embeds(cs.pixels[i:i + 1])).reshape(-1, facts.hidden_size)
+        images = np.asarray(image_embeds(cs.pixels[i:i + 1]))
         n = len(p["input_ids"])
-        f = {"inputs_embeds": emb[None].astype(dtype), "position_ids": p["position_ids"][None],
-             "token_type": p["token_type"][None], "attention_mask": np.ones((1, n), np.int64)}
+        f = {"position_ids": p["position_ids"][None], "token_type": p["token_type"][None],
+             "attention_mask": np.ones((1, n), np.int64)}
+        if p["media"] is not None and not p["is_image"].any() and (p["media"] >= 0).any():
+            # a cross-attending decoder: the image is its memory, the placeholder stays text
+            f.update(cross_attention_memory=images.reshape(1, -1, images.shape[-1]).astype(dtype),
+                     media=p["media"][None])
+        else:
+            emb[p["is_image"]] = images.reshape(-1, facts.hidden_size)
+        f["inputs_embeds"] = emb[None].astype(dtype)
         for layer in range(facts.num_layers):
             for kind in ("key", "value"):
                 f[f"past_key_values.{layer}.{kind}"] = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype)

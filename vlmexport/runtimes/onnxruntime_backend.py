@@ -27,6 +27,9 @@ from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
 
+# the inputs of a cross-attending decoder graph (named by exporter/onnx_cross_attention.py)
+CROSS_MEMORY, CROSS_MEDIA = "cross_attention_memory", "media"
+
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -152,6 +155,13 @@ class OrtModelSession:
         self._bindings = {id(s): self._bind(s) for s in (self.decoder, self.decode_graph) if s is not None}
         self._routed = {id(s): "token_type" in {i.name for i in s.get_inputs()}
                         for s in (self.decoder, self.decode_graph) if s is not None}
+        # a decoder that cross-attends to the images (its graph takes them as memory, see
+        # exporter/onnx_cross_attention.py) rather than reading them in its sequence
+        memory = next((i for i in self.decoder.get_inputs() if i.name == CROSS_MEMORY), None)
+        self.cross_attend = memory is not None
+        self._no_image = (np.zeros((1, 1, memory.shape[-1]), dtype=self.dtype) if memory is not None else None)
+        self._memory = self._no_image
+        self._last_media = np.full((1, 1), -1, np.int64)
         self.length = 0
 
     # ------------------------------------------------------------------ setup
@@ -191,6 +201,15 @@ class OrtModelSession:
             raise ValueError(f"the prompt has {n} positions; the context holds {self.max_length}")
         emb = np.take(self.embedding, layout.input_ids, axis=0).astype(self.dtype, copy=False)
         n_img = int(layout.is_image.sum())
+        if self.cross_attend:  # the placeholders stay text; the images become the cross-attention memory
+            self._memory = self._no_image if image_embeds is None else np.ascontiguousarray(
+                np.asarray(image_embeds).reshape(1, -1, self._no_image.shape[-1]), dtype=self.dtype)
+            media = layout.media if image_embeds is not None else np.full(n, -1, np.int64)
+            self._last_media = np.asarray(media[-1:], np.int64).reshape(1, 1)
+            self.length = 0
+            self._run(self.decoder, emb[None], layout.position_ids[None], layout.token_type[None], n, media[None])
+            self.length = n
+            return self.logits.numpy()[0, -1].copy()
         if n_img or image_embeds is not None:
             flat = np.zeros((0, self.facts.hidden_size)) if image_embeds is None else np.asarray(image_embeds)
             flat = flat.reshape(-1, self.facts.hidden_size)
@@ -207,22 +226,27 @@ class OrtModelSession:
             raise ValueError(f"the context holds {self.max_length} positions and is full")
         emb = self.embedding[token].astype(self.dtype, copy=False).reshape(1, 1, -1)
         sess = self.decode_graph or self.decoder
-        self._run(sess, emb, np.array([[position]], np.int64), np.full((1, 1), LANGUAGE, np.int64), self.length + 1)
+        self._run(sess, emb, np.array([[position]], np.int64), np.full((1, 1), LANGUAGE, np.int64), self.length + 1,
+                  self._last_media)  # generated tokens attend to the prompt's last image
         self.length += 1
         return self.logits.numpy()[0, -1].copy()
 
     def reset(self) -> None:
         self.length = 0  # the buffers keep stale values; GQA reads only the first ``length`` slots
+        self._memory, self._last_media = self._no_image, np.full((1, 1), -1, np.int64)
 
     # -------------------------------------------------------------- running
     def _run(self, sess: ort.InferenceSession, emb: np.ndarray, position_ids: np.ndarray, token_type: np.ndarray,
-             total: int) -> None:
+             total: int, media: np.ndarray | None = None) -> None:
         io = self._bindings[id(sess)]
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb))
         io.bind_cpu_input("attention_mask", self._ones[:, :total])
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         if self._routed[id(sess)]:
             io.bind_cpu_input("token_type", np.ascontiguousarray(token_type, dtype=np.int64))
+        if self.cross_attend:
+            io.bind_cpu_input(CROSS_MEMORY, self._memory)
+            io.bind_cpu_input(CROSS_MEDIA, np.ascontiguousarray(media, dtype=np.int64))
         sess.run_with_iobinding(io, SHRINK_ARENA if emb.shape[1] > 1 else None)  # a prefill; decode keeps its arena
 
     def end_profiling(self) -> list[str]:

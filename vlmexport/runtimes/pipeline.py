@@ -48,7 +48,7 @@ class Pipeline:
             raise PromptError(f"the prompt has room for {n_chunks} image(s) but {len(images)} were given; use one "
                               f"{self.template.image_token} per image")
         layout = build_layout(rendered.pieces, self.spec.expert_routing, self.spec.position_ids,
-                              image_pad_id=self.spec.pad_token_id)
+                              image_pad_id=self.spec.placeholder_id, image_placement=self.spec.image_placement)
         if len(layout) >= self.spec.max_length:
             raise PromptError(f"the prompt takes {len(layout)} positions but the model's context holds "
                               f"{self.spec.max_length}; shorten the prompt or use fewer images")

@@ -25,6 +25,12 @@ class ModelSpec:
     position_ids: str
     pad_token_id: int
     max_length: int
+    image_placement: str = "splice"  # or "cross_attend" (core.layout.ImagePlacement)
+    image_token_id: int | None = None  # what an image's positions hold; None: pad_token_id
+
+    @property
+    def placeholder_id(self) -> int:
+        return self.pad_token_id if self.image_token_id is None else self.image_token_id
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,10 @@ def _fields(model: Mapping[str, Any], names: tuple[str, ...], what: str) -> dict
 
 def model_spec(model: Mapping[str, Any]) -> ModelSpec:
     """The pipeline's :class:`ModelSpec` from a manifest's ``model`` section."""
-    return ModelSpec(**_fields(model, tuple(ModelSpec.__dataclass_fields__), "the pipeline needs them"))
+    optional = ("image_placement", "image_token_id")  # absent from bundles written before cross-attention
+    required = tuple(n for n in ModelSpec.__dataclass_fields__ if n not in optional)
+    return ModelSpec(**_fields(model, required, "the pipeline needs them"),
+                     **{n: model[n] for n in optional if model.get(n) is not None})
 
 
 def decoder_shape(model: Mapping[str, Any]) -> DecoderShape:

@@ -19,7 +19,8 @@ from .torch_session import TorchSession
 def model_spec(model: VLM) -> ModelSpec:
     c = model.config
     return ModelSpec(image_tokens=model.image_tokens(), expert_routing=c.expert_routing, position_ids=c.position_ids,
-                     pad_token_id=c.pad_token_id, max_length=c.max_position_embeddings)
+                     pad_token_id=c.pad_token_id, max_length=c.max_position_embeddings,
+                     image_placement=model.image_placement, image_token_id=model.image_placeholder_id())
 
 
 def chat_template_for(model: VLM, model_dir: str | os.PathLike | None = None) -> ChatTemplate:

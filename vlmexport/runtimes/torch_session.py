@@ -32,12 +32,14 @@ class _StaticDecodeStep:
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.cross = None  # the prompt's images, for a cross-attending decoder (eager steps only)
 
     def _forward(self) -> torch.Tensor:
         # decode positions are all language tokens: no expert routing (token_type None is the
         # language expert), which also keeps the step free of data-dependent shapes
         emb = self.model.embed(self.token)
-        return self.model.decode(emb, None, self.position, cache=self.cache, start=self.slot)
+        kw = {} if self.cross is None else {"cross": self.cross}
+        return self.model.decode(emb, None, self.position, cache=self.cache, start=self.slot, **kw)
 
     def _capture(self) -> None:
         # warm up on a side stream (allocator and cuBLAS workspaces), then record the step
@@ -82,7 +84,14 @@ class TorchSession:
         if self.cuda_graphs and not on_cuda:
             raise ValueError("CUDA graphs need the model on a CUDA device; pass cuda_graphs=False on "
                              f"{self.device.type}")
+        self.cross_attend = model.image_placement == "cross_attend"
+        if self.cross_attend and cuda_graphs:
+            raise ValueError("a cross-attending decoder's images change per prompt; a CUDA graph would keep the "
+                             "first prompt's: pass cuda_graphs=False")
+        if self.cross_attend:
+            self.cuda_graphs = False
         self.static_decode = self.cuda_graphs or (on_cuda if static_decode is None else bool(static_decode))
+        self._cross = None  # the prompt's cross-attention input (keys/values computed once, at prefill)
         self._step = _StaticDecodeStep(model, self.cache, self.device, self.cuda_graphs) if self.static_decode else None
 
     def _t(self, a: np.ndarray, dtype=None) -> torch.Tensor:
@@ -98,11 +107,16 @@ class TorchSession:
         if len(layout) > self.max_length:
             raise ValueError(f"the prompt has {len(layout)} positions; the context holds {self.max_length}")
         ids = self._t(layout.input_ids[None], torch.long)
-        is_image = self._t(layout.is_image[None], torch.bool)
-        emb = self.model.embed(ids, is_image, None if image_embeds is None else self._t(image_embeds, self.dtype))
+        embeds = None if image_embeds is None else self._t(image_embeds, self.dtype)
+        media = self._t(layout.media[None], torch.long) if layout.media is not None else None
+        emb, self._cross = self.model.decoder_inputs(ids, self._t(layout.is_image[None], torch.bool), embeds, media)
         logits = self.model.decode(emb, self._t(layout.token_type[None], torch.long),
                                    self._t(layout.position_ids[None], torch.long),
-                                   cache=self.cache, start=0, last_only=True)
+                                   cache=self.cache, start=0, last_only=True, cross=self._cross)
+        if self._cross is not None:  # generated tokens attend to the prompt's last image (keys/values kept)
+            self._cross = self._cross.with_media(self._cross.media[:, -1:])
+            if self._step is not None:
+                self._step.cross = self._cross
         return logits[0, -1].float().cpu().numpy()
 
     @torch.inference_mode()
@@ -116,9 +130,11 @@ class TorchSession:
             return logits[0, -1].float().cpu().numpy()
         ids = torch.tensor([[token]], device=self.device)
         emb = self.model.embed(ids)
+        kw = {} if self._cross is None else {"cross": self._cross}
         logits = self.model.decode(emb, torch.full((1, 1), LANGUAGE, device=self.device),
-                                   torch.tensor([[position]], device=self.device), cache=self.cache, start=start)
+                                   torch.tensor([[position]], device=self.device), cache=self.cache, start=start, **kw)
         return logits[0, -1].float().cpu().numpy()
 
     def reset(self) -> None:
         self.cache.reset()
+        self._cross = None

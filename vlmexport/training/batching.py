@@ -30,11 +30,14 @@ class ModelLayoutInfo:
     position_ids: str
     pad_id: int
     max_length: int
+    image_placement: str = "splice"
+    image_pad_id: int | None = None  # what an image's positions hold (None: pad_id)
 
     @classmethod
     def of(cls, model) -> "ModelLayoutInfo":
         c = model.config
-        return cls(model.image_tokens(), c.expert_routing, c.position_ids, c.pad_token_id, c.max_position_embeddings)
+        return cls(model.image_tokens(), c.expert_routing, c.position_ids, c.pad_token_id, c.max_position_embeddings,
+                   model.image_placement, model.image_placeholder_id())
 
 
 @dataclass
@@ -48,13 +51,19 @@ class Example:
 
 
 def build_example(images: Sequence[np.ndarray], turns: Sequence[tuple[str, str]], tokenizer, template: ChatTemplate,
-                  info: ModelLayoutInfo) -> Example:
+                  info: ModelLayoutInfo, images_per_turn: Sequence[int] | None = None) -> Example:
     """One training sequence: images go where the first question's placeholders are
-    (or right after BOS), each answer and its EOS are supervised. Turns that do not fit
-    the context are dropped from the end."""
+    (or right after BOS), each answer and its EOS are supervised. ``images_per_turn``
+    spreads the images over the turns instead (interleaved image-text, e.g. an in-context
+    example before the question). Turns that do not fit the context are dropped from the
+    end (with their images)."""
     turns = list(turns)
+    per_turn = list(images_per_turn) if images_per_turn is not None else [len(images)] + [0] * (len(turns) - 1)
+    if len(per_turn) != len(turns) or sum(per_turn) != len(images):
+        raise DataError(f"images_per_turn {per_turn} does not spread {len(images)} image(s) over {len(turns)} turn(s)")
+    images = list(images)
     while True:
-        conv = [Turn(user=q, images=len(images) if i == 0 else 0, answer=a) for i, (q, a) in enumerate(turns)]
+        conv = [Turn(user=q, images=per_turn[i], answer=a) for i, (q, a) in enumerate(turns)]
         rendered = render(template, conv, tokenizer, info.image_tokens)
         if rendered.length <= info.max_length:
             break
@@ -62,7 +71,11 @@ def build_example(images: Sequence[np.ndarray], turns: Sequence[tuple[str, str]]
             raise DataError(f"a training example needs {rendered.length} positions but the model's context is "
                             f"{info.max_length}; shorten the conversation or raise max_position_embeddings")
         turns.pop()
-    layout = build_layout(rendered.pieces, info.expert_routing, info.position_ids, image_pad_id=info.pad_id)
+        dropped = per_turn.pop()
+        images = images[:len(images) - dropped]
+    layout = build_layout(rendered.pieces, info.expert_routing, info.position_ids,
+                          image_pad_id=info.pad_id if info.image_pad_id is None else info.image_pad_id,
+                          image_placement=info.image_placement)
     targets = np.full(len(layout), IGNORE, dtype=np.int64)
     for start, end in rendered.answer_spans:
         # position t predicts token t+1

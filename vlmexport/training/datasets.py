@@ -17,7 +17,11 @@ from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from ..data import CATEGORIES, SyntheticVQA, read_llava_jsonl
 from ..data.jsonl import ConversationRecord
+from ..core.errors import ConfigError
 from .batching import Batch, Example, ModelLayoutInfo, build_example, collate
+
+
+TWO_IMAGE_OFFSET = 5_000_000  # train indices of the first images of two-image sequences
 
 
 class SyntheticTrainData:
@@ -27,7 +31,7 @@ class SyntheticTrainData:
     def __init__(self, gen: SyntheticVQA, tokenizer, template: ChatTemplate, info: ModelLayoutInfo,
                  preprocess: PreprocessConfig, turns: tuple[int, int] = (1, 4), seed: int = 0,
                  category_weights: dict[str, float] | None = None, index_offset: int = 0,
-                 patch_grid: int | None = None):
+                 patch_grid: int | None = None, two_image_fraction: float = 0.0):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
         self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
@@ -35,6 +39,12 @@ class SyntheticTrainData:
         self.seed = seed
         self.weights = {c: 1.0 for c in CATEGORIES} | dict(category_weights or {})
         self.index_offset = index_offset  # lets a later stage draw images the earlier one never saw
+        # share of two-image sequences: another image and one of its questions answered first (an
+        # in-context example), then this image's questions (MMICL / Flamingo-style interleaving)
+        self.two_image_fraction = float(two_image_fraction)
+        if self.two_image_fraction and patch_grid:
+            raise ConfigError("two-image sequences and the dense per-patch loss cannot be combined in one stage; "
+                              "set dense_weight 0 or two_image_fraction 0")
 
     def turns_for(self, index: int, sample) -> list[tuple[str, str]]:
         rng = np.random.default_rng([self.seed, 0x7A11, index])
@@ -49,7 +59,13 @@ class SyntheticTrainData:
 
     def example(self, index: int) -> Example:
         sample = self.gen.sample("train", self.index_offset + index)
-        return build_example([sample.image], self.turns_for(index, sample), self.tokenizer, self.template, self.info)
+        turns = self.turns_for(index, sample)
+        if np.random.default_rng([self.seed, 0x2146, index]).random() < self.two_image_fraction:
+            first = self.gen.sample("train", self.index_offset + TWO_IMAGE_OFFSET + index)
+            context = self.turns_for(TWO_IMAGE_OFFSET + index, first)[:1]
+            return build_example([first.image, sample.image], context + turns, self.tokenizer, self.template,
+                                 self.info, images_per_turn=[1, 1] + [0] * (len(turns) - 1))
+        return build_example([sample.image], turns, self.tokenizer, self.template, self.info)
 
     def examples(self, first: int, n: int) -> Sequence[Example]:
         return [self.example(i) for i in range(first, first + n)]

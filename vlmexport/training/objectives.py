@@ -28,10 +28,11 @@ def loss_on_batch(model: VLM, batch: Batch, image_embeds: torch.Tensor | None = 
     """Mean cross-entropy over supervised tokens (LM head evaluated only there)."""
     if image_embeds is None and batch.pixel_values is not None:
         image_embeds = model.image_embeddings(batch.pixel_values)
-    emb = model.embed(batch.input_ids, batch.is_image, image_embeds)
+    # spliced into the sequence, or cross-attended (which image each position reads follows its placeholders)
+    emb, cross = model.decoder_inputs(batch.input_ids, batch.is_image, image_embeds)
     flat_t = batch.targets.reshape(-1)
     select = torch.nonzero(flat_t != IGNORE).flatten()
-    logits = model.decode(emb, batch.token_type, batch.position_ids, select=select)
+    logits = model.decode(emb, batch.token_type, batch.position_ids, select=select, cross=cross)
     return F.cross_entropy(logits.float(), flat_t.index_select(0, select)), int(select.numel())
 
 

@@ -46,6 +46,7 @@ class StageSpec:
     category_weights: dict[str, float] = field(default_factory=dict)
     max_minutes: float | None = None  # stop early (and save) when the stage runs this long
     dense_weight: float = 0.0  # weight of the dense per-patch auxiliary loss (synthetic data only)
+    two_image_fraction: float = 0.0  # share of two-image sequences (an in-context example, then the questions)
 
 
 @dataclass
@@ -213,7 +214,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
             grid = recipe.image_size // model.config.vision_config.patch_size
             data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
                                       category_weights=spec.category_weights, index_offset=k * 10_000_000,
-                                      patch_grid=grid if spec.dense_weight > 0 else None)
+                                      patch_grid=grid if spec.dense_weight > 0 else None,
+                                      two_image_fraction=spec.two_image_fraction)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):

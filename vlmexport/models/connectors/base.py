@@ -118,6 +118,16 @@ class ConnectorKind:
         return vision_tokens
 
     @staticmethod
+    def output_width(spec: ConnectorSpec, hidden_size: int) -> int:
+        """Width of each output row: the decoder's hidden size by default (spliced embeddings)."""
+        return hidden_size
+
+    @staticmethod
+    def fixed_tokens(spec: ConnectorSpec) -> int | None:
+        """Rows per image when they do not depend on the ViT's token count (a resampler), else None."""
+        return None
+
+    @staticmethod
     def input_tokens(spec: ConnectorSpec) -> int | None:
         """The number of ViT outputs the kind's graph is built for, when it needs a fixed one (a kind
         that folds a patch grid); None: any number (the ONNX token axis stays dynamic)."""
@@ -131,8 +141,10 @@ class ConnectorKind:
     @classmethod
     def output_axis(cls, spec: ConnectorSpec, vision_tokens: int | str) -> int | str:
         """The token axis of the ONNX graph's output for an input axis ``vision_tokens`` (a fixed
-        count, or the name of a dynamic axis): a kind whose count does not follow the ViT's (a
-        resampler with learned queries) overrides it with its fixed count."""
+        count, or the name of a dynamic axis): fixed where the kind's count does not follow the
+        ViT's (``fixed_tokens``: a resampler's learned queries)."""
+        if cls.fixed_tokens(spec) is not None:
+            return cls.output_tokens(spec, 0)
         if isinstance(vision_tokens, int):
             return cls.output_tokens(spec, vision_tokens)
         return "image_tokens" if spec.boi is not None or spec.eoi is not None else vision_tokens

@@ -59,9 +59,9 @@ class QFormer(ConnectorKind):
         """The number of learned queries, independent of the ViT's token count."""
         return _settings(spec)[0]
 
-    @classmethod
-    def output_axis(cls, spec, vision_tokens: int | str) -> int | str:
-        return cls.output_tokens(spec, 0)  # fixed, even where the input token axis is dynamic
+    @staticmethod
+    def fixed_tokens(spec) -> int:
+        return _settings(spec)[0]  # fixed, even where the input token axis is dynamic
 
     @staticmethod
     def onnx(ops, spec, features: str, vision_width: int, hidden_size: int) -> str:
