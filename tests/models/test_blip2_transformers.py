@@ -2,9 +2,10 @@
 with a LLaMA text config.
 
 A tiny random transformers model (every parameter randomised: norms, biases, the fused qkv bias
-(its k part too, although a key bias cannot change a softmax), the query tokens; a 3-layer Q-Former with cross-attention every 2nd layer, so
-layer 1 has none; grouped-query attention in the decoder) is saved by transformers and loaded
-by vlmexport, and the other way round; the logits must agree in fp32 (max abs diff <= 1e-4).
+(its k part too, although a key bias cannot change a softmax), the query tokens; a 3-layer
+Q-Former with cross-attention every 2nd layer, so layer 1 has none; grouped-query attention in
+the decoder) is saved by transformers and loaded by vlmexport, and the other way round; the
+logits must agree in fp32 (max abs diff <= 1e-4).
 """
 
 from __future__ import annotations

@@ -313,10 +313,9 @@ class Blip2(VLM):
     config_class = Blip2Config
     gguf_arch = "llama"
     has_experts = False
-    checkpoint_aliases = (
-        (r"lm_head\.weight", r"language_model.lm_head.weight"),  # transformers 4.52+ module layout
-        (r"model\.language_model\.(.*)", r"language_model.model.\1"),  # transformers 4.52+ module layout
-    )
+    # No aliases: no other module layout of Blip2ForConditionalGeneration is known here. transformers
+    # 4.x checkpoints differ in the ViT's attention bias (self_attn.q_bias and self_attn.v_bias, no k bias;
+    # 5.x: one fused self_attn.qkv.bias), which a rename cannot turn into one tensor: not supported yet.
     checkpoint_ignored = (
         r".*\.rotary_emb\.inv_freq",
         # the Q-Former's text-branch FFN (transformers 4.x checkpoints such as Salesforce/blip2-*; 5.x with
@@ -348,7 +347,8 @@ class Blip2(VLM):
                               "decoder only (OPT / Flan-T5 checkpoints are not supported)")
         rope = tc.get("rope_parameters") or {}
         if rope.get("rope_type", "default") not in ("default", None):
-            raise ConfigError(f"blip2 text_config uses rope_type {rope.get('rope_type')!r}; only 'default' is supported")
+            raise ConfigError(f"blip2 text_config uses rope_type {rope.get('rope_type')!r}; only 'default' is "
+                              "supported")
         if vc.get("qkv_bias", True) is False:
             raise ConfigError("blip2 vision_config.qkv_bias=false is not supported; the ViT's qkv has a bias")
         vision = VisionConfig(
