@@ -248,12 +248,15 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
     expected_text = {
         "cogvlm": "<s>Question: <image>What colour? Answer: red\nQuestion: And the shape? Answer:",
         "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
+        # ChatML: every turn ends with the tokenizer's EOS (<|im_end|> in InternVL's own tokenizer)
+        "internvl": "<|im_start|>user\n<img><IMG_CONTEXT></img>What colour?</s>\n<|im_start|>assistant\nred</s>\n"
+                    "<|im_start|>user\nAnd the shape?</s>\n<|im_start|>assistant\n",
     }[type(pipe.session.model).arch_name]
     ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
     expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
     got = np.where(layout.is_image, -1, layout.input_ids)
     assert got.tolist() == expected
-    assert tok.eos_id not in expected
+    assert (tok.eos_id in expected) == (type(pipe.session.model).arch_name == "internvl")
     # and the answer is greedy decoding of exactly that sequence
     pieces = render(t, [Turn("<image>What colour?", 1, "red"), Turn("And the shape?")], tok, n).pieces
     assert answer == tok.decode(greedy_by_hand(pipe, pieces, imgs[:1], 4))
@@ -282,11 +285,13 @@ def test_placeholder_image_mismatch_is_a_prompt_error(pipe, imgs):
 
 
 def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs):
-    """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text."""
+    """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text; InternVL: after
+    "<|im_start|>user\n<img>"."""
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
     n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
-    prefix = {"cogvlm": "<s>", "llava": "<s>USER: "}[type(pipe.session.model).arch_name]
+    prefix = {"cogvlm": "<s>", "llava": "<s>USER: ", "internvl": "<s><|im_start|>user\n<img>"}[
+        type(pipe.session.model).arch_name]
     ids, _ = pipe.tokenizer.encode_prompt(prefix + "<image>", ("<image>",))
     assert layout.image_spans == ((len(ids) - 1, n),)
     # an image in a later turn goes where the template puts it too
