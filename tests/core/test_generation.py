@@ -264,6 +264,9 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
         "llava": "USER: <image>What colour? ASSISTANT: red USER: And the shape? ASSISTANT:",
         "blip2": "<s>Question: <image>What colour? Answer: red Question: And the shape? Answer:",
         "flamingo": "User: <image>What colour?\nAssistant: red\nUser: And the shape?\nAssistant:",
+        # ChatML: every turn ends with the tokenizer's EOS (<|im_end|> in InternVL's own tokenizer)
+        "internvl": "<|im_start|>user\n<img><IMG_CONTEXT></img>What colour?</s>\n<|im_start|>assistant\nred</s>\n"
+                    "<|im_start|>user\nAnd the shape?</s>\n<|im_start|>assistant\n",
     })
     ids, _ = tok.encode_prompt(expected_text, (t.image_token,), runs_apart=t.encode_runs_apart)
     expected = [x for i in ids for x in ([-1] * n if isinstance(i, str) else [i])]
@@ -271,7 +274,7 @@ def test_chat_renders_the_history_with_answers(pipe, imgs):
     holds_image = layout.is_image if model.image_placement == "splice" else layout.input_ids == model.image_placeholder_id()
     got = np.where(holds_image, -1, layout.input_ids)
     assert got.tolist() == expected
-    assert tok.eos_id not in expected
+    assert (tok.eos_id in expected) == (type(pipe.session.model).arch_name == "internvl")
     # and the answer is greedy decoding of exactly that sequence
     pieces = render(t, [Turn("<image>What colour?", 1, "red"), Turn("And the shape?")], tok, n).pieces
     assert answer == tok.decode(greedy_by_hand(pipe, pieces, imgs[:1], 4))
@@ -301,12 +304,14 @@ def test_placeholder_image_mismatch_is_a_prompt_error(pipe, imgs):
 
 def test_images_without_placeholders_go_where_the_template_puts_them(pipe, imgs):
     """CogVLM (THUDM): right after BOS; llava-hf: after "USER: ", before the text; BLIP-2
-    (transformers' Blip2Processor): before BOS; flamingo: after "User: "."""
+    (transformers' Blip2Processor): before BOS; flamingo: after "User: "; InternVL: after
+    "<|im_start|>user\n<img>"."""
     a = pipe.generate("What colour is it?", imgs[:1], max_new_tokens=4, stop_token_ids=())
     n = pipe.session.model.image_tokens()
     layout, _ = pipe.prepare([Turn(user="What colour is it?", images=1)], imgs[:1])
     start = template_family(pipe, {"cogvlm": "<s><image>", "llava": "<s>USER: <image>", "blip2": "<image><s>",
-                                   "flamingo": "<s>User: <image>"})
+                                   "flamingo": "<s>User: <image>",
+                                   "internvl": "<s><|im_start|>user\n<img><image>"})
     ids, _ = pipe.tokenizer.encode_prompt(start, ("<image>",))
     assert layout.image_spans == ((ids.index("<image>"), n),)
     # an image in a later turn goes where the template puts it too

@@ -39,7 +39,7 @@ from vlmexport.runtimes.torch_backend import pipeline_from_model
 ARCHS = sorted(architectures())
 SEMANTICS = [("image_chunk", "sequential"), ("hf_cogvlm", "hf_cogvlm")]
 ATOL = 1e-4
-MAX_LEN = 96
+MAX_LEN = 128  # the longest tiny prompt (internvl's ChatML, 2 images) + 12 new tokens
 
 
 # every (architecture, semantics) pair that the architecture's config accepts

@@ -30,7 +30,8 @@ TEXT_MODEL_TYPES = ("llama", "qwen2")
 
 # ChatML as InternVL's -hf checkpoints render it (OpenGVLab/InternVL3-1B-hf chat_template), with the
 # processor's image expansion written by the template: "<img>" + <IMG_CONTEXT> x image tokens + "</img>"
-# (InternVLProcessor; the image chunk fills the <IMG_CONTEXT> run, <img>/</img> are text). Turns end
+# (InternVLProcessor wraps every image token, an image item's or one placed in the text; the image
+# chunk fills the <IMG_CONTEXT> run, <img>/</img> are text). Turns end
 # with the tokenizer's eos_token, which is "<|im_end|>" for InternVL3's Qwen2 tokenizer (the same text)
 # and "</s>" for a SentencePiece one, so that generation stops on it. A checkpoint's own
 # chat_template (chat_template.json) is used instead where it ships one.
@@ -40,9 +41,10 @@ INTERNVL_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
     "{% endif %}{{ eos_token }}{% endgeneration %}{{ '\\n' }}{% else %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<img><IMG_CONTEXT></img>\\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] | replace('<IMG_CONTEXT>', '<img><IMG_CONTEXT></img>') }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<img><IMG_CONTEXT></img>\\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] | replace('<IMG_CONTEXT>', '<img><IMG_CONTEXT></img>') }}{% endif %}{% endfor %}{% endif %}"
     "{{ eos_token + '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
