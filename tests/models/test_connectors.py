@@ -26,8 +26,8 @@ def test_a_kind_missing_a_hook_fails_at_class_creation():
 
 
 def test_unknown_kind_is_one_line():
-    with pytest.raises(ConfigError, match=r"unknown connector kind 'perceiver'; known kinds: \['glu', 'mlp'"):
-        get_connector("perceiver")
+    with pytest.raises(ConfigError, match=r"unknown connector kind 'honeybee'; known kinds: \['glu', 'mlp'"):
+        get_connector("honeybee")
 
 
 def test_token_count_adds_boi_and_eoi_where_named():
