@@ -161,3 +161,16 @@ def test_tensorrt_profile_builds_audits_and_validates(tiny_model_dir, tmp_path):
     assert {x["part"] for x in rows} >= {"vision_encoder", "connector"} and all(x["passed"] for x in rows)
     e2e = {x["precision"]: x for x in r.validation["end_to_end"] if x.get("format") == "tensorrt"}
     assert e2e["fp32"]["rate"] == 1.0
+
+
+def test_the_dense_patch_loss_is_refused_in_one_line():
+    from vlmexport.training.objectives import objective_for
+    from vlmexport.training.stages import Stage
+
+    A = get_architecture("vary")
+    model = A(A.tiny_config())
+    for stage, weight in ((Stage.VISION, 0.0), (Stage.SCRATCH, 0.5)):
+        with pytest.raises(ConfigError, match=r"^the dense per-patch loss .* vary's vision part is a "
+                                              r"ParallelVisionSpec: train it with the align/scratch stages"):
+            objective_for(stage, model, weight)
+    objective_for(Stage.SCRATCH, model, 0.0)  # the next-token loss alone is fine

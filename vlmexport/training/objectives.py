@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..models.base import VLM
+from ..models.spec import VisionSpec
 from .batching import IGNORE, Batch
 from ..data.labels import LABEL_SETS
 from .stages import Stage
@@ -105,6 +107,12 @@ class NextTokenWithDenseObjective(Objective):
 
 
 def objective_for(stage: Stage, model: VLM, dense_weight: float = 0.0) -> Objective:
+    if stage is Stage.VISION or dense_weight > 0:
+        vision = type(model).part_specs(model.config).vision
+        if not isinstance(vision, VisionSpec):  # the labels are one ViT's patch grid
+            raise ConfigError(f"the dense per-patch loss (stage 'vision', dense_weight > 0) reads one ViT's patch "
+                              f"features; {model.arch_name}'s vision part is a {type(vision).__name__}: train it "
+                              "with the align/scratch stages and dense_weight 0")
     if stage is Stage.VISION:
         return DensePatchObjective(model)
     if dense_weight > 0:
