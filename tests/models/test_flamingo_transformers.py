@@ -153,3 +153,13 @@ def test_our_save_loads_in_transformers(ours, hf_model, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     got = hf_logits(theirs.eval(), PROMPT, 2)
     assert (got - hf_logits(hf_model, PROMPT, 2)).abs().max().item() <= ATOL
+
+
+def test_fresh_gates_start_closed_unless_asked_open():
+    from vlmexport.models import seeded_init
+
+    closed = seeded_init(Flamingo(Flamingo.tiny_config()), 0)
+    assert all(float(b.alpha_cross_attn.detach()) == 0 == float(b.alpha_dense.detach()) for b in closed.model.gated_cross_attn_layers)
+    opened = seeded_init(Flamingo(Flamingo.tiny_config(alpha_initializer="ones")), 0)
+    assert all(float(b.alpha_cross_attn.detach()) == 1 == float(b.alpha_dense.detach()) for b in opened.model.gated_cross_attn_layers)
+    assert Flamingo.config_from_hf(Flamingo.config_to_hf(opened.config)).alpha_initializer == "ones"

@@ -59,6 +59,9 @@ class FlamingoConfig(VLMConfig):
     image_token_id: int = 32000  # the "<image>" placeholder (transformers' processor's image_token_id)
     cross_layer_interval: int = 1
     alpha_type: str = "float"  # "float": one gate per block; "vector": one per channel
+    # Idefics' alpha_initializer: "zeros" (Flamingo: the untrained model is its language model) or "ones"
+    # (tanh(1) = 0.76: gates open, for a language model trained from scratch together with them)
+    alpha_initializer: str = "zeros"
     resampler_n_latents: int = 64
     resampler_depth: int = 6
     resampler_n_heads: int = 16
@@ -80,6 +83,8 @@ class FlamingoConfig(VLMConfig):
                               f"Idefics indexes its blocks by layer // interval; got {self.cross_layer_interval}")
         if self.alpha_type not in ("float", "vector"):
             raise ConfigError(f"alpha_type must be 'float' or 'vector'; got {self.alpha_type!r}")
+        if self.alpha_initializer not in ("zeros", "ones"):
+            raise ConfigError(f"alpha_initializer must be 'zeros' or 'ones'; got {self.alpha_initializer!r}")
         for name in ("resampler_n_latents", "resampler_depth", "resampler_n_heads", "resampler_head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -318,6 +323,8 @@ class Flamingo(VLM):
             pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
             vision_config=vision, image_token_id=hf.get("image_token_id", 32000),
             cross_layer_interval=hf.get("cross_layer_interval", 1), alpha_type=hf.get("alpha_type", "float"),
+            alpha_initializer=hf.get("alpha_initializer", "zeros") if hf.get("alpha_initializer") in ("zeros", "ones")
+            else "zeros",  # ("normal" draws are already in the checkpoint; only a fresh init reads it)
             resampler_n_latents=pc.get("resampler_n_latents", 64), resampler_depth=pc.get("resampler_depth", 6),
             resampler_n_heads=pc.get("resampler_n_heads", 16), resampler_head_dim=pc.get("resampler_head_dim", 96))
 
@@ -333,7 +340,7 @@ class Flamingo(VLM):
             "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
             "image_token_id": c.image_token_id, "cross_layer_interval": c.cross_layer_interval,
-            "alpha_type": c.alpha_type, "alpha_initializer": "zeros", "qk_layer_norms": False,
+            "alpha_type": c.alpha_type, "alpha_initializer": c.alpha_initializer, "qk_layer_norms": False,
             "use_resampler": True, "freeze_text_layers": False, "freeze_vision_layers": False,
             "perceiver_config": {"use_resampler": True, "resampler_n_latents": c.resampler_n_latents,
                                  "resampler_depth": c.resampler_depth, "resampler_n_heads": c.resampler_n_heads,
@@ -371,9 +378,10 @@ class Flamingo(VLM):
     def reset_special_parameters(self) -> None:
         nn.init.normal_(self.model.vision_model.embeddings.class_embedding, std=0.02)
         nn.init.normal_(self.model.perceiver_resampler.latents, std=0.02)
-        for block in self.model.gated_cross_attn_layers:  # tanh gates closed: the untrained model is its LM
-            nn.init.zeros_(block.alpha_cross_attn)
-            nn.init.zeros_(block.alpha_dense)
+        init = nn.init.zeros_ if self.config.alpha_initializer == "zeros" else nn.init.ones_
+        for block in self.model.gated_cross_attn_layers:  # zeros: tanh gates closed, the untrained model is its LM
+            init(block.alpha_cross_attn)
+            init(block.alpha_dense)
 
     def decode(self, inputs_embeds: torch.Tensor, token_type: torch.Tensor | None,
                position_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
