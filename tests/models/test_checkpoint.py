@@ -326,7 +326,8 @@ def test_tokenizer_problems(tiny_model_dir, tmp_path, arch):
     words = [f"{a}{b}{c}" for a in "bcdfghjklm" for b in "aeiou" for c in "nprst"]
     big = Tokenizer(train_tokenizer([" ".join(words[i:i + 9]) for i in range(len(words))], tmp_path / "big.model",
                                     vocab_size=400))
-    assert big.vocab_size > 320
+    vocab = get_architecture(arch).tiny_config().vocab_size  # (an architecture may reserve ids past the tokenizer's)
+    assert big.vocab_size > vocab
     (d / "tokenizer.model").write_bytes(big.serialized())
     vocab = get_architecture(arch).tiny_config().vocab_size  # 320; a tiny flamingo adds its own image token
     with pytest.raises(CheckpointError, match=rf"tokenizer.model: has {big.vocab_size} pieces but config.json "
