@@ -23,7 +23,8 @@ from ..core.errors import ConfigError
 from ..core.layout import ExpertRouting, PositionIds
 from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
-from .layers import RMSNorm, SwiGLU, ViTMLP, activation, apply_rope, attention, vit_self_attention
+from .layers import ViTMLP, activation, vit_self_attention
+from .llava import LlamaForCausalLM
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 
 TEXT_MODEL_TYPES = ("llama", "qwen2")
@@ -216,59 +217,6 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-# ------------------------------------------------------------------ LLaMA / Qwen2
-class TextAttention(nn.Module):
-    def __init__(self, config: InternVLConfig):
-        super().__init__()
-        h, hd, b = config.hidden_size, config.head_dim, config.attention_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=b)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=b)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=b)
-        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
-
-    def forward(self, x, cos, sin, cache, layer_idx, start):
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer_idx, start, k, v)
-        return self.o_proj(attention(q, k, v, start).transpose(1, 2).reshape(B, L, -1))
-
-
-class TextDecoderLayer(nn.Module):
-    def __init__(self, config: InternVLConfig):
-        super().__init__()
-        self.self_attn = TextAttention(config)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, x, cos, sin, route, cache, layer_idx, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class TextModel(nn.Module):
-    def __init__(self, config: InternVLConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TextDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-
-class TextForCausalLM(nn.Module):
-    def __init__(self, config: InternVLConfig):
-        super().__init__()
-        self.model = TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-
 # ------------------------------------------------------------------ the model
 @register
 class InternVL(VLM):
@@ -289,7 +237,7 @@ class InternVL(VLM):
         super().__init__(config)
         self.vision_tower = InternVisionModel(config)
         self.multi_modal_projector = MultiModalProjector(config)
-        self.language_model = TextForCausalLM(config)
+        self.language_model = LlamaForCausalLM(config)  # llava's; Qwen2 = LLaMA + q/k/v biases (attention_bias)
 
     # --------------------------------------------------------------- config I/O
     @classmethod

@@ -161,13 +161,16 @@ class MultiModalProjector(nn.Module):
 
 # --------------------------------------------------------------------- LLaMA
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlavaConfig):
+    """LLaMA attention; with ``config.attention_bias`` (a config that has it, e.g. internvl's Qwen2
+    decoder) the q/k/v projections carry biases, which is Qwen2's attention."""
+
+    def __init__(self, config: VLMConfig):
         super().__init__()
-        h, hd = config.hidden_size, config.head_dim
+        h, hd, b = config.hidden_size, config.head_dim, bool(getattr(config, "attention_bias", False))
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=False)
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=b)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=b)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=b)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
 
     def forward(self, x, cos, sin, cache, layer_idx, start):
