@@ -397,9 +397,8 @@ def activation_stats(model_path: str | os.PathLike, reader: _Reader, token_type_
     acc: dict[str, list] = {}
     with _session_with_outputs(model_path, names_of) as (sess, outs, _):
         reader.rewind()
-        takes = {i.name for i in sess.get_inputs()}
-        for b, feed in enumerate(reader):
-            vals = dict(zip(outs, sess.run(outs, {k: v for k, v in feed.items() if k in takes})))
+        for b, feed in enumerate(reader):  # the session reads the inputs its graph declares (_DeclaredInputs)
+            vals = dict(zip(outs, sess.run(outs, feed)))
             for node, inp in targets.items():
                 v = vals[inp].reshape(-1, vals[inp].shape[-1]).astype(np.float64)
                 if not np.all(np.isfinite(v)):
@@ -467,9 +466,8 @@ def input_hessians(model_path: str | os.PathLike, reader: _Reader, nodes: Sequen
                     held[name].clear()
 
             reader.rewind()
-            takes = {i.name for i in sess.get_inputs()}  # a feed may carry more (token_type of a routing-free graph)
-            for b, feed in enumerate(reader):
-                for name, v in zip(outs, sess.run(outs, {k: v for k, v in feed.items() if k in takes})):
+            for b, feed in enumerate(reader):  # a feed may carry more (token_type): _DeclaredInputs drops it
+                for name, v in zip(outs, sess.run(outs, feed)):
                     x = np.asarray(v, np.float32).reshape(-1, size[name])
                     if not np.all(np.isfinite(x)):
                         raise nonfinite_error(Path(model_path).stem, f"the input {name} of node '{node_of[name]}'", b)
