@@ -33,7 +33,7 @@ from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
 from .connectors.qformer import layer_roles
 from .layers import ViTMLP, activation, vit_self_attention
-from .llava import LlamaForCausalLM
+from .llava import LlamaDecoderHooks, LlamaForCausalLM
 from .spec import (
     ConnectorSpec,
     DecoderSpec,
@@ -307,7 +307,7 @@ class Connector(nn.Module):
 
 # ------------------------------------------------------------------ the model
 @register
-class Blip2(VLM):
+class Blip2(LlamaDecoderHooks, VLM):
     arch_name = "blip2"
     hf_architectures = ("Blip2ForConditionalGeneration",)
     config_class = Blip2Config
@@ -427,18 +427,6 @@ class Blip2(VLM):
 
     def connector_module(self) -> nn.Module:
         return Connector(self)
-
-    def token_embedding(self) -> nn.Module:
-        return self.language_model.model.embed_tokens
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
-
-    def final_norm(self) -> nn.Module:
-        return self.language_model.model.norm
-
-    def lm_head_module(self) -> nn.Module:
-        return self.language_model.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.connector_module()(self.vision_model(pixel_values))

@@ -24,7 +24,7 @@ from ..core.layout import ExpertRouting, PositionIds
 from ..core.prompt import ChatTemplate
 from .base import VLM, VisionConfig, VLMConfig, register
 from .layers import ViTMLP, activation, vit_self_attention
-from .llava import LlamaForCausalLM
+from .llava import LlamaDecoderHooks, LlamaForCausalLM
 from .spec import ConnectorSpec, DecoderSpec, ExpertNames, PartSpecs, VisionSpec
 
 TEXT_MODEL_TYPES = ("llama", "qwen2")
@@ -219,7 +219,7 @@ class MultiModalProjector(nn.Module):
 
 # ------------------------------------------------------------------ the model
 @register
-class InternVL(VLM):
+class InternVL(LlamaDecoderHooks, VLM):
     arch_name = "internvl"
     hf_architectures = ("InternVLForConditionalGeneration",)
     config_class = InternVLConfig
@@ -356,18 +356,6 @@ class InternVL(VLM):
 
     def connector_module(self) -> nn.Module:
         return self.multi_modal_projector
-
-    def token_embedding(self) -> nn.Module:
-        return self.language_model.model.embed_tokens
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
-
-    def final_norm(self) -> nn.Module:
-        return self.language_model.model.norm
-
-    def lm_head_module(self) -> nn.Module:
-        return self.language_model.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.multi_modal_projector(self.vision_encoder_module()(pixel_values))

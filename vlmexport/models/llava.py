@@ -215,9 +215,26 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
+class LlamaDecoderHooks:
+    """The VLM decoder hooks of a model whose ``language_model`` is a :class:`LlamaForCausalLM`
+    (llava, blip2, internvl): one place instead of four accessors per architecture."""
+
+    def token_embedding(self) -> nn.Module:
+        return self.language_model.model.embed_tokens
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.model.layers
+
+    def final_norm(self) -> nn.Module:
+        return self.language_model.model.norm
+
+    def lm_head_module(self) -> nn.Module:
+        return self.language_model.lm_head
+
+
 # ------------------------------------------------------------------ the model
 @register
-class Llava(VLM):
+class Llava(LlamaDecoderHooks, VLM):
     arch_name = "llava"
     hf_architectures = ("LlavaForConditionalGeneration",)
     config_class = LlavaConfig
@@ -320,18 +337,6 @@ class Llava(VLM):
 
     def connector_module(self) -> nn.Module:
         return self.multi_modal_projector
-
-    def token_embedding(self) -> nn.Module:
-        return self.language_model.model.embed_tokens
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
-
-    def final_norm(self) -> nn.Module:
-        return self.language_model.model.norm
-
-    def lm_head_module(self) -> nn.Module:
-        return self.language_model.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.multi_modal_projector(self.vision_encoder_module()(pixel_values))
