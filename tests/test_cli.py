@@ -167,6 +167,15 @@ def test_bench_runs_several_bundles_side_by_side(tmp_path, tiny_model_dir):
         ("onnxruntime-fp32", "torch-float32"), ("torch-float32", "onnxruntime-fp32"))}
     # the labels' brackets print as text (rich markup escaped), in the ratio lines too
     assert "onnxruntime-fp32 [b1/bundle] / torch-float32 [b1/bundle]: decode x" in r.plain, r.plain
+    # piped output (as here): a Markdown table with every cell whole, one line per row, however wide
+    table = [line for line in r.plain.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4 and "…" not in r.plain
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[0] == "bundle" and header[-1] == "exact match" and "decode tok/s" in header
+    for line, (n, be) in zip(table[2:], [(k, be) for k in (0, 1) for be in ("torch-float32", "onnxruntime-fp32")]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [f"b{n}/bundle", be] and len(cells) == len(header), line
+        assert float(cells[header.index("decode tok/s")]) > 0
 
     twin = tmp_path / "twin"
     shutil.copytree(bundles[0], twin)

@@ -611,8 +611,10 @@ def bench(
     synthetic: Optional[SyntheticChoice] = typer.Option(None, help="Benchmark a random-weight model of realistic "
                                                         "shape instead (bench-l only writes its checkpoint)."),
     workdir: Path = typer.Option(Path("runs/bench"), help="Where --synthetic writes its checkpoint and bundle."),
-    backend: str = typer.Option("torch,onnxruntime,llamacpp", help="Comma-separated backends, timed side by side "
-                                "(those the bundle and this installation have)."),
+    backend: str = typer.Option("torch,onnxruntime,llamacpp,llamacpp-raw",
+                                help="Comma-separated backends, timed side by side (those the bundle and this "
+                                "installation have). llamacpp-raw: llama.cpp itself on the text GGUF with a text "
+                                "prompt of the same length, the anchor row."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions (default: all in the bundle)."),
     prompt_tokens: int = typer.Option(32, min=1, help="Text tokens after the image in the timed prompt."),
     decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed per repeat."),
@@ -628,7 +630,17 @@ def bench(
 ):
     """Image-encode latency, time to first token, decode tokens/s, peak memory per backend x precision."""
     _setup_logging(False)
-    from .pipeline.bench import COLUMNS, bundle_label, plot_report, row_cells, run_bench, write_synthetic_checkpoint
+    from .pipeline.bench import (
+        COLUMNS,
+        bundle_label,
+        plot_report,
+        ratio_line,
+        report_markdown,
+        report_title,
+        row_cells,
+        run_bench,
+        write_synthetic_checkpoint,
+    )
 
     _writable(json_out, "--json")
     _writable(png, "--png")
@@ -671,19 +683,19 @@ def bench(
     json_out.write_text(report.to_json() + "\n")
     png = png or json_out.with_suffix(".png")
     plot_report(report, png)
-    seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
-    multi = len(report.bundles) > 1
-    t = Table(title=escape(f"{', '.join(map(str, bundles))}: {report.machine.get('cpu', '')}, {report.threads} "
-                           f"threads, read bandwidth {report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), "
-                           f"fp32 GEMM {report.gemm_gflops:.0f} GFLOP/s"))
-    for col in ("bundle",) * multi + COLUMNS:
-        t.add_column(col, justify="left" if col in ("bundle", "backend", "precision") else "right")
-    for r in report.rows:
-        t.add_row(*(escape(c) for c in (bundle_label(r.bundle, report.bundles),) * multi + row_cells(r)))
-    out.print(t)
-    for name, ratio in report.ratios.items():
-        out.print(f"{escape(name)}: decode x{ratio['decode_tok_s']:.2f}, TTFT x{ratio['ttft']:.2f}, "
-                  f"image encode x{ratio['image_encode']:.2f}")
+    if not out.is_terminal:  # piped or logged: every cell whole, a Markdown table (rich would squeeze it to 80 columns)
+        sys.stdout.write(report_markdown(report) + "\n")
+        sys.stdout.flush()
+    else:
+        multi = len(report.bundles) > 1
+        t = Table(title=escape(report_title(report)))
+        for col in ("bundle",) * multi + COLUMNS:
+            t.add_column(col, justify="left" if col in ("bundle", "backend", "precision") else "right")
+        for r in report.rows:
+            t.add_row(*(escape(c) for c in (bundle_label(r.bundle, report.bundles),) * multi + row_cells(r)))
+        out.print(t)
+        for name, ratio in report.ratios.items():
+            out.print(escape(ratio_line(name, ratio)), soft_wrap=True)
     console.print(escape(f"report written to {json_out} and {png}"))
 
 

@@ -290,6 +290,8 @@ class BenchReport:
 
 
 # the report's table (``vlmexport bench`` prints it): its columns and each row's cells
+RAW_LLAMACPP = "llamacpp-raw"  # the anchor row's backend name (text GGUF, text prompt, llama.cpp's defaults)
+
 COLUMNS = ("backend", "precision", "size MB", "encode ms", "TTFT ms", "prefill GFLOP/s", "of GEMM", "decode tok/s",
            "GB/s read", "of bandwidth", "peak RSS MB", "exact match")
 
@@ -340,16 +342,41 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def bench_layout(model: dict, spec, bos_id: int, prompt_tokens: int):
+    """The timed prompt: BOS, one image, ``prompt_tokens`` text tokens."""
+    text = [5 + (k % 200) for k in range(prompt_tokens)]
+    pieces = [TextPiece((bos_id,)), ImagePiece(model["image_tokens"]), TextPiece(tuple(text))]
+    return build_layout(pieces, model["expert_routing"], model["position_ids"], image_pad_id=spec.placeholder_id,
+                        image_placement=spec.image_placement)
+
+
+def bench_raw_llamacpp(b, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
+                       threads: int, bandwidth: float, gemm: float) -> BenchRow:
+    """The anchor row: raw llama.cpp on the bundle's text GGUF (runtimes/llamacpp_anchor.py), a text
+    prompt of as many positions as the other rows' image prompt, so its TTFT is a prefill of the
+    same length with no image encode."""
+    from ..runtimes.llamacpp_anchor import time_text_gguf
+    from ..runtimes.spec import model_spec
+
+    n = len(bench_layout(model, model_spec(model), 1, prompt_tokens))
+    t = time_text_gguf(b.file(b.find(Part.TEXT_DECODER, "gguf", precision).file), n, decode_tokens, repeats, threads)
+    gb = (decode_bytes_from_files(b, "llamacpp", precision) or 0.0) / 1e9
+    tok_s = 1000.0 / t.decode_ms_per_token
+    gflops = prefill_flops(model, n) / t.ttft_ms / 1e6
+    return BenchRow(backend=f"{RAW_LLAMACPP}-{precision}", precision=precision, image_encode_ms=0.0,
+                    ttft_ms=t.ttft_ms, prefill_tokens=n, decode_tok_s=tok_s, decode_ms_per_token=t.decode_ms_per_token,
+                    peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
+                    bandwidth_fraction=gb * tok_s / bandwidth, load_s=t.load_s, prefill_ms=t.ttft_ms,
+                    prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
+
+
 def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
                    bandwidth: float, load_s: float, decode_bytes: float | None = None, gemm: float = 0.0) -> BenchRow:
     """Time one loaded pipeline (its session does the work; the loop is the shared one)."""
     session = pipe.session
     size = pipe.preprocess_config.image_size
     pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    text = [5 + (k % 200) for k in range(prompt_tokens)]
-    pieces = [TextPiece((pipe.tokenizer.bos_id,)), ImagePiece(model["image_tokens"]), TextPiece(tuple(text))]
-    layout = build_layout(pieces, model["expert_routing"], model["position_ids"], image_pad_id=pipe.spec.placeholder_id,
-                          image_placement=pipe.spec.image_placement)
+    layout = bench_layout(model, pipe.spec, pipe.tokenizer.bos_id, prompt_tokens)
     session.encode_images(pixels)  # warm-up
     session.reset()
     session.prefill(layout, session.encode_images(pixels))
@@ -390,6 +417,8 @@ def loaded_artifacts(b, backend: str, precision: str) -> list:
         return [b.find("model", "torch")]
     if backend == "llamacpp":
         return [b.find(part, "gguf", precision) for part in (Part.TEXT_DECODER, Part.MMPROJ)]
+    if backend == RAW_LLAMACPP:
+        return [b.find(Part.TEXT_DECODER, "gguf", precision)]
     from ..bundle import part_precision
 
     return [b.find(part, "onnx", part_precision(b.precisions(part, "onnx"), precision) or "fp32")
@@ -446,6 +475,13 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
         progress(f"bench {backend} {precision}{report.where(name)}")
         gc.collect()
         _reset_peak_rss()
+        if backend == RAW_LLAMACPP:
+            row = bench_raw_llamacpp(b, b.section("model"), precision, prompt_tokens, decode_tokens, repeats, threads,
+                                     bandwidth, gemm)
+            row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
+            report.rows.append(row)
+            by_key[key] = row
+            continue
         t0 = time.perf_counter()
         pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
         load_s = time.perf_counter() - t0
@@ -468,11 +504,62 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     for kind in ("torch", "onnxruntime"):
         for r in report.rows:
             base = bases[r.bundle].get(kind)
-            if base is not None and base is not r:
-                report.ratios[f"{report.label(r)} / {report.label(base)}"] = {
-                    "decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
-                    "image_encode": r.image_encode_ms / base.image_encode_ms}
+            if base is not None and base is not r and not r.backend.startswith(RAW_LLAMACPP):
+                report.ratios[f"{report.label(r)} / {report.label(base)}"] = _ratio(r, base)
+    # and against the raw llama.cpp anchor: the same GGUF precision where there is one (the llamacpp
+    # backend's overhead), else q4_0 (onnxruntime's int4 against llama.cpp's usual CPU format)
+    raw = {name: {p: by_key.get(_same_files_key(b, RAW_LLAMACPP, p)) for _, p in _plan(b, (RAW_LLAMACPP,), None)}
+           for name, b in opened}
+    for r in report.rows:
+        anchors = raw[r.bundle]
+        base = anchors.get(r.precision) or anchors.get("q4_0")
+        if base is not None and base is not r and not r.backend.startswith(("torch", RAW_LLAMACPP)):
+            report.ratios[f"{report.label(r)} / {report.label(base)}"] = _ratio(r, base)
     return report
+
+
+def _ratio(r: BenchRow, base: BenchRow) -> dict:
+    """``r`` over ``base``: decode tokens/s, TTFT, prefill (TTFT minus image encode) and image encode
+    (None where either row has none: the raw llama.cpp anchor's prompt is text)."""
+    return {"decode_tok_s": r.decode_tok_s / base.decode_tok_s, "ttft": r.ttft_ms / base.ttft_ms,
+            "prefill": r.prefill_ms / base.prefill_ms,
+            "image_encode": r.image_encode_ms / base.image_encode_ms if r.image_encode_ms and base.image_encode_ms
+            else None}
+
+
+def ratio_line(name: str, ratio: dict) -> str:
+    """One ratio as ``vlmexport bench`` prints it."""
+    parts = [f"decode x{ratio['decode_tok_s']:.2f}", f"TTFT x{ratio['ttft']:.2f}"]
+    if ratio.get("prefill") is not None:
+        parts.append(f"prefill x{ratio['prefill']:.2f}")
+    if ratio.get("image_encode") is not None:
+        parts.append(f"image encode x{ratio['image_encode']:.2f}")
+    return f"{name}: {', '.join(parts)}"
+
+
+def report_title(report: BenchReport) -> str:
+    seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
+    return (f"{', '.join(report.bundles)}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
+            f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), fp32 GEMM {report.gemm_gflops:.0f} "
+            "GFLOP/s")
+
+
+def report_markdown(report: BenchReport) -> str:
+    """The report as plain text: a title, a Markdown pipe table (every cell whole, however wide) and
+    one line per ratio. ``vlmexport bench`` prints this when its output is piped or logged."""
+    multi = len(report.bundles) > 1
+    cols = ("bundle",) * multi + COLUMNS
+    rows = [(bundle_label(r.bundle, report.bundles),) * multi + row_cells(r) for r in report.rows]
+    width = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    left = {"bundle", "backend", "precision"}
+
+    def line(cells) -> str:
+        return "| " + " | ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, width, cols)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if h not in left else ("-" * (w + 2)) for w, h in zip(width, cols)) + "|"
+    lines = [report_title(report), "", line(cols), rule, *(line(r) for r in rows), ""]
+    lines += [ratio_line(name, ratio) for name, ratio in report.ratios.items()]
+    return "\n".join(lines)
 
 
 def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[tuple[str, str]]:
@@ -485,14 +572,15 @@ def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[
         elif backend == "onnxruntime":
             plan += [("onnxruntime", p) for p in b.precisions(Part.TEXT_DECODER, "onnx")
                      if precisions is None or p in precisions]
-        elif backend == "llamacpp":
+        elif backend in ("llamacpp", RAW_LLAMACPP):
             from ..runtimes.llamacpp_backend import llamacpp_available
 
             if llamacpp_available():
-                plan += [("llamacpp", p) for p in b.precisions(Part.TEXT_DECODER, "gguf")
+                plan += [(backend, p) for p in b.precisions(Part.TEXT_DECODER, "gguf")
                          if precisions is None or p in precisions]
         else:
-            raise VlmexportError(f"unknown backend {backend!r}; choose from torch, onnxruntime, llamacpp")
+            raise VlmexportError(f"unknown backend {backend!r}; choose from torch, onnxruntime, llamacpp, "
+                                 f"{RAW_LLAMACPP}")
     return plan
 
 
