@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlmexport.cli import app
+from vlmexport.core.errors import VlmexportError
 from vlmexport.training.recipes import StageSpec, demo_recipe
 from vlmexport.training.trainer import TrainConfig
 
@@ -84,10 +85,18 @@ def test_train_eval_build_inspect_run(tmp_path):
     from vlmexport.runtimes.loader import load
 
     key = "session.intra_op.allow_spinning"
-    assert load(bundle, backend="onnxruntime").session._opts().get_session_config_entry(key) == "0"
+    # by default the decoder's threads spin inside its runs and the vision parts' do not
+    default = load(bundle, backend="onnxruntime").session
+    assert default._opts(decoder=True).get_session_config_entry(key) == "1"
+    assert default._opts().get_session_config_entry(key) == "0"
+    for spin, vision, decoder in ((True, "1", "1"), ("all", "1", "1"), ("off", "0", "0"), (False, "0", "0")):
+        s = load(bundle, backend="onnxruntime", spin=spin).session
+        assert (s._opts().get_session_config_entry(key), s._opts(True).get_session_config_entry(key)) == (
+            vision, decoder), spin
     spun = load(bundle, backend="onnxruntime", spin=True).session._opts()
-    assert spun.get_session_config_entry(key) == "1"
     assert spun.get_session_config_entry("session.force_spinning_stop") == "1"  # no spinning between runs
+    with pytest.raises(VlmexportError, match="spin='fast': choose one of off, decode, all"):
+        load(bundle, backend="onnxruntime", spin="fast")
 
     report = tmp_path / "bench.json"
     r = invoke("bench", bundle, "--backend", "torch,onnxruntime", "--repeats", "1", "--decode-tokens", "3",

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.errors import VlmexportError
-from .core.names import Backend, Device
+from .core.names import Backend, Device, Spin
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Train CogVLM-style vision-language models and export them for edge devices.")
@@ -396,7 +396,7 @@ def build(
     int4_algorithm: str = typer.Option("gptq", help="Weight-only algorithm for int4: gptq (calibrated on the "
                                        "calibration pairs, each expert on its own modality), rtn or hqq."),
     quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 decoder is tuned for: "
-                                             "cpu (block 32) or gpu (block 128); both use int8 compute "
+                                             "cpu or gpu (block 128 for both); both use int8 compute "
                                              "(accuracy_level 4) on a CPU."),
     int4_block_size: Optional[Int4Block] = typer.Option(None, help="Weights per scale in the decoder's "
                                                         "weight-only MatMulNBits (int4 layers, 8-bit LM head, int8 "
@@ -620,8 +620,9 @@ def bench(
     decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed per repeat."),
     repeats: int = typer.Option(3, min=1, help="Repeats; medians are reported."),
     threads: Optional[int] = typer.Option(None, min=1, help="Threads for every backend (default: physical cores)."),
-    spin: bool = typer.Option(False, "--spin", help="Let onnxruntime's threads busy-wait between operators: "
-                              "faster when the model has the machine to itself, much slower when it does not."),
+    spin: Spin = typer.Option(Spin.DECODE, help="When onnxruntime's threads busy-wait between operators: inside "
+                              "decoder runs (decode, the default), every part's runs (all) or never (off). Faster when "
+                              "the model has the machine to itself, slower when it does not."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: bench.json "
                                             "in the bundle, or in the current directory for several bundles)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),

@@ -122,7 +122,7 @@ def test_gptq_file_runs_in_onnxruntime_as_computed(tmp_path):
     outs = {}
     for algo in ("rtn", "gptq"):
         q = quantize_weight_only("part", src, tmp_path / f"{algo}.onnx", "int4", algorithm=algo, accuracy_level=None,
-                                 reader=reader if algo == "gptq" else None)
+                                 block_size=32, reader=reader if algo == "gptq" else None)
         assert [nd.op_type for nd in onnx.load(str(q.path)).graph.node] == ["MatMulNBits"]
         outs[algo] = run(q.path)
     err = q.settings["output_error"]["language"]
@@ -207,7 +207,7 @@ def test_a_weight_shared_by_two_matmuls_is_rounded_to_nearest(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
     x = {"a": _activations(rng, 256, 64), "b": _activations(rng, 256, 64)}
     q = quantize_weight_only("part", src, tmp_path / "q.onnx", "int4", algorithm="gptq", accuracy_level=None,
-                             reader=_Reader([x]))
+                             block_size=32, reader=_Reader([x]))
     assert "output_error" not in q.settings  # no node was fitted
     ya, yb = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"]).run(None, x)
     deq = G.dequantize(*G.rtn(w, 4, 32), 64)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBits quantizer needs it
 
-from vlmexport.core.errors import ConfigError, DataError  # noqa: E402
+from vlmexport.core.errors import BundleError, ConfigError, DataError  # noqa: E402
 from vlmexport.quant import calib as calib_mod  # noqa: E402
 from vlmexport.pipeline.quantize import QuantOptions, ort_session, prompt_pipeline, quantize_onnx, gate_items  # noqa: E402
 from vlmexport.quant.calib import (CalibrationSettings, activation_stats, build_calibration, decoder_feeds,  # noqa: E402
@@ -414,6 +414,37 @@ def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp
         "connector.int8.onnx")
     assert isinstance(pipe.generate("what is shown?", [np.zeros((32, 32, 3), np.uint8)], max_new_tokens=3), str)
 
+    # the quantized decoders' routing-free decode graphs: listed (so hashed), graph only over the quantized
+    # weights, without routing, used for decode steps, and giving exactly the routed graph's logits
+    for p in ("int8", "int4"):
+        a = b.find("text_decoder", "onnx", p)
+        dg = a.extra["decode_graph"]
+        assert dg == f"onnx/text_decoder.{p}.decode.onnx" and dg in {d["file"] for d in a.data_files}
+        m = onnx.load(str(out / dg), load_external_data=False)
+        ops = [n.op_type for n in m.graph.node]
+        assert "NonZero" not in ops and "token_type" not in {i.name for i in m.graph.input}
+        experts = sum(a.extra["quantization"]["nodes_per_precision"].values()) - 1  # both experts, not the LM head
+        assert ops.count("MatMulNBits") == experts // 2 + 1  # the language expert's and the LM head
+    assert b.find("text_decoder", "onnx", "fp32").extra["decode_graph"] == "onnx/text_decoder.fp32.decode.onnx"
+    assert s.decode_graph._model_path.endswith("text_decoder.int4.decode.onnx")
+    assert load(out, backend="onnxruntime", precision="fp32").session.decode_graph is None  # +0.95 GB on bench-s
+    from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
+
+    lay = build_layout([TextPiece((1, 5, 6)), ImagePiece(fp32_bundle["model"]["image_tokens"]), TextPiece((7, 8))],
+                       fp32_bundle["model"]["expert_routing"], fp32_bundle["model"]["position_ids"])
+    emb = s.encode_images(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    steps = []
+    for graph in (s.decode_graph, None):
+        s.decode_graph = graph
+        s.reset()
+        s.prefill(lay, emb)
+        steps.append([s.decode(9 + k, lay.next_position + k) for k in range(4)])
+    assert all(np.array_equal(x, y) for x, y in zip(*steps))
+    # a tampered decode graph is refused like any other bundle file
+    (out / "onnx/text_decoder.int4.decode.onnx").write_bytes(b"x")
+    with pytest.raises(BundleError, match="text_decoder.int4.decode.onnx"):
+        load(out, backend="onnxruntime", precision="int4")
+
 
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq"])
 def test_int4_algorithms(fp32_bundle, tmp_path, algorithm):
@@ -446,9 +477,9 @@ def test_int4_algorithms(fp32_bundle, tmp_path, algorithm):
 
 
 def test_quant_targets_and_block_sizes():
-    assert QuantOptions.for_target("cpu") == {"block_size": 32, "accuracy_level": 4}
+    assert QuantOptions.for_target("cpu") == {"block_size": 128, "accuracy_level": 4}
     assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4}
-    assert QuantOptions.for_target("cpu", 128) == {"block_size": 128, "accuracy_level": 4}
+    assert QuantOptions.for_target("cpu", 32) == {"block_size": 32, "accuracy_level": 4}
     with pytest.raises(ConfigError, match="int4 block size 48: choose one of"):
         QuantOptions(**QuantOptions.for_target("cpu", 48))
     with pytest.raises(ConfigError, match="quantization target 'npu'"):
@@ -470,8 +501,14 @@ def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeyp
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     onnx_files = sorted(p.name for p in (out / "onnx").iterdir() if p.suffix == ".onnx")
-    assert onnx_files == ["connector.fp32.onnx", "text_decoder.fp32.onnx", "text_decoder.int4.onnx",
+    assert onnx_files == ["connector.fp32.onnx", "text_decoder.fp32.decode.onnx", "text_decoder.fp32.onnx",
+                          "text_decoder.int4.decode.onnx", "text_decoder.int4.onnx",
                           "vision_encoder.fp32.onnx"]  # fp32 comes along: the source and the fallback
+    # the decode graph keeps what the recipe kept fp32 (the LM head, layer 0's language expert) as MatMul
+    dec = _ops(out / "onnx/text_decoder.int4.decode.onnx")
+    assert {n.name for n in dec if n.op_type == "MatMul" and n.name.startswith(("lm_head", "layers."))} == {
+        "lm_head", "layers.0.language.qkv", "layers.0.language.o", "layers.0.language.mlp.gate",
+        "layers.0.language.mlp.up", "layers.0.language.mlp.down"}
     nodes = _ops(out / "onnx/text_decoder.int4.onnx")
     assert {n.name for n in nodes if n.op_type == "MatMul"} == {"lm_head"} | {
         n.name for n in nodes if n.name.startswith("layers.0.") and n.op_type == "MatMul"}

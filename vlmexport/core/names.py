@@ -84,6 +84,30 @@ class Backend(str, Enum):
         return self.value
 
 
+class Spin(str, Enum):
+    """When onnxruntime's pool threads busy-wait between operators (runtimes/onnxruntime_backend.py)."""
+    OFF = "off"
+    DECODE = "decode"  # inside the decoder graphs' runs only (the default)
+    ALL = "all"  # inside every part's runs
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, spin: "bool | str | Spin | None") -> "Spin":
+        """A mode from its name or a bool (True: all, False: off; None: decode), or one VlmexportError line."""
+        from .errors import VlmexportError
+
+        if spin is None:
+            return cls.DECODE
+        if isinstance(spin, bool):
+            return cls.ALL if spin else cls.OFF
+        try:
+            return cls(spin)
+        except ValueError:
+            raise VlmexportError(f"spin={spin!r}: choose one of {', '.join(m.value for m in cls)}") from None
+
+
 # What a user may type (either spelling) -> the format's own spelling. The one table.
 PRECISION_NAMES: dict[str, dict[str, str]] = {
     Format.ONNX: {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"},

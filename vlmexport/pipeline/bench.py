@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.errors import VlmexportError
 from ..core.layout import ImagePiece, TextPiece, build_layout
-from ..core.names import Part
+from ..core.names import Part, Spin
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class BenchReport:
     bandwidth_gbs: float
     threads: int
     gemm_gflops: float = 0.0  # fp32 GEMM throughput measured in the same run
-    spin: bool = False  # onnxruntime threads busy-wait between operators (load(spin=True))
+    spin: str = "decode"  # when onnxruntime threads busy-wait between operators (load(spin=...))
     bandwidth_samples_gbs: list[float] = field(default_factory=list)  # before and after the backends ran
     gemm_samples_gflops: list[float] = field(default_factory=list)  # bandwidth_gbs / gemm_gflops: their max
     rows: list[BenchRow] = field(default_factory=list)
@@ -440,7 +440,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
               backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
-              spin: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+              spin: bool | str = "decode", progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Every backend x precision of one or several bundles, side by side in this process
     (several bundles: two builds of one model, say block-32 and block-128 int4). With
     ``accuracy_per_category`` > 0 each is also scored (exact match) on that many synthetic
@@ -462,7 +462,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     bandwidth = read_bandwidth_gbs(threads)
     gemm = gemm_gflops(threads)
     report = BenchReport(bundle=bundles[0], machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
-                         gemm_gflops=gemm, spin=spin, bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm],
+                         gemm_gflops=gemm, spin=str(Spin.of(spin)), bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm],
                          bundles=bundles)
     plan, by_key = [], {}
     for name, b in opened:  # what several bundles share (the torch reference, an fp32 export) runs once

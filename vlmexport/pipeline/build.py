@@ -122,7 +122,9 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
             (Part.VISION_ENCODER, lambda f: export_vision_encoder(src.tensors, s.vision, f, p)),
             (Part.CONNECTOR, lambda f: export_connector(src.tensors, s.connector, s.vision.output_width,
                                                         s.decoder.hidden_size, f, p)),
-            (Part.TEXT_DECODER, lambda f: export_text_decoder(src.tensors, s.decoder, f, p)),
+            # with its routing-free one-token graph (a ~0.1 MB file over the same weights): the source of
+            # the quantized decoders' decode graphs (quant/decode_graph.py)
+            (Part.TEXT_DECODER, lambda f: export_text_decoder(src.tensors, s.decoder, f, p, decode_model=True)),
             (Part.TOKEN_EMBEDDING, lambda f: export_token_embedding(src.tensors, s.decoder, f, p)),
         ]
         for part, fn in jobs:
@@ -132,7 +134,10 @@ def export_onnx(src: SourceModel, root: Path, precisions: Sequence[str], progres
             target.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             g = fn(target)
-            out.append(exported_part(part, p, rel, g, root, time.perf_counter() - t0))
+            e = exported_part(part, p, rel, g, root, time.perf_counter() - t0)
+            if getattr(g, "decode_path", None):
+                e.extra["decode_graph"] = str(Path(g.decode_path).relative_to(root))
+            out.append(e)
     return out
 
 
@@ -142,6 +147,7 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
     (vlmexport/quant); and the manifest's ``calibration`` entry for them. A build that did not
     ask for fp32 gets it too: it is the source, and the runtime's per-part fallback (an int4
     bundle has no int4 vision encoder)."""
+    from ..quant.decode_graph import derive_quantized_decode_graph
     from .quantize import QuantOptions, quantize_onnx
 
     options = options or QuantOptions()
@@ -157,11 +163,19 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
                       options=options, progress=progress)
     dt = time.perf_counter() - t0
     io = {e.part: e for e in fp32}
-    parts = [ExportedPart(q.part, "onnx", q.precision, str(q.path.relative_to(root)),
-                          tuple(str(f.relative_to(root)) for f in q.data_files), io[q.part].inputs, io[q.part].outputs,
-                          dt, {"quantization": q.settings, "quantized_nodes": len(q.quantized_nodes),
-                               "scores": {k: v for k, v in r.scores[q.precision].items() if k != "parts"}})
-             for q in r.parts]
+    parts = []
+    for q in r.parts:
+        data = [str(f.relative_to(root)) for f in q.data_files]
+        extra = {"quantization": q.settings, "quantized_nodes": len(q.quantized_nodes),
+                 "scores": {k: v for k, v in r.scores[q.precision].items() if k != "parts"}}
+        fp32_decode = (io[q.part].extra or {}).get("decode_graph")
+        if fp32_decode and q.part == Part.TEXT_DECODER:  # the routing-free graph over the quantized weights
+            progress(f"decode graph of the {q.precision} text decoder")
+            d = derive_quantized_decode_graph(q.path, root / fp32_decode)
+            extra["decode_graph"] = str(d.relative_to(root))
+            data.append(extra["decode_graph"])
+        parts.append(ExportedPart(q.part, "onnx", q.precision, str(q.path.relative_to(root)), tuple(data),
+                                  io[q.part].inputs, io[q.part].outputs, dt, extra))
     return new + parts, {"onnx": {**r.calibration, "scores": r.scores}}
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
 from ..bundle.schema import check_memory, validate_runtime
 from ..core.errors import MissingDependencyError, VlmexportError
-from ..core.names import Backend, Device, Part
+from ..core.names import Backend, Device, Part, Spin
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from ..core.tokenizer import Tokenizer
@@ -52,7 +52,13 @@ def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
     return chosen
 
 
-def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+# decoder precisions whose routing-free decode graph the onnxruntime backend runs for decode steps. Its
+# session holds a second prepacked copy of the language expert's weights: +142 MB for bench-s int4
+# (for +6% decode), where fp32 would add ~0.95 GB
+DECODE_GRAPH_PRECISIONS = ("int8", "int4")
+
+
+def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin="decode"):
     if importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependencyError("onnxruntime is not installed; install it with `pip install 'vlmexport[onnx]'`")
     from .onnxruntime_backend import OrtModelSession, default_providers
@@ -76,13 +82,16 @@ def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: in
                                      "onnxruntime-gpu or use device='cpu'")
     facts = decoder_shape(m)
     f = lambda part: bundle.file(bundle.find(part, "onnx", per_part.get(part, p)).file)  # noqa: E731
+    decoder = bundle.find(Part.TEXT_DECODER, "onnx", per_part.get(Part.TEXT_DECODER, p))
+    decode_graph = (decoder.extra or {}).get("decode_graph") if decoder.precision in DECODE_GRAPH_PRECISIONS else None
     session = OrtModelSession(f(Part.TEXT_DECODER), f(Part.TOKEN_EMBEDDING), facts,
+                              decode_path=bundle.file(decode_graph) if decode_graph else None,
                               vision_encoder_path=f(Part.VISION_ENCODER), connector_path=f(Part.CONNECTOR),
                               providers=providers, intra_op_num_threads=threads, allow_spinning=spin)
     return session, f"onnxruntime-{p}"
 
 
-def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin="decode"):
     if importlib.util.find_spec("torch") is None:
         raise MissingDependencyError("the torch backend needs PyTorch; install it with `pip install 'vlmexport[torch]'`")
     import torch
@@ -113,7 +122,7 @@ def _torch(bundle: Bundle, precision: str | None, device: str, threads: int | No
     return session, f"torch-{str(dtype).replace('torch.', '')}{graphs}"
 
 
-def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin="decode"):
     from .llamacpp_backend import LlamaCppSession, llamacpp_available
 
     if not llamacpp_available():
@@ -141,10 +150,10 @@ def _llamacpp(bundle: Bundle, precision: str | None, device: str, threads: int |
     return session, f"llamacpp-{precision}"
 
 
-def _tensorrt(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin: bool = False):
+def _tensorrt(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin="decode"):
     from .tensorrt_backend import load_tensorrt
 
-    return load_tensorrt(bundle, precision, device, threads, spin)
+    return load_tensorrt(bundle, precision, device, threads, spin is Spin.ALL)
 
 
 BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.TORCH: _torch,
@@ -152,17 +161,21 @@ BACKENDS: dict[Backend, Callable] = {Backend.ONNXRUNTIME: _onnxruntime, Backend.
 
 
 def load(bundle: str | os.PathLike, backend: str = "auto", precision: str | None = None, device: str | None = None,
-         threads: int | None = None, verify: str = "full", spin: bool = False) -> Pipeline:
+         threads: int | None = None, verify: str = "full", spin: bool | str = "decode") -> Pipeline:
     """Open a bundle and return a pipeline (``generate``, ``stream``, ``chat``) on one backend.
 
-    ``spin`` lets onnxruntime's worker threads busy-wait between operators while a part
-    runs: faster on a machine the model has to itself (bench-s, 2 vCPUs: int4 decode
-    +17-24%), 35-40% slower as soon as another process wants the cores. Off by default.
+    ``spin`` ("decode", "all", "off"; True means "all", False "off") lets onnxruntime's worker
+    threads busy-wait between operators while a decoder graph runs ("decode", the default) or
+    while any part runs ("all"); they stop when the run returns. On a machine the model has to
+    itself that is +20% decode (bench-s int4, 2 vCPUs); with another process busy on the cores,
+    -24% (OrtModelSession has the figures). Several model copies sharing the cores
+    (``vlmexport serve --max-concurrency``) should pass "off".
     """
     try:
         choice = Backend(backend)
     except ValueError:
         raise VlmexportError(f"unknown backend {backend!r}; choose one of {[b.value for b in Backend]}") from None
+    spin = Spin.of(spin)
     device = device or "cpu"
     if device not in tuple(Device):
         raise VlmexportError(f"unknown device {device!r}; use one of {', '.join(d.value for d in Device)}")

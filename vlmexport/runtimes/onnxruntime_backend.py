@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from ..core.errors import BundleError
 from ..core.layout import LANGUAGE, SequenceLayout
+from ..core.names import Spin
 from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,17 @@ class OrtModelSession:
     ``decode_path`` (optional) is the routing-free one-token graph; without it the routed
     graph runs the decode steps too.
 
-    ``allow_spinning`` is off by default: with spinning, onnxruntime's idle pool threads
-    busy-wait between ops, which halved decode speed (bench-s, 2 cores: 7.8 vs 13.8 tok/s)
-    as soon as another process wanted the cores; on an idle machine it gains 6-30%
-    (docs/results.md). When on, ``session.force_spinning_stop`` stops each session's pool
-    spinning when its Run() returns: without it the decoder's idle threads spin through the
-    image encode (bench-s int4 on a 2-vCPU EPYC: encode 131 vs 79 ms, TTFT 574 vs 491 ms).
+    ``allow_spinning`` (a :class:`~vlmexport.core.names.Spin`): whether onnxruntime's pool
+    threads busy-wait between operators inside a Run() instead of sleeping until the next one.
+    ``"decode"`` (the
+    default) spins in the decoder's sessions only, ``"all"`` in the vision parts too, ``"off"``
+    nowhere. ``session.force_spinning_stop`` stops each session's pool spinning when its Run()
+    returns, so idle sessions never spin while another part runs (without it the decoder's
+    threads spun through the image encode: bench-s int4 on a 2-vCPU EPYC, encode 131 vs 79 ms).
+    A decode step is ~80 small operators, each handing work to the pool: woken from sleep,
+    the hand-over costs more than the work (bench-s int4, block 128, 2-vCPU EPYC, decode graph:
+    110 vs 92 tok/s spinning vs sleeping on a quiet machine; with another process busy on one
+    core, 65 vs 86, while raw llama.cpp, whose threads also spin, fell from 108 to 28 tok/s).
     """
 
     def __init__(self, decoder_path: str | os.PathLike, embedding_path: str | os.PathLike, facts: DecoderShape, *,
@@ -125,14 +131,16 @@ class OrtModelSession:
                  connector_path: str | os.PathLike | None = None,
                  vision_fallback: Callable[[np.ndarray], np.ndarray] | None = None,
                  providers: Sequence[str] | None = None, intra_op_num_threads: int | None = None,
-                 max_length: int | None = None, allow_spinning: bool = False, profile: bool = False):
+                 max_length: int | None = None, allow_spinning: bool | str = "decode", profile: bool = False):
         self.facts = facts
         self.max_length = min(max_length or facts.max_length, facts.max_length)
         self.providers = list(providers or default_providers())
         self.threads = intra_op_num_threads or physical_cores()
-        self._opts = lambda: session_options(self.threads, allow_spinning, profile=profile)
-        self.decoder = self._session(decoder_path)
-        self.decode_graph = self._session(decode_path) if decode_path else None
+        self.spin = Spin.of(allow_spinning)
+        self._opts = lambda decoder=False: session_options(
+            self.threads, self.spin is Spin.ALL or (decoder and self.spin is Spin.DECODE), profile=profile)
+        self.decoder = self._session(decoder_path, decoder=True)
+        self.decode_graph = self._session(decode_path, decoder=True) if decode_path else None
         self.vision_encoder = self._session(vision_encoder_path, qdq=True) if vision_encoder_path else None
         self.connector = self._session(connector_path, qdq=True) if connector_path else None
         if (self.vision_encoder is None) != (self.connector is None):
@@ -165,12 +173,13 @@ class OrtModelSession:
         self.length = 0
 
     # ------------------------------------------------------------------ setup
-    def _session(self, path: str | os.PathLike, qdq: bool = False) -> ort.InferenceSession:
-        """``qdq``: a vision part, whose int8 file is QDQ (see :data:`QDQ_DISABLED_OPTIMIZERS`)."""
+    def _session(self, path: str | os.PathLike, qdq: bool = False, decoder: bool = False) -> ort.InferenceSession:
+        """``qdq``: a vision part, whose int8 file is QDQ (see :data:`QDQ_DISABLED_OPTIMIZERS`);
+        ``decoder``: a decoder graph (spins under the default spin mode)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file; export the model first")
         disabled = list(QDQ_DISABLED_OPTIMIZERS) if qdq and ".int8." in Path(path).name else None
-        return ort.InferenceSession(str(path), self._opts(), providers=self.providers,
+        return ort.InferenceSession(str(path), self._opts(decoder), providers=self.providers,
                                     disabled_optimizers=disabled)
 
     def _bind(self, sess: ort.InferenceSession) -> ort.IOBinding:

@@ -41,10 +41,14 @@ def load_pipelines(cfg: ServeConfig) -> list[Pipeline]:
 
     copies = 1 if cfg.batch else cfg.max_concurrency
     threads = cfg.threads or max(1, physical_cores() // copies)
-    first = load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, device=cfg.device, threads=threads)
+    # one copy spins inside its decoder runs (the default); several copies share the cores, and a thread
+    # spinning for one would take the core another copy's step is waiting for
+    spin = "decode" if copies == 1 else "off"
+    first = load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, device=cfg.device, threads=threads,
+                 spin=spin)
     # the bundle's hashes were checked once; the other copies open the same files
     rest = [load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, device=cfg.device, threads=threads,
-                 verify="none") for _ in range(copies - 1)]
+                 verify="none", spin=spin) for _ in range(copies - 1)]
     return [first, *rest]
 
 
