@@ -35,6 +35,7 @@ from typing import Any
 
 from .bundle import PART_PRECISION_FALLBACK, Bundle, part_precision
 from .core.errors import VlmexportError
+from .core.names import DECODE_GRAPH_PRECISIONS
 
 GB = 1e9
 
@@ -228,9 +229,11 @@ def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
                 if precision in PART_PRECISION_FALLBACK else precision
             if chosen is None or chosen not in bundle.precisions(part, "onnx"):
                 break
-            size = bundle.find(part, "onnx", chosen).total_size_bytes
-            files += size
-            decoder += size if part == "text_decoder" else 0
+            a = bundle.find(part, "onnx", chosen)
+            files += a.total_size_bytes
+            if part == "text_decoder":
+                decoder += a.total_size_bytes
+                files += _decode_graph_weight_bytes(bundle, a)  # its session's own copy of the language weights
         else:
             kv = _onnx_kv_bytes(bundle, precision)
             out.append(ArtifactSet("onnxruntime", precision, files, decoder, kv))
@@ -245,6 +248,19 @@ def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
         raise PlanError(f"{bundle.root}: has no ONNX or GGUF artifacts to plan for; build it with "
                         "`vlmexport build --format onnx,gguf`")
     return out
+
+
+def _decode_graph_weight_bytes(bundle: Bundle, decoder) -> int:
+    """Weight bytes the onnxruntime backend's decode-graph session loads besides the decoder's
+    (a quantized decoder's routing-free graph, DECODE_GRAPH_PRECISIONS); 0 where it runs none."""
+    rel = (decoder.extra or {}).get("decode_graph")
+    if decoder.precision not in DECODE_GRAPH_PRECISIONS or not rel:
+        return 0
+    import onnx
+
+    m = onnx.load(str(bundle.file(rel)), load_external_data=False)
+    return sum(int({e.key: e.value for e in t.external_data}.get("length", 0))
+               if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data) for t in m.graph.initializer)
 
 
 def _onnx_kv_bytes(bundle: Bundle, precision: str) -> int:

@@ -117,6 +117,10 @@ PRECISION_NAMES: dict[str, dict[str, str]] = {
 }
 ONNX_FLOAT = (Precision.FP32, Precision.FP16)
 ONNX_QUANTIZED = (Precision.INT8, Precision.INT4)  # calibrated from fp32, gated against it
+# decoder precisions whose routing-free decode graph (quant/decode_graph.py) the onnxruntime backend
+# runs for decode steps. Its session holds a second prepacked copy of the language expert's weights:
+# +142 MB for bench-s int4 (for +2-6% decode), where fp32 would add ~0.95 GB
+DECODE_GRAPH_PRECISIONS = ("int8", "int4")
 GGUF_FLOAT = (Precision.F32, Precision.F16, Precision.BF16)
 GGUF_QUANTIZED = (Precision.Q8_0, Precision.Q4_K_M, Precision.Q4_0)  # llama.cpp's quantizer on the f16 file
 

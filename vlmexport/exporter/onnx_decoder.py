@@ -43,10 +43,14 @@ Graph (opset 17 + ``com.microsoft`` contrib ops, for onnxruntime)::
   row sum), so the LM head never runs over the prompt; right-padded batches work.
 - ``decode_model=True`` also writes ``<stem>.decode.onnx``: the same graph without routing
   (language expert only) over the same ``.onnx.data`` file, for one-token steps, which
-  never hold image positions. Off by default: on CPU the routed graph's empty vision
-  gathers cost ~1% of a decode step (bench-s: 13.9 vs 13.8 tok/s), while a second
-  session holds a second prepacked copy of the language weights (+0.95 GB on bench-s).
-  A GPU runtime may want it (no NonZero host sync; static shapes for CUDA graphs).
+  never hold image positions (``vlmexport build`` writes it; ~0.1 MB). It is the template
+  of the quantized decoders' decode graphs (quant/decode_graph.py), which the onnxruntime
+  backend runs for int8/int4 decode steps (bench-s int4: +6%, the visual expert's
+  MatMulNBits on zero rows and the routing Gathers/Concats gone, for +142 MB of a second
+  prepacked copy of the language weights). The fp32 one stays unused on CPU: there the
+  routed graph's empty vision gathers cost ~1% of a decode step (bench-s: 13.9 vs 13.8
+  tok/s) and the second copy is +0.95 GB. A GPU runtime may want it (no NonZero host sync;
+  static shapes for CUDA graphs).
 
 fp16: weights, KV cache and ``inputs_embeds`` in float16, logits float32. onnxruntime's
 CPU execution provider has no fp16 MatMul on x86: it inserts Casts and folds the fp16

@@ -15,7 +15,7 @@ from typing import Callable
 from ..bundle import PART_PRECISION_FALLBACK, Bundle, BundleError, part_precision
 from ..bundle.schema import check_memory, validate_runtime
 from ..core.errors import MissingDependencyError, VlmexportError
-from ..core.names import Backend, Device, Part, Spin
+from ..core.names import DECODE_GRAPH_PRECISIONS, Backend, Device, Part, Spin
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from ..core.tokenizer import Tokenizer
@@ -50,12 +50,6 @@ def _part_precision(bundle: Bundle, part: str, precision: str) -> str:
         raise BundleError(f"{bundle.root}: has neither a {precision} nor an fp32 onnx {part} (it has {available}); "
                           f"rebuild with `--precision fp32,{precision}`")
     return chosen
-
-
-# decoder precisions whose routing-free decode graph the onnxruntime backend runs for decode steps. Its
-# session holds a second prepacked copy of the language expert's weights: +142 MB for bench-s int4
-# (for +6% decode), where fp32 would add ~0.95 GB
-DECODE_GRAPH_PRECISIONS = ("int8", "int4")
 
 
 def _onnxruntime(bundle: Bundle, precision: str | None, device: str, threads: int | None, spin="decode"):

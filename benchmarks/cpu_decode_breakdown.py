@@ -1,0 +1,236 @@
+"""Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
+(docs/results.md, "CPU speed against llama.cpp"). Four measurements, each printed on its own line:
+
+- ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
+  of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
+  against the same with a 4-bit LM head, and the LM head alone at 8 and 4 bits; spinning on,
+  the bundle's thread count. Says how much of a step onnxruntime's 4-bit kernel takes by itself.
+- ``attention``: the decoder's GroupQueryAttention nodes alone at the benchmark's context length,
+  with the KV buffer at the model's context and at the prompt's length.
+- ``variants``: the loaded int4 pipeline's decode steps with the routed graph, the decode graph
+  sleeping and the decode graph spinning, interleaved over rounds in one process (medians).
+- ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
+  per layer, for the given precisions.
+
+    python benchmarks/cpu_decode_breakdown.py qa                        # all four, int4 and fp32
+    python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
+
+Not a test: the figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from vlmexport.bundle import Bundle
+from vlmexport.pipeline.bench import bench_layout, prefill_flops
+from vlmexport.runtimes.loader import load
+from vlmexport.runtimes.onnxruntime_backend import session_options
+
+
+def _median_ms(fn, steps: int = 32, rounds: int = 7) -> float:
+    for _ in range(5):
+        fn()
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        out.append((time.perf_counter() - t0) / steps * 1000)
+    return statistics.median(out)
+
+
+def _decoder_facts(b: Bundle) -> dict:
+    m = b.section("model")
+    q = b.find("text_decoder", "onnx", "int4").extra["quantization"]
+    return dict(h=m["hidden_size"], i=m["intermediate_size"], v=m["vocab_size"], layers=m["num_layers"],
+                heads=m["num_heads"], kv=m["num_kv_heads"], hd=m["head_dim"], ctx=m["max_length"],
+                block=q["block_size"], level=q.get("accuracy_level") or 0)
+
+
+def _matmulnbits_graph(f: dict, layers: int, head_bits: int, rng) -> bytes:
+    nodes, inits = [], []
+
+    def mnb(name, x, k, n, bits=4):
+        nb = -(-k // f["block"])
+        inits.append(numpy_helper.from_array(
+            rng.integers(0, 256, size=(n, nb, f["block"] * bits // 8), dtype=np.uint8), name + ".B"))
+        inits.append(numpy_helper.from_array((rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3), name + ".S"))
+        nodes.append(helper.make_node("MatMulNBits", [x, name + ".B", name + ".S"], [name + ".y"], name=name,
+                                      domain="com.microsoft", K=k, N=n, bits=bits, block_size=f["block"],
+                                      accuracy_level=f["level"]))
+        return name + ".y"
+
+    x, h, kv = "x", f["h"], f["kv"] * f["hd"]
+    side = []
+    for L in range(layers):
+        side.append(mnb(f"l{L}.qkv", x, h, f["heads"] * f["hd"] + 2 * kv))
+        o = mnb(f"l{L}.o", x, f["heads"] * f["hd"], h)
+        g = mnb(f"l{L}.gate", o, h, f["i"])
+        side.append(mnb(f"l{L}.up", o, h, f["i"]))
+        x = mnb(f"l{L}.down", g, f["i"], h)
+    logits = mnb("lm_head", x, h, f["v"], head_bits)
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in [logits, *side]]
+    g = helper.make_graph(nodes, "matmulnbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h])],
+                          outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+                             ).SerializeToString()
+
+
+def kernels(b: Bundle, threads: int) -> None:
+    f, rng = _decoder_facts(b), np.random.default_rng(0)
+    x = {"x": rng.standard_normal((1, f["h"])).astype(np.float32)}
+    for layers, head_bits, what in ((f["layers"], 8, "a decode step's MatMulNBits, 8-bit LM head"),
+                                    (f["layers"], 4, "a decode step's MatMulNBits, 4-bit LM head"),
+                                    (0, 8, "the LM head alone, 8-bit"), (0, 4, "the LM head alone, 4-bit")):
+        s = ort.InferenceSession(_matmulnbits_graph(f, layers, head_bits, rng), session_options(threads, True),
+                                 providers=["CPUExecutionProvider"])
+        ms = _median_ms(lambda: s.run(None, x))
+        print(f"kernels: {what} (block {f['block']}, accuracy level {f['level']}): {ms:.2f} ms")
+
+
+def attention(b: Bundle, threads: int, positions: int) -> None:
+    f = _decoder_facts(b)
+    for cap in (f["ctx"], positions + 2):
+        nh, kvh, hd = f["heads"], f["kv"], f["hd"]
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, w]) for n, w in
+               (("q", nh * hd), ("k", kvh * hd), ("v", kvh * hd))]
+        ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+        nodes, outs = [], []
+        for L in range(f["layers"]):
+            ins += [helper.make_tensor_value_info(f"p{c}{L}", TensorProto.FLOAT, [1, kvh, cap, hd]) for c in "kv"]
+            nodes.append(helper.make_node("GroupQueryAttention", ["q", "k", "v", f"pk{L}", f"pv{L}", "seqlens_k",
+                                                                  "total"], [f"o{L}", f"k{L}", f"v{L}"],
+                                          domain="com.microsoft", num_heads=nh, kv_num_heads=kvh))
+            outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in (f"o{L}", f"k{L}", f"v{L}")]
+        m = helper.make_model(helper.make_graph(nodes, "gqa", ins, outs), opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        s = ort.InferenceSession(m.SerializeToString(), session_options(threads, True),
+                                 providers=["CPUExecutionProvider"])
+        io, rng = s.io_binding(), np.random.default_rng(0)
+        for n, w in (("q", nh * hd), ("k", kvh * hd), ("v", kvh * hd)):
+            io.bind_cpu_input(n, rng.standard_normal((1, 1, w)).astype(np.float32))
+        io.bind_cpu_input("seqlens_k", np.array([positions - 1], np.int32))
+        io.bind_cpu_input("total", np.array(positions, np.int32))
+        for L in range(f["layers"]):
+            for c in "kv":
+                buf = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, kvh, cap, hd)).astype(np.float32))
+                io.bind_ortvalue_input(f"p{c}{L}", buf)
+                io.bind_ortvalue_output(f"{c}{L}", buf)
+            io.bind_output(f"o{L}")
+        ms = _median_ms(lambda: s.run_with_iobinding(io))
+        kv_mb = 2 * f["layers"] * kvh * positions * hd * 4 / 1e6
+        print(f"attention: {f['layers']} GroupQueryAttention at {positions} positions, KV buffer {cap}: {ms:.2f} ms "
+              f"({kv_mb:.0f} MB of fp32 KV read)")
+
+
+def _prompt(bundle: str, pipe):
+    b = Bundle.open(bundle, verify="size")
+    layout = bench_layout(b.section("model"), pipe.spec, pipe.tokenizer.bos_id, 32)
+    size = pipe.preprocess_config.image_size
+    px = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    return b.section("model"), layout, px
+
+
+def variants(bundle: str, threads: int, rounds: int = 5, steps: int = 64) -> None:
+    pipe = load(bundle, backend="onnxruntime", precision="int4", threads=threads, verify="none", spin="off")
+    s = pipe.session
+    if s.decode_graph is None:
+        print("variants: this bundle's int4 decoder has no decode graph; rebuild it with this version")
+        return
+    _, layout, px = _prompt(bundle, pipe)
+    emb = s.encode_images(px)
+    spun = ort.InferenceSession(s.decode_graph._model_path, session_options(threads, True),  # the same, spinning
+                                providers=s.providers)
+    s._bindings[id(spun)] = s._bind(spun)
+    s._routed[id(spun)] = False
+    graphs = {"routed graph": None, "decode graph": s.decode_graph, "decode graph, spinning": spun}
+    res: dict = {k: [] for k in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            s.decode_graph = g
+            s.reset()
+            s.prefill(layout, emb)
+            t0 = time.perf_counter()
+            for k in range(steps):
+                s.decode(7 + k % 100, layout.next_position + k)
+            res[name].append(steps / (time.perf_counter() - t0))
+    print("variants: " + ", ".join(f"{k} {statistics.median(v):.1f} tok/s" for k, v in res.items())
+          + f" (medians of {rounds} interleaved rounds of {steps} steps)")
+
+
+def ttft(bundle: str, precision: str, threads: int) -> None:
+    pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
+    s = pipe.session
+    model, layout, px = _prompt(bundle, pipe)
+    feats = s.vision_encoder.run(["image_features"], {"pixel_values": px})[0]
+    vis = _median_ms(lambda: s.vision_encoder.run(["image_features"], {"pixel_values": px}), 1, 5)
+    con = _median_ms(lambda: s.connector.run(["image_embeds"], {"image_features": feats}), 1, 5)
+    emb = s.encode_images(px)
+
+    def prefill():
+        s.reset()
+        s.prefill(layout, emb)
+
+    pf = _median_ms(prefill, 1, 5)
+    gf = prefill_flops(model, len(layout)) / pf / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads, s.spin.value != "off", profile=True)
+        so.profile_file_prefix = str(Path(tmp) / "prefill")
+        d = ort.InferenceSession(s.decoder._model_path, so, providers=s.providers)
+        s._bindings[id(d)] = s._bind(d)
+        s._routed[id(d)] = True
+        s.decoder = d
+        for _ in range(4):
+            prefill()
+        events = json.loads(Path(d.end_profiling()).read_text())
+    layer, ops = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            m = re.match(r"layers\.(\d+)\.", e["name"])
+            layer[int(m[1]) if m else -1] += e["dur"] / 4000
+            ops[e["args"]["op_name"]] += e["dur"] / 4000
+    per = [v for k, v in layer.items() if k >= 0]
+    top = ", ".join(f"{op} {ms:.1f}" for op, ms in ops.most_common(4))
+    print(f"ttft {precision}: vision encoder {vis:.1f} ms, connector {con:.1f} ms, prefill {pf:.1f} ms "
+          f"({len(layout)} positions, {gf:.0f} GFLOP/s); per layer median {statistics.median(per):.1f} ms "
+          f"(min {min(per):.1f}, max {max(per):.1f}), outside layers {layer[-1]:.1f} ms; ops (ms): {top}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="kernels,attention,variants,ttft")
+    ap.add_argument("--ttft-precisions", default="fp32,int4")
+    a = ap.parse_args()
+    what = set(a.only.split(","))
+    b = Bundle.open(a.bundle, verify="size")
+    if "kernels" in what:
+        kernels(b, a.threads)
+    if "attention" in what:
+        pipe = load(a.bundle, backend="onnxruntime", precision="int4", verify="none")
+        n = len(_prompt(a.bundle, pipe)[1]) + 32  # the prompt and 32 decoded tokens
+        del pipe
+        attention(b, a.threads, n)
+    if "variants" in what:
+        variants(a.bundle, a.threads)
+    if "ttft" in what:
+        for p in a.ttft_precisions.split(","):
+            ttft(a.bundle, p, a.threads)
+
+
+if __name__ == "__main__":
+    main()
