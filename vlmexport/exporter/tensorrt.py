@@ -39,9 +39,10 @@ def export_tensorrt(src, root: Path, precisions: Sequence[str], progress: Callab
                     int4_block: int = 128) -> list:
     """The four TensorRT-profile parts per precision; audited, described for the manifest.
 
-    ``int8`` / ``int4``: only the text decoder, its projection weights quantized (see
-    ``tensorrt_qdq``; ``int4_block`` weights per scale) around fp16; the other parts run their
-    fp16 profile (``runtimes.tensorrt_engines.TRT_PART_FALLBACK``), which is exported too."""
+    ``int8`` / ``int4``: here only the text decoder, its projection weights quantized (see
+    ``tensorrt_qdq``; ``int4_block`` weights per scale) around fp16; int4's other parts run their
+    fp16 profile (``runtimes.tensorrt_engines.TRT_PART_FALLBACK``), which is exported too, and
+    int8's vision parts are calibrated QDQ graphs that ``pipeline.tensorrt_quant`` writes."""
     from .parts import ExportedPart, exported_part
     from .onnx_decoder import export_token_embedding
     from .onnx_vision import export_connector, export_vision_encoder

@@ -386,6 +386,10 @@ def build(model_dir: str | Path | None, out: str | Path, formats: Sequence[str] 
             from ..exporter.tensorrt import export_tensorrt
 
             parts += export_tensorrt(src, w.root, plan["tensorrt"], progress)
+            if "int8" in plan["tensorrt"]:  # explicit symmetric QDQ vision parts, calibrated like the onnx int8 ones
+                from .tensorrt_quant import quantize_tensorrt_vision
+
+                parts += quantize_tensorrt_vision(src, w.root, quant, progress)
         report: dict = {"skipped": True}
         if validate:
             from .validate import validate_exports

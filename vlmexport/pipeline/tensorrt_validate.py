@@ -49,8 +49,9 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
                               progress: Callable[[str], None] = lambda s: None, quant_items: int = 20) -> dict:
     """``{"parts": [...], "end_to_end": [...]}`` rows (``format: tensorrt``); raises ValidationError.
 
-    int8/int4 decoders are scored instead (:func:`quantized_scores`, ``quant_items`` test
-    questions per category) and gated on their accuracy drop."""
+    int8/int4 profiles are scored instead (:func:`quantized_scores`, ``quant_items`` test
+    questions per category: int8 with its QDQ vision parts, int4 with the fp16 ones) and gated on
+    their accuracy drop."""
     from ..models.checkpoint import load_pretrained
     from ..runtimes.pipeline import Pipeline
     from ..runtimes.torch_backend import pipeline_from_model
@@ -68,7 +69,7 @@ def validate_tensorrt_profile(src, root: Path, exported: Sequence, e2e_prompts: 
     e2e: list[dict] = []
     for precision in [p for p in by_precision if p in QUANTIZED]:
         parts = by_precision.pop(precision)
-        parts = {**by_precision["fp16"], **parts}  # the int8/int4 profile runs fp16 vision parts
+        parts = {**by_precision["fp16"], **parts}  # int4 runs the fp16 vision parts; int8 its own QDQ ones
         progress(f"score tensorrt {precision} decoder against PyTorch fp32 ({quant_items} per category)")
         sess = profile_session(src.model_section(), root, parts)
         pipe = Pipeline(sess, tok, src.template, src.preprocess, model_spec(src.model_section()),

@@ -223,8 +223,11 @@ def _method(name: str):
 
 def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLike, reader,
                          recipe: QuantRecipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
-                         percentile: float = 99.999) -> QuantizedPart:
-    """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part."""
+                         percentile: float = 99.999, quantize_bias: bool = True) -> QuantizedPart:
+    """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part.
+
+    ``quantize_bias`` False keeps Conv/Gemm biases float (TensorRT has no INT32 DequantizeLinear;
+    onnxruntime's CPU kernels take either)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     src, out = Path(src), Path(out)
@@ -240,7 +243,7 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     reader.rewind()
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
              "CalibPercentile": percentile,
-             "CalibMovingAverage": False}
+             "CalibMovingAverage": False, "QuantizeBias": quantize_bias}
     try:
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True, activation_type=QuantType.QInt8,
