@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Four measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Five measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -9,6 +9,8 @@
   with the KV buffer at the model's context and at the prompt's length.
 - ``variants``: the loaded int4 pipeline's decode steps with the routed graph, the decode graph
   sleeping and the decode graph spinning, interleaved over rounds in one process (medians).
+- ``versus``: onnxruntime int4 against raw llama.cpp q4_0 (the bundle's GGUF), interleaved rounds
+  in one process, the median of the per-round ratios.
 - ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
   per layer, for the given precisions.
 
@@ -171,6 +173,36 @@ def variants(bundle: str, threads: int, rounds: int = 5, steps: int = 64) -> Non
           + f" (medians of {rounds} interleaved rounds of {steps} steps)")
 
 
+def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
+    """onnxruntime int4 (as ``vlmexport.load`` runs it) against raw llama.cpp on the bundle's q4_0 text GGUF,
+    interleaved: each round times both (decode steps after the same-length prompt), so a change of
+    load on a shared machine hits both alike; the median of the per-round ratios is printed."""
+    from vlmexport.runtimes.llamacpp_anchor import time_text_gguf
+
+    b = Bundle.open(bundle, verify="size")
+    gguf = b.file(b.find("text_decoder", "gguf", "q4_0").file)
+    pipe = load(bundle, backend="onnxruntime", precision="int4", threads=threads, verify="none")
+    s = pipe.session
+    _, layout, px = _prompt(bundle, pipe)
+    emb = s.encode_images(px)
+    ort_tok, raw_tok = [], []
+    for r in range(rounds + 1):  # the first round warms both up
+        s.reset()
+        s.prefill(layout, emb)
+        t0 = time.perf_counter()
+        for k in range(steps):
+            s.decode(7 + k % 100, layout.next_position + k)
+        a = steps / (time.perf_counter() - t0)
+        raw = 1000.0 / time_text_gguf(gguf, len(layout), steps, repeats=1, threads=threads).decode_ms_per_token
+        if r:
+            ort_tok.append(a)
+            raw_tok.append(raw)
+    ratios = sorted(a / z for a, z in zip(ort_tok, raw_tok))
+    print(f"versus: onnxruntime int4 {statistics.median(ort_tok):.1f} tok/s, raw llama.cpp q4_0 "
+          f"{statistics.median(raw_tok):.1f} tok/s; per-round ratio median {statistics.median(ratios):.2f} "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}, {rounds} interleaved rounds of {steps} steps)")
+
+
 def ttft(bundle: str, precision: str, threads: int) -> None:
     pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
     s = pipe.session
@@ -213,7 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,variants,ttft")
+    ap.add_argument("--only", default="kernels,attention,variants,versus,ttft")
     ap.add_argument("--ttft-precisions", default="fp32,int4")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -227,6 +259,8 @@ def main() -> None:
         attention(b, a.threads, n)
     if "variants" in what:
         variants(a.bundle, a.threads)
+    if "versus" in what:
+        versus(a.bundle, a.threads)
     if "ttft" in what:
         for p in a.ttft_precisions.split(","):
             ttft(a.bundle, p, a.threads)

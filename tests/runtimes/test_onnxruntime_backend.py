@@ -149,6 +149,35 @@ def test_kv_buffers_are_updated_in_place(tiny_model, tmp_path):
     np.testing.assert_array_equal(after[:, :, n + len(STEPS):], before[:, :, n + len(STEPS):])
 
 
+def test_kv_buffers_grow_by_chunks_and_keep_what_they_hold(tiny_model, tmp_path, monkeypatch):
+    """On a CPU the KV buffers start small and grow by KV_CHUNK positions as the sequence does
+    (GQA's cost follows the buffer's length); the logits are those of a session whose buffers
+    hold the whole context from the start, through the prompt and across two growths."""
+    from vlmexport.runtimes import onnxruntime_backend as ob
+
+    model = tiny_model("cogvlm", seed=3, jitter=True)
+    lay = layout_for(model)
+    emb = None
+    runs = {}
+    for chunk in (MAX_LEN, 16):
+        monkeypatch.setattr(ob, "KV_CHUNK", chunk)
+        sess = export_session(model, tmp_path / str(chunk))
+        assert sess.kv_capacity == chunk
+        emb = sess.encode_images(pixels(2)) if emb is None else emb
+        out = [sess.prefill(lay, emb)]
+        caps = [sess.kv_capacity]
+        for i in range(40):
+            out.append(sess.decode(5 + i, lay.next_position + i))
+            caps.append(sess.kv_capacity)
+        runs[chunk] = (out, caps)
+        assert sess.kv[0].numpy().shape[2] == sess.kv_capacity
+    n = len(lay)
+    assert runs[16][1][0] == -(-n // 16) * 16 and runs[16][1][-1] == -(-(n + 40) // 16) * 16
+    assert len(set(runs[16][1])) >= 3 and set(runs[MAX_LEN][1]) == {MAX_LEN}
+    for a, b in zip(runs[MAX_LEN][0], runs[16][0]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
 def test_context_limits_and_image_count_errors(tiny_model, tmp_path):
     model = tiny_model("cogvlm", seed=4)
     sess = export_session(model, tmp_path)

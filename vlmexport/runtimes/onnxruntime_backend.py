@@ -64,6 +64,8 @@ QDQ_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 # one process, resident above the loaded weights 334 -> 513 -> 515 -> 515 MB with every arena kept,
 # 208 -> 284 -> 284 -> 284 MB with this (docs/deployment.md). Decode steps keep their arena (the
 # hot path, small and constant); the cost is re-faulting the freed pages on the next request.
+KV_CHUNK = 128  # positions the CPU KV buffers grow by (OrtModelSession._ensure_kv)
+
 SHRINK_ARENA = ort.RunOptions()
 SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
@@ -153,14 +155,16 @@ class OrtModelSession:
                              f"expects [{facts.vocab_size}, {facts.hidden_size}]")
         types = {i.name: i.type for i in self.decoder.get_inputs()}
         self.dtype = np.dtype(_ORT_TO_NUMPY[types["inputs_embeds"]])
-        kv_dtype = np.dtype(_ORT_TO_NUMPY[types["past_key_values.0.key"]])
+        self._kv_dtype = np.dtype(_ORT_TO_NUMPY[types["past_key_values.0.key"]])
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        shape = [1, facts.num_kv_heads, self.max_length, facts.head_dim]
-        self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, kv_dtype, self.device, 0)
-                   for _ in range(2 * facts.num_layers)]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, facts.vocab_size], np.float32, "cpu", 0)
         self._ones = np.ones((1, self.max_length), dtype=np.int64)
-        self._bindings = {id(s): self._bind(s) for s in (self.decoder, self.decode_graph) if s is not None}
+        self.kv: list = []
+        self._kv_arrays: list[np.ndarray] = []
+        self.kv_capacity = 0
+        self._bindings: dict = {}
+        self.length = 0
+        self._ensure_kv(1)
         self._routed = {id(s): "token_type" in {i.name for i in s.get_inputs()}
                         for s in (self.decoder, self.decode_graph) if s is not None}
         # a decoder that cross-attends to the images (its graph takes them as memory, see
@@ -170,7 +174,6 @@ class OrtModelSession:
         self._no_image = (np.zeros((1, 1, memory.shape[-1]), dtype=self.dtype) if memory is not None else None)
         self._memory = self._no_image
         self._last_media = np.full((1, 1), -1, np.int64)
-        self.length = 0
 
     # ------------------------------------------------------------------ setup
     def _session(self, path: str | os.PathLike, qdq: bool = False, decoder: bool = False) -> ort.InferenceSession:
@@ -181,6 +184,31 @@ class OrtModelSession:
         disabled = list(QDQ_DISABLED_OPTIMIZERS) if qdq and ".int8." in Path(path).name else None
         return ort.InferenceSession(str(path), self._opts(decoder), providers=self.providers,
                                     disabled_optimizers=disabled)
+
+    def _ensure_kv(self, total: int) -> None:
+        """KV buffers holding at least ``total`` positions, bound to every decoder session.
+
+        On a CPU they grow in steps of :data:`KV_CHUNK` positions (up to ``max_length``), keeping
+        what they hold: GroupQueryAttention's CPU kernel costs more the longer its buffer, whatever
+        the positions in use (bench-s, 16 layers at 263 positions: 1.10 ms with a 265-slot buffer,
+        1.66 ms with the context's 1,024; benchmarks/cpu_decode_breakdown.py). On CUDA they are
+        allocated once at ``max_length`` (no host copies on the way)."""
+        if total <= self.kv_capacity:
+            return
+        f = self.facts
+        cap = self.max_length if self.device != "cpu" else min(self.max_length, -(-total // KV_CHUNK) * KV_CHUNK)
+        shape = [1, f.num_kv_heads, cap, f.head_dim]
+        if self.device == "cpu":
+            arrays = [np.empty(shape, self._kv_dtype) for _ in range(2 * f.num_layers)]
+            for old, new in zip(self._kv_arrays, arrays):
+                new[:, :, :self.length] = old[:, :, :self.length]
+            self._kv_arrays = arrays  # the OrtValues below share this memory
+            self.kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self.device, 0)
+                       for _ in range(2 * f.num_layers)]
+        self.kv_capacity = cap
+        self._bindings = {id(s): self._bind(s) for s in (self.decoder, self.decode_graph) if s is not None}
 
     def _bind(self, sess: ort.InferenceSession) -> ort.IOBinding:
         io = sess.io_binding()
@@ -247,6 +275,7 @@ class OrtModelSession:
     # -------------------------------------------------------------- running
     def _run(self, sess: ort.InferenceSession, emb: np.ndarray, position_ids: np.ndarray, token_type: np.ndarray,
              total: int, media: np.ndarray | None = None) -> None:
+        self._ensure_kv(total)
         io = self._bindings[id(sess)]
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb))
         io.bind_cpu_input("attention_mask", self._ones[:, :total])

@@ -38,7 +38,7 @@ class BatchedOrtSession:
         self.kv_dtype = np.dtype(_ORT_TO_NUMPY[types["past_key_values.0.key"]])
         shape = (slots, f.num_kv_heads, self.max_length, f.head_dim)
         self.kv = [np.zeros(shape, self.kv_dtype) for _ in range(2 * f.num_layers)]
-        base.kv = []  # its own batch-1 buffers are not used any more
+        base.kv, base._kv_arrays = [], []  # its own batch-1 buffers are not used any more
         base._bindings = {}
         self.lengths = [0] * slots
         self.sess = base.decode_graph or base.decoder
