@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Five measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Six measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -11,6 +11,8 @@
   sleeping and the decode graph spinning, interleaved over rounds in one process (medians).
 - ``versus``: onnxruntime int4 against raw llama.cpp q4_0 (the bundle's GGUF), interleaved rounds
   in one process, the median of the per-round ratios.
+- ``ttft-versus``: time to first token of torch and of onnxruntime fp32 / int4, interleaved rounds in
+  one process, the median of the per-round ratios to torch.
 - ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
   per layer, for the given precisions.
 
@@ -203,6 +205,35 @@ def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}, {rounds} interleaved rounds of {steps} steps)")
 
 
+def ttft_versus(bundle: str, threads: int, precisions=("fp32", "int4"), rounds: int = 9) -> None:
+    """Time to first token (image encode + prefill + the first logits) of the torch reference and of
+    onnxruntime at each precision, interleaved round by round in one process; medians of the
+    per-round ratios to torch."""
+    pipes = {"torch": load(bundle, backend="torch", threads=threads, verify="none")}
+    for p in precisions:
+        pipes[p] = load(bundle, backend="onnxruntime", precision=p, threads=threads, verify="none")
+    _, layout, px = _prompt(bundle, pipes["torch"])
+
+    def first_token(pipe) -> float:
+        t0 = time.perf_counter()
+        pipe.session.reset()
+        int(np.argmax(pipe.session.prefill(layout, pipe.session.encode_images(px))))
+        return (time.perf_counter() - t0) * 1000
+
+    ms: dict = {k: [] for k in pipes}
+    for r in range(rounds + 1):  # the first round warms every pipeline up
+        for k, pipe in pipes.items():
+            t = first_token(pipe)
+            if r:
+                ms[k].append(t)
+    line = [f"torch {statistics.median(ms['torch']):.0f} ms"]
+    for p in precisions:
+        ratios = sorted(a / t for a, t in zip(ms[p], ms["torch"]))
+        line.append(f"onnxruntime {p} {statistics.median(ms[p]):.0f} ms, per-round ratio median "
+                    f"{statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    print(f"ttft-versus ({rounds} interleaved rounds): " + "; ".join(line))
+
+
 def ttft(bundle: str, precision: str, threads: int) -> None:
     pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
     s = pipe.session
@@ -245,7 +276,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,variants,versus,ttft")
+    ap.add_argument("--only", default="kernels,attention,variants,versus,ttft-versus,ttft")
     ap.add_argument("--ttft-precisions", default="fp32,int4")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -261,6 +292,8 @@ def main() -> None:
         variants(a.bundle, a.threads)
     if "versus" in what:
         versus(a.bundle, a.threads)
+    if "ttft-versus" in what:
+        ttft_versus(a.bundle, a.threads)
     if "ttft" in what:
         for p in a.ttft_precisions.split(","):
             ttft(a.bundle, p, a.threads)
