@@ -186,6 +186,15 @@ def test_bench_runs_several_bundles_side_by_side(tmp_path, tiny_model_dir):
         assert cells[:2] == [f"b{n}/bundle", be] and len(cells) == len(header), line
         assert float(cells[header.index("decode tok/s")]) > 0
 
+    # interleaved: every row loaded first, then timed round by round; the same rows and ratios
+    r = invoke("bench", *bundles, *args, "--repeats", "2", "--interleave", "--json", tmp_path / "inter.json")
+    assert r.exit_code == 0, r.plain
+    inter = json.loads((tmp_path / "inter.json").read_text())
+    assert inter["interleaved"] and not two["interleaved"] and "interleaved round by round" in r.plain
+    assert [(row["bundle"], row["backend"]) for row in inter["rows"]] == [
+        (row["bundle"], row["backend"]) for row in two["rows"]]
+    assert set(inter["ratios"]) == set(two["ratios"]) and all(row["decode_tok_s"] > 0 for row in inter["rows"])
+
     twin = tmp_path / "twin"
     shutil.copytree(bundles[0], twin)
     r = invoke("bench", bundles[0], twin, *args, "--json", tmp_path / "twin.json")
@@ -231,3 +240,31 @@ def test_sigterm_during_build_removes_partial_output_and_keeps_the_previous_bund
     assert "terminated" in text
     assert [p.name for p in tmp_path.glob(".bundle.*")] == [".bundle.lock"]  # the build lock's (empty) file stays
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+@pytest.mark.llamacpp
+def test_bench_times_raw_llama_cpp_as_the_anchor_row(tmp_path, tiny_model_dir):
+    """``llamacpp-raw``: llama.cpp itself on the bundle's text GGUF, timed beside the llamacpp backend,
+    sequentially and interleaved, with the backend's ratio against it."""
+    from vlmexport.runtimes.llamacpp_backend import llamacpp_available
+
+    if not llamacpp_available():
+        pytest.skip("llama-cpp-python is not installed")
+    b = tmp_path / "b"
+    r = invoke("build", tiny_model_dir("cogvlm"), "--out", b, "--format", "gguf", "--precision", "f32",
+               "--no-validate", "--no-reference")
+    assert r.exit_code == 0, r.plain
+    for extra in ((), ("--interleave",)):
+        r = invoke("bench", b, "--backend", "llamacpp,llamacpp-raw", "--repeats", "2", "--decode-tokens", "3",
+                   "--prompt-tokens", "4", "--json", tmp_path / "g.json", *extra)
+        assert r.exit_code == 0, r.plain
+        data = json.loads((tmp_path / "g.json").read_text())
+        rows = {row["backend"]: row for row in data["rows"]}
+        assert set(rows) == {"llamacpp-f32", "llamacpp-raw-f32"}
+        raw = rows["llamacpp-raw-f32"]
+        # the same number of positions as the image prompt, text only: no image encode
+        assert raw["prefill_tokens"] == rows["llamacpp-f32"]["prefill_tokens"] and raw["image_encode_ms"] == 0
+        assert raw["decode_tok_s"] > 0 and raw["ttft_ms"] > 0
+        ratio = data["ratios"]["llamacpp-f32 / llamacpp-raw-f32"]
+        assert ratio["image_encode"] is None and ratio["decode_tok_s"] > 0
+        assert "llamacpp-f32 / llamacpp-raw-f32: decode x" in r.plain

@@ -600,6 +600,7 @@ class SyntheticChoice(str, Enum):
 
 @app.command(epilog=_examples(
     "vlmexport bench demo-bundle",
+    "vlmexport bench q-bundle --backend onnxruntime,llamacpp-raw --precision int4,q4_0 --interleave   # vs llama.cpp",
     "vlmexport bench b32-bundle b128-bundle --backend onnxruntime --precision fp32,int4   # two builds side by side",
     "vlmexport bench --synthetic bench-s --workdir runs/bench-s",
     "vlmexport bench --synthetic bench-l --workdir /data/bench-l   # writes a >26 GB checkpoint, then build it",
@@ -623,6 +624,9 @@ def bench(
     spin: Spin = typer.Option(Spin.DECODE, help="When onnxruntime's threads busy-wait between operators: inside "
                               "decoder runs (decode, the default), every part's runs (all) or never (off). Faster when "
                               "the model has the machine to itself, slower when it does not."),
+    interleave: bool = typer.Option(False, "--interleave", help="Load every row first, then time them round by "
+                                    "round, so a change of load on a shared machine hits all rows alike (holds "
+                                    "every row's model in memory at once)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (default: bench.json "
                                             "in the bundle, or in the current directory for several bundles)."),
     png: Optional[Path] = typer.Option(None, help="Write a chart (default: bench.png next to the JSON)."),
@@ -678,7 +682,8 @@ def bench(
         report = run_bench(bundles, backends=_csv(backend, "backend"),
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
-                           threads=threads, accuracy_per_category=accuracy, spin=spin, progress=step)
+                           threads=threads, accuracy_per_category=accuracy, spin=spin, interleave=interleave,
+                           progress=step)
     # the report first: a long run's results must survive a failure to print them
     json_out = json_out or (Path(bundles[0]) / "bench.json" if len(bundles) == 1 else Path("bench.json"))
     json_out.write_text(report.to_json() + "\n")

@@ -276,6 +276,7 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
     bundles: list[str] = field(default_factory=list)
+    interleaved: bool = False  # rows timed round by round, all loaded at once (run_bench(interleave=True))
 
     def where(self, bundle: str) -> str:
         """`` [label]`` naming ``bundle`` when several bundles ran side by side, else empty."""
@@ -333,15 +334,6 @@ def machine_info() -> dict:
             "python": platform.python_version()}
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def bench_layout(model: dict, spec, bos_id: int, prompt_tokens: int):
     """The timed prompt: BOS, one image, ``prompt_tokens`` text tokens."""
     text = [5 + (k % 200) for k in range(prompt_tokens)]
@@ -350,64 +342,85 @@ def bench_layout(model: dict, spec, bos_id: int, prompt_tokens: int):
                         image_placement=spec.image_placement)
 
 
-def bench_raw_llamacpp(b, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
-                       threads: int, bandwidth: float, gemm: float) -> BenchRow:
-    """The anchor row: raw llama.cpp on the bundle's text GGUF (runtimes/llamacpp_anchor.py), a text
-    prompt of as many positions as the other rows' image prompt, so its TTFT is a prefill of the
-    same length with no image encode."""
-    from ..runtimes.llamacpp_anchor import time_text_gguf
-    from ..runtimes.spec import model_spec
+class PipelineTimer:
+    """One loaded pipeline's measurements, a round at a time (its session does the work; the loop
+    is the shared one): image encode, time to first token (reset, encode, prefill, argmax), then
+    ``decode_tokens`` steps. Warmed up on construction."""
 
-    n = len(bench_layout(model, model_spec(model), 1, prompt_tokens))
-    t = time_text_gguf(b.file(b.find(Part.TEXT_DECODER, "gguf", precision).file), n, decode_tokens, repeats, threads)
-    gb = (decode_bytes_from_files(b, "llamacpp", precision) or 0.0) / 1e9
-    tok_s = 1000.0 / t.decode_ms_per_token
-    gflops = prefill_flops(model, n) / t.ttft_ms / 1e6
-    return BenchRow(backend=f"{RAW_LLAMACPP}-{precision}", precision=precision, image_encode_ms=0.0,
-                    ttft_ms=t.ttft_ms, prefill_tokens=n, decode_tok_s=tok_s, decode_ms_per_token=t.decode_ms_per_token,
-                    peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
-                    bandwidth_fraction=gb * tok_s / bandwidth, load_s=t.load_s, prefill_ms=t.ttft_ms,
-                    prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
+    def __init__(self, pipe, model: dict, prompt_tokens: int):
+        self.pipe, self.session = pipe, pipe.session
+        size = pipe.preprocess_config.image_size
+        self.pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        self.layout = bench_layout(model, pipe.spec, pipe.tokenizer.bos_id, prompt_tokens)
+        self.session.encode_images(self.pixels)  # warm-up
+        self.session.reset()
+        self.session.prefill(self.layout, self.session.encode_images(self.pixels))
 
-
-def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
-                   bandwidth: float, load_s: float, decode_bytes: float | None = None, gemm: float = 0.0) -> BenchRow:
-    """Time one loaded pipeline (its session does the work; the loop is the shared one)."""
-    session = pipe.session
-    size = pipe.preprocess_config.image_size
-    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    layout = bench_layout(model, pipe.spec, pipe.tokenizer.bos_id, prompt_tokens)
-    session.encode_images(pixels)  # warm-up
-    session.reset()
-    session.prefill(layout, session.encode_images(pixels))
-    encode_ms = _median_ms(lambda: session.encode_images(pixels), repeats)
-
-    def first_token() -> None:
-        session.reset()
-        logits = session.prefill(layout, session.encode_images(pixels))
-        int(np.argmax(logits))
-
-    ttft_ms = _median_ms(first_token, repeats)
-    per_token = []
-    for _ in range(repeats):
-        first_token()
-        pos = layout.next_position
+    def round(self, decode_tokens: int) -> tuple[float, float, float]:
+        """``(encode ms, TTFT ms, decode ms per token)`` of one round."""
+        s = self.session
         t0 = time.perf_counter()
+        s.encode_images(self.pixels)
+        t1 = time.perf_counter()
+        s.reset()
+        int(np.argmax(s.prefill(self.layout, s.encode_images(self.pixels))))
+        t2 = time.perf_counter()
+        pos = self.layout.next_position
         for k in range(decode_tokens):
-            session.decode(7 + k % 100, pos + k)
-        per_token.append((time.perf_counter() - t0) / decode_tokens)
-    ms = statistics.median(per_token) * 1000
+            s.decode(7 + k % 100, pos + k)
+        t3 = time.perf_counter()
+        return (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000 / decode_tokens
+
+
+class RawLlamaCppTimer:
+    """The anchor row's measurements, a round at a time: raw llama.cpp on the bundle's text GGUF
+    (runtimes/llamacpp_anchor.py), a text prompt of as many positions as the other rows' image
+    prompt, so its TTFT is a prefill of the same length with no image encode. Each round loads
+    the GGUF, warms up and times one prompt + ``decode_tokens`` steps."""
+
+    def __init__(self, b, model: dict, precision: str, prompt_tokens: int, threads: int):
+        from ..runtimes.spec import model_spec
+
+        self.path = b.file(b.find(Part.TEXT_DECODER, "gguf", precision).file)
+        self.positions = len(bench_layout(model, model_spec(model), 1, prompt_tokens))
+        self.threads = threads
+        self.load_s = 0.0
+
+    def round(self, decode_tokens: int) -> tuple[float, float, float]:
+        from ..runtimes.llamacpp_anchor import time_text_gguf
+
+        t = time_text_gguf(self.path, self.positions, decode_tokens, 1, self.threads)
+        self.load_s = t.load_s
+        return 0.0, t.ttft_ms, t.decode_ms_per_token
+
+
+def timed_row(backend: str, precision: str, model: dict, rounds: Sequence[tuple[float, float, float]],
+              prefill_tokens: int, bandwidth: float, load_s: float, decode_bytes: float | None,
+              gemm: float) -> BenchRow:
+    """A row from the medians of its rounds (``(encode ms, TTFT ms, decode ms per token)`` each)."""
+    encode_ms = statistics.median(r[0] for r in rounds)
+    ttft_ms = statistics.median(r[1] for r in rounds)
+    ms = statistics.median(r[2] for r in rounds)
     tok_s = 1000.0 / ms
     if decode_bytes is None:  # no file to count from (torch runs the checkpoint in fp32 or bf16/fp16)
         decode_bytes = decode_weight_bytes(model, 2 if precision in ("bf16", "fp16") else 4)
     gb = decode_bytes / 1e9
     prefill_ms = max(ttft_ms - encode_ms, 1e-6)
-    gflops = prefill_flops(model, len(layout)) / prefill_ms / 1e6
-    return BenchRow(backend=pipe.backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,
-                    prefill_tokens=len(layout), decode_tok_s=tok_s, decode_ms_per_token=ms,
+    gflops = prefill_flops(model, prefill_tokens) / prefill_ms / 1e6
+    return BenchRow(backend=backend, precision=precision, image_encode_ms=encode_ms, ttft_ms=ttft_ms,
+                    prefill_tokens=prefill_tokens, decode_tok_s=tok_s, decode_ms_per_token=ms,
                     peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
                     bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s, prefill_ms=prefill_ms,
                     prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
+
+
+def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
+                   bandwidth: float, load_s: float, decode_bytes: float | None = None, gemm: float = 0.0) -> BenchRow:
+    """Time one loaded pipeline: ``repeats`` rounds of :class:`PipelineTimer`, medians."""
+    timer = PipelineTimer(pipe, model, prompt_tokens)
+    rounds = [timer.round(decode_tokens) for _ in range(repeats)]
+    return timed_row(pipe.backend, precision, model, rounds, len(timer.layout), bandwidth, load_s, decode_bytes,
+                     gemm)
 
 
 def loaded_artifacts(b, backend: str, precision: str) -> list:
@@ -440,7 +453,8 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
               backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
-              spin: bool | str = "decode", progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+              spin: bool | str = "decode", interleave: bool = False,
+              progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Every backend x precision of one or several bundles, side by side in this process
     (several bundles: two builds of one model, say block-32 and block-128 int4). With
     ``accuracy_per_category`` > 0 each is also scored (exact match) on that many synthetic
@@ -448,7 +462,11 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
 
     A backend x precision whose files are byte-identical to one already timed (the torch
     reference or the fp32 export that two builds of one model share) runs once. Each row's
-    ratios are taken against its own bundle's torch fp32 and onnxruntime fp32 rows."""
+    ratios are taken against its own bundle's torch fp32 and onnxruntime fp32 rows.
+
+    ``interleave``: load every row first and time them round by round (:func:`_run_interleaved`),
+    for ratios that hold on a machine whose load changes; it holds every row's model in memory
+    at once."""
     from ..bundle import Bundle
     from ..runtimes.loader import load
     from ..runtimes.onnxruntime_backend import physical_cores
@@ -462,8 +480,8 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     bandwidth = read_bandwidth_gbs(threads)
     gemm = gemm_gflops(threads)
     report = BenchReport(bundle=bundles[0], machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
-                         gemm_gflops=gemm, spin=str(Spin.of(spin)), bandwidth_samples_gbs=[bandwidth], gemm_samples_gflops=[gemm],
-                         bundles=bundles)
+                         gemm_gflops=gemm, spin=str(Spin.of(spin)), bandwidth_samples_gbs=[bandwidth],
+                         gemm_samples_gflops=[gemm], bundles=bundles, interleaved=interleave)
     plan, by_key = [], {}
     for name, b in opened:  # what several bundles share (the torch reference, an fp32 export) runs once
         for backend, p in _plan(b, backends, precisions):
@@ -471,13 +489,19 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
             if key not in by_key:
                 by_key[key] = None
                 plan.append((name, b, backend, p, key))
-    for name, b, backend, precision, key in plan:
+    if interleave:
+        _run_interleaved(report, plan, by_key, prompt_tokens, decode_tokens, repeats, threads, bandwidth, gemm,
+                         accuracy_per_category, spin, progress)
+    for name, b, backend, precision, key in ([] if interleave else plan):
         progress(f"bench {backend} {precision}{report.where(name)}")
         gc.collect()
         _reset_peak_rss()
+        model = b.section("model")
         if backend == RAW_LLAMACPP:
-            row = bench_raw_llamacpp(b, b.section("model"), precision, prompt_tokens, decode_tokens, repeats, threads,
-                                     bandwidth, gemm)
+            timer = RawLlamaCppTimer(b, model, precision, prompt_tokens, threads)
+            rounds = [timer.round(decode_tokens) for _ in range(repeats)]
+            row = timed_row(f"{RAW_LLAMACPP}-{precision}", precision, model, rounds, timer.positions, bandwidth,
+                            timer.load_s, decode_bytes_from_files(b, "llamacpp", precision), gemm)
             row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
             report.rows.append(row)
             by_key[key] = row
@@ -485,7 +509,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
         t0 = time.perf_counter()
         pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
         load_s = time.perf_counter() - t0
-        row = bench_pipeline(pipe, b.section("model"), precision, prompt_tokens, decode_tokens, repeats, bandwidth,
+        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth,
                              load_s, decode_bytes_from_files(b, backend, precision), gemm)
         row.size_mb = loaded_bytes(b, backend, precision) / 1e6
         row.bundle = name
@@ -541,7 +565,7 @@ def report_title(report: BenchReport) -> str:
     seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
     return (f"{', '.join(report.bundles)}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
             f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), fp32 GEMM {report.gemm_gflops:.0f} "
-            "GFLOP/s")
+            "GFLOP/s" + (", rows interleaved round by round" if report.interleaved else ""))
 
 
 def report_markdown(report: BenchReport) -> str:
@@ -560,6 +584,45 @@ def report_markdown(report: BenchReport) -> str:
     lines = [report_title(report), "", line(cols), rule, *(line(r) for r in rows), ""]
     lines += [ratio_line(name, ratio) for name, ratio in report.ratios.items()]
     return "\n".join(lines)
+
+
+def _run_interleaved(report: BenchReport, plan, by_key: dict, prompt_tokens: int, decode_tokens: int, repeats: int,
+                     threads: int, bandwidth: float, gemm: float, accuracy_per_category: int, spin,
+                     progress: Callable[[str], None]) -> None:
+    """Every row loaded at once, then ``repeats`` rounds, each timing every row once in plan order:
+    a change of load on a shared machine lands on all rows of a round alike, so the ratios
+    between rows hold where sequential rows would each catch their own moment. Peak RSS is the
+    process's, with everything loaded (the same figure on every row)."""
+    from ..runtimes.loader import load
+
+    timers = []
+    for name, b, backend, precision, key in plan:
+        progress(f"load {backend} {precision}{report.where(name)}")
+        model = b.section("model")
+        if backend == RAW_LLAMACPP:
+            timers.append((RawLlamaCppTimer(b, model, precision, prompt_tokens, threads), 0.0))
+            continue
+        t0 = time.perf_counter()
+        pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
+        timers.append((PipelineTimer(pipe, model, prompt_tokens), time.perf_counter() - t0))
+    rounds: list[list] = [[] for _ in plan]
+    for r in range(repeats):
+        progress(f"interleaved round {r + 1} of {repeats}")
+        for i, (timer, _) in enumerate(timers):
+            rounds[i].append(timer.round(decode_tokens))
+    for (name, b, backend, precision, key), (timer, load_s), rs in zip(plan, timers, rounds):
+        model = b.section("model")
+        raw = backend == RAW_LLAMACPP
+        row = timed_row(f"{RAW_LLAMACPP}-{precision}" if raw else timer.pipe.backend, precision, model, rs,
+                        timer.positions if raw else len(timer.layout), bandwidth,
+                        timer.load_s if raw else load_s,
+                        decode_bytes_from_files(b, "llamacpp" if raw else backend, precision), gemm)
+        row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
+        if accuracy_per_category > 0 and not raw:
+            progress(f"accuracy {backend} {precision}{report.where(name)}")
+            row.accuracy = _accuracy(timer.pipe, accuracy_per_category)
+        report.rows.append(row)
+        by_key[key] = row
 
 
 def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[tuple[str, str]]:
