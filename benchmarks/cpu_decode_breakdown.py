@@ -179,7 +179,7 @@ def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
     """onnxruntime int4 (as ``vlmexport.load`` runs it) against raw llama.cpp on the bundle's q4_0 text GGUF,
     interleaved: each round times both (decode steps after the same-length prompt), so a change of
     load on a shared machine hits both alike; the median of the per-round ratios is printed."""
-    from vlmexport.runtimes.llamacpp_anchor import time_text_gguf
+    from vlmexport.runtimes.llamacpp_anchor import RawTextModel
 
     b = Bundle.open(bundle, verify="size")
     gguf = b.file(b.find("text_decoder", "gguf", "q4_0").file)
@@ -187,6 +187,7 @@ def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
     s = pipe.session
     _, layout, px = _prompt(bundle, pipe)
     emb = s.encode_images(px)
+    raw_model = RawTextModel(gguf, len(layout) + steps + 1, threads)
     ort_tok, raw_tok = [], []
     for r in range(rounds + 1):  # the first round warms both up
         s.reset()
@@ -195,10 +196,11 @@ def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
         for k in range(steps):
             s.decode(7 + k % 100, layout.next_position + k)
         a = steps / (time.perf_counter() - t0)
-        raw = 1000.0 / time_text_gguf(gguf, len(layout), steps, repeats=1, threads=threads).decode_ms_per_token
+        raw = 1000.0 / raw_model.run(len(layout), steps)[1]
         if r:
             ort_tok.append(a)
             raw_tok.append(raw)
+    raw_model.close()
     ratios = sorted(a / z for a, z in zip(ort_tok, raw_tok))
     print(f"versus: onnxruntime int4 {statistics.median(ort_tok):.1f} tok/s, raw llama.cpp q4_0 "
           f"{statistics.median(raw_tok):.1f} tok/s; per-round ratio median {statistics.median(ratios):.2f} "

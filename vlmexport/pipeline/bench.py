@@ -347,16 +347,18 @@ class PipelineTimer:
     is the shared one): image encode, time to first token (reset, encode, prefill, argmax), then
     ``decode_tokens`` steps. Warmed up on construction."""
 
-    def __init__(self, pipe, model: dict, prompt_tokens: int):
-        self.pipe, self.session = pipe, pipe.session
+    def __init__(self, pipe, model: dict, prompt_tokens: int, decode_tokens: int, load_s: float):
+        self.pipe, self.session, self.backend, self.load_s = pipe, pipe.session, pipe.backend, load_s
+        self.decode_tokens = decode_tokens
         size = pipe.preprocess_config.image_size
         self.pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         self.layout = bench_layout(model, pipe.spec, pipe.tokenizer.bos_id, prompt_tokens)
+        self.positions = len(self.layout)
         self.session.encode_images(self.pixels)  # warm-up
         self.session.reset()
         self.session.prefill(self.layout, self.session.encode_images(self.pixels))
 
-    def round(self, decode_tokens: int) -> tuple[float, float, float]:
+    def round(self) -> tuple[float, float, float]:
         """``(encode ms, TTFT ms, decode ms per token)`` of one round."""
         s = self.session
         t0 = time.perf_counter()
@@ -366,32 +368,41 @@ class PipelineTimer:
         int(np.argmax(s.prefill(self.layout, s.encode_images(self.pixels))))
         t2 = time.perf_counter()
         pos = self.layout.next_position
-        for k in range(decode_tokens):
+        for k in range(self.decode_tokens):
             s.decode(7 + k % 100, pos + k)
         t3 = time.perf_counter()
-        return (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000 / decode_tokens
+        return (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000 / self.decode_tokens
+
+    def close(self) -> None:
+        self.pipe = self.session = None
 
 
 class RawLlamaCppTimer:
     """The anchor row's measurements, a round at a time: raw llama.cpp on the bundle's text GGUF
     (runtimes/llamacpp_anchor.py), a text prompt of as many positions as the other rows' image
-    prompt, so its TTFT is a prefill of the same length with no image encode. Each round loads
-    the GGUF, warms up and times one prompt + ``decode_tokens`` steps."""
+    prompt, so its TTFT is a prefill of the same length with no image encode. Loaded and warmed
+    up on construction."""
 
-    def __init__(self, b, model: dict, precision: str, prompt_tokens: int, threads: int):
+    pipe = None
+
+    def __init__(self, b, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, threads: int):
+        from ..runtimes.llamacpp_anchor import RawTextModel
         from ..runtimes.spec import model_spec
 
-        self.path = b.file(b.find(Part.TEXT_DECODER, "gguf", precision).file)
+        self.backend = f"{RAW_LLAMACPP}-{precision}"
+        self.decode_tokens = decode_tokens
         self.positions = len(bench_layout(model, model_spec(model), 1, prompt_tokens))
-        self.threads = threads
-        self.load_s = 0.0
+        self.model = RawTextModel(b.file(b.find(Part.TEXT_DECODER, "gguf", precision).file),
+                                  self.positions + decode_tokens + 1, threads)
+        self.load_s = self.model.load_s
+        self.model.run(self.positions, decode_tokens)  # warm-up
 
-    def round(self, decode_tokens: int) -> tuple[float, float, float]:
-        from ..runtimes.llamacpp_anchor import time_text_gguf
+    def round(self) -> tuple[float, float, float]:
+        ttft, per_token, _ = self.model.run(self.positions, self.decode_tokens)
+        return 0.0, ttft, per_token
 
-        t = time_text_gguf(self.path, self.positions, decode_tokens, 1, self.threads)
-        self.load_s = t.load_s
-        return 0.0, t.ttft_ms, t.decode_ms_per_token
+    def close(self) -> None:
+        self.model.close()
 
 
 def timed_row(backend: str, precision: str, model: dict, rounds: Sequence[tuple[float, float, float]],
@@ -412,15 +423,6 @@ def timed_row(backend: str, precision: str, model: dict, rounds: Sequence[tuple[
                     peak_rss_mb=_peak_rss_mb(), weights_gb_per_token=gb, achieved_gbs=gb * tok_s,
                     bandwidth_fraction=gb * tok_s / bandwidth, load_s=load_s, prefill_ms=prefill_ms,
                     prefill_gflops=gflops, prefill_fraction_of_peak=gflops / gemm if gemm else 0.0)
-
-
-def bench_pipeline(pipe, model: dict, precision: str, prompt_tokens: int, decode_tokens: int, repeats: int,
-                   bandwidth: float, load_s: float, decode_bytes: float | None = None, gemm: float = 0.0) -> BenchRow:
-    """Time one loaded pipeline: ``repeats`` rounds of :class:`PipelineTimer`, medians."""
-    timer = PipelineTimer(pipe, model, prompt_tokens)
-    rounds = [timer.round(decode_tokens) for _ in range(repeats)]
-    return timed_row(pipe.backend, precision, model, rounds, len(timer.layout), bandwidth, load_s, decode_bytes,
-                     gemm)
 
 
 def loaded_artifacts(b, backend: str, precision: str) -> list:
@@ -464,9 +466,8 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     reference or the fp32 export that two builds of one model share) runs once. Each row's
     ratios are taken against its own bundle's torch fp32 and onnxruntime fp32 rows.
 
-    ``interleave``: load every row first and time them round by round (:func:`_run_interleaved`),
-    for ratios that hold on a machine whose load changes; it holds every row's model in memory
-    at once."""
+    ``interleave``: load every row first and time them round by round, for ratios that hold on a
+    machine whose load changes; it holds every row's model in memory at once."""
     from ..bundle import Bundle
     from ..runtimes.loader import load
     from ..runtimes.onnxruntime_backend import physical_cores
@@ -489,37 +490,53 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
             if key not in by_key:
                 by_key[key] = None
                 plan.append((name, b, backend, p, key))
-    if interleave:
-        _run_interleaved(report, plan, by_key, prompt_tokens, decode_tokens, repeats, threads, bandwidth, gemm,
-                         accuracy_per_category, spin, progress)
-    for name, b, backend, precision, key in ([] if interleave else plan):
-        progress(f"bench {backend} {precision}{report.where(name)}")
-        gc.collect()
-        _reset_peak_rss()
+    def make_timer(name, b, backend, precision):
         model = b.section("model")
         if backend == RAW_LLAMACPP:
-            timer = RawLlamaCppTimer(b, model, precision, prompt_tokens, threads)
-            rounds = [timer.round(decode_tokens) for _ in range(repeats)]
-            row = timed_row(f"{RAW_LLAMACPP}-{precision}", precision, model, rounds, timer.positions, bandwidth,
-                            timer.load_s, decode_bytes_from_files(b, "llamacpp", precision), gemm)
-            row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
-            report.rows.append(row)
-            by_key[key] = row
-            continue
+            return RawLlamaCppTimer(b, model, precision, prompt_tokens, decode_tokens, threads)
         t0 = time.perf_counter()
         pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
-        load_s = time.perf_counter() - t0
-        row = bench_pipeline(pipe, model, precision, prompt_tokens, decode_tokens, repeats, bandwidth,
-                             load_s, decode_bytes_from_files(b, backend, precision), gemm)
-        row.size_mb = loaded_bytes(b, backend, precision) / 1e6
-        row.bundle = name
-        if accuracy_per_category > 0:
+        return PipelineTimer(pipe, model, prompt_tokens, decode_tokens, time.perf_counter() - t0)
+
+    def finish(entry, timer, rounds) -> None:
+        name, b, backend, precision, key = entry
+        row = timed_row(timer.backend, precision, b.section("model"), rounds, timer.positions, bandwidth,
+                        timer.load_s, decode_bytes_from_files(b, "llamacpp" if backend == RAW_LLAMACPP else backend,
+                                                              precision), gemm)
+        row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
+        if accuracy_per_category > 0 and timer.pipe is not None:
             progress(f"accuracy {backend} {precision}{report.where(name)}")
-            row.accuracy = _accuracy(pipe, accuracy_per_category)
+            row.accuracy = _accuracy(timer.pipe, accuracy_per_category)
         report.rows.append(row)
         by_key[key] = row
-        del pipe
-        gc.collect()
+        timer.close()
+
+    if interleave:
+        # every row loaded at once, then each round times every row once in plan order: a change of
+        # load on a shared machine lands on all rows of a round alike, so the ratios between rows hold
+        # where sequential rows would each catch their own moment. Peak RSS is then the process's,
+        # with everything loaded (the same figure on every row).
+        timers = []
+        for name, b, backend, precision, key in plan:
+            progress(f"load {backend} {precision}{report.where(name)}")
+            timers.append(make_timer(name, b, backend, precision))
+        rounds: list[list] = [[] for _ in plan]
+        for r in range(repeats):
+            progress(f"interleaved round {r + 1} of {repeats}")
+            for i, timer in enumerate(timers):
+                rounds[i].append(timer.round())
+        for entry, timer, rs in zip(plan, timers, rounds):
+            finish(entry, timer, rs)
+    else:
+        for entry in plan:
+            name, b, backend, precision, key = entry
+            progress(f"bench {backend} {precision}{report.where(name)}")
+            gc.collect()
+            _reset_peak_rss()
+            timer = make_timer(name, b, backend, precision)
+            finish(entry, timer, [timer.round() for _ in range(repeats)])
+            del timer
+            gc.collect()
     _remeasure_ceilings(report, threads)
     # each row against its own bundle's torch and onnxruntime fp32 rows (timed under another bundle's
     # name where the files are the same), so two different models never share a base
@@ -584,45 +601,6 @@ def report_markdown(report: BenchReport) -> str:
     lines = [report_title(report), "", line(cols), rule, *(line(r) for r in rows), ""]
     lines += [ratio_line(name, ratio) for name, ratio in report.ratios.items()]
     return "\n".join(lines)
-
-
-def _run_interleaved(report: BenchReport, plan, by_key: dict, prompt_tokens: int, decode_tokens: int, repeats: int,
-                     threads: int, bandwidth: float, gemm: float, accuracy_per_category: int, spin,
-                     progress: Callable[[str], None]) -> None:
-    """Every row loaded at once, then ``repeats`` rounds, each timing every row once in plan order:
-    a change of load on a shared machine lands on all rows of a round alike, so the ratios
-    between rows hold where sequential rows would each catch their own moment. Peak RSS is the
-    process's, with everything loaded (the same figure on every row)."""
-    from ..runtimes.loader import load
-
-    timers = []
-    for name, b, backend, precision, key in plan:
-        progress(f"load {backend} {precision}{report.where(name)}")
-        model = b.section("model")
-        if backend == RAW_LLAMACPP:
-            timers.append((RawLlamaCppTimer(b, model, precision, prompt_tokens, threads), 0.0))
-            continue
-        t0 = time.perf_counter()
-        pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
-        timers.append((PipelineTimer(pipe, model, prompt_tokens), time.perf_counter() - t0))
-    rounds: list[list] = [[] for _ in plan]
-    for r in range(repeats):
-        progress(f"interleaved round {r + 1} of {repeats}")
-        for i, (timer, _) in enumerate(timers):
-            rounds[i].append(timer.round(decode_tokens))
-    for (name, b, backend, precision, key), (timer, load_s), rs in zip(plan, timers, rounds):
-        model = b.section("model")
-        raw = backend == RAW_LLAMACPP
-        row = timed_row(f"{RAW_LLAMACPP}-{precision}" if raw else timer.pipe.backend, precision, model, rs,
-                        timer.positions if raw else len(timer.layout), bandwidth,
-                        timer.load_s if raw else load_s,
-                        decode_bytes_from_files(b, "llamacpp" if raw else backend, precision), gemm)
-        row.size_mb, row.bundle = loaded_bytes(b, backend, precision) / 1e6, name
-        if accuracy_per_category > 0 and not raw:
-            progress(f"accuracy {backend} {precision}{report.where(name)}")
-            row.accuracy = _accuracy(timer.pipe, accuracy_per_category)
-        report.rows.append(row)
-        by_key[key] = row
 
 
 def _plan(b, backends: Sequence[str], precisions: Sequence[str] | None) -> list[tuple[str, str]]:

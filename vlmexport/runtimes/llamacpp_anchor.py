@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import VlmexportError
-from .llamacpp_backend import GGUFFileError, extra_buffer_types, read_gguf_info
+from .llamacpp_backend import GGUFFileError, load_text_model, read_gguf_info
 from .llamacpp_lib import LOG_SINK, init_backend
 
 
@@ -38,68 +38,94 @@ class AnchorTiming:
     tokens: list[int]  # the greedy continuation of the last repeat (a check that it decoded)
 
 
+class RawTextModel:
+    """A text GGUF loaded into llama.cpp with its default context parameters (``n_ctx`` = the
+    longest prompt + generation it will run, as ``llama-bench`` sizes it) and its greedy sampler;
+    :meth:`run` times one prompt and its continuation. Close it (or use ``with``)."""
+
+    def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None):
+        import ctypes
+
+        self._ctypes = ctypes
+        self._lib = lib = init_backend()[0]
+        info = read_gguf_info(path, "text GGUF")
+        self.ctx = self.sampler = None
+        t0 = time.perf_counter()
+        self.model = load_text_model(lib, info)
+        try:
+            cp = lib.llama_context_default_params()
+            cp.n_ctx = n_ctx
+            if threads:
+                cp.n_threads = cp.n_threads_batch = threads
+            self.ctx = lib.llama_init_from_model(self.model, cp)
+            if not self.ctx:
+                raise GGUFFileError(f"{info.path}: llama.cpp could not create a context "
+                                    f"({LOG_SINK.take() or 'no detail'})")
+        except BaseException:
+            self.close()
+            raise
+        self.load_s = time.perf_counter() - t0
+        self.n_ctx = n_ctx
+        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model)))
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.sampler = lib.llama_sampler_init_greedy()
+
+    def _decode(self, batch) -> None:
+        rc = self._lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} ({LOG_SINK.take() or 'no detail'})")
+
+    def run(self, prompt_tokens: int, decode_tokens: int) -> tuple[float, float, list[int]]:
+        """``(TTFT ms, decode ms per token, tokens)`` of a text prompt of ``prompt_tokens`` ids
+        (5 + k % 200) and ``decode_tokens`` greedy steps after it."""
+        if prompt_tokens < 1 or decode_tokens < 1 or prompt_tokens + decode_tokens >= self.n_ctx + 1:
+            raise VlmexportError(f"raw llama.cpp timing needs at least one prompt token and one decode step, "
+                                 f"{prompt_tokens} + {decode_tokens} within the context of {self.n_ctx}")
+        lib, ct = self._lib, self._ctypes
+        prompt = (ct.c_int32 * prompt_tokens)(*[5 + (k % min(200, self.n_vocab - 5)) for k in range(prompt_tokens)])
+        one = (ct.c_int32 * 1)()
+        lib.llama_memory_clear(self.memory, True)
+        t0 = time.perf_counter()
+        self._decode(lib.llama_batch_get_one(prompt, prompt_tokens))
+        tok = lib.llama_sampler_sample(self.sampler, self.ctx, -1)
+        t1 = time.perf_counter()
+        out = [int(tok)]
+        for _ in range(decode_tokens):
+            one[0] = tok
+            self._decode(lib.llama_batch_get_one(one, 1))
+            tok = lib.llama_sampler_sample(self.sampler, self.ctx, -1)
+            out.append(int(tok))
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (t2 - t1) * 1000 / decode_tokens, out
+
+    def close(self) -> None:
+        lib = self._lib
+        if self.sampler:
+            lib.llama_sampler_free(self.sampler)
+            self.sampler = None
+        if self.ctx:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "RawTextModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def time_text_gguf(path: str | Path, prompt_tokens: int, decode_tokens: int, repeats: int = 3,
                    threads: int | None = None) -> AnchorTiming:
     """Time raw llama.cpp on ``path``: prefill of ``prompt_tokens`` text tokens and ``decode_tokens``
     greedy steps, ``repeats`` times (after one warm-up), medians returned."""
     if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
         raise VlmexportError("raw llama.cpp timing needs at least one prompt token, one decode step and one repeat")
-    import ctypes
-
-    lib, _ = init_backend()
-    info = read_gguf_info(path, "text GGUF")
-    quantized = info.get("general.file_type", 1) not in (0, 1, 32)  # f32, f16, bf16
-    mp = lib.llama_model_default_params()
-    if not extra_buffer_types(info if quantized else None):
-        mp.use_extra_bufts = False
-    t0 = time.perf_counter()
-    model = lib.llama_model_load_from_file(str(info.path).encode(), mp)
-    if not model:
-        raise GGUFFileError(f"{info.path}: llama.cpp could not load this text GGUF ({LOG_SINK.take() or 'no detail'})")
-    ctx = sampler = None
-    try:
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = prompt_tokens + decode_tokens + 1
-        if threads:
-            cp.n_threads = cp.n_threads_batch = threads
-        ctx = lib.llama_init_from_model(model, cp)
-        if not ctx:
-            raise GGUFFileError(f"{info.path}: llama.cpp could not create a context ({LOG_SINK.take() or 'no detail'})")
-        load_s = time.perf_counter() - t0
-        vocab = lib.llama_model_get_vocab(model)
-        n_vocab = int(lib.llama_vocab_n_tokens(vocab))
-        memory = lib.llama_get_memory(ctx)
-        sampler = lib.llama_sampler_init_greedy()
-        prompt = (ctypes.c_int32 * prompt_tokens)(*[5 + (k % min(200, n_vocab - 5)) for k in range(prompt_tokens)])
-        one = (ctypes.c_int32 * 1)()
-
-        def decode(batch) -> None:
-            rc = lib.llama_decode(ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with status {rc} ({LOG_SINK.take() or 'no detail'})")
-
-        ttfts, steps, out = [], [], []
-        for r in range(repeats + 1):  # the first run warms up (page faults, repacking, thread pool)
-            lib.llama_memory_clear(memory, True)
-            t0 = time.perf_counter()
-            decode(lib.llama_batch_get_one(prompt, prompt_tokens))
-            tok = lib.llama_sampler_sample(sampler, ctx, -1)
-            t1 = time.perf_counter()
-            out = [int(tok)]
-            for _ in range(decode_tokens):
-                one[0] = tok
-                decode(lib.llama_batch_get_one(one, 1))
-                tok = lib.llama_sampler_sample(sampler, ctx, -1)
-                out.append(int(tok))
-            t2 = time.perf_counter()
-            if r:
-                ttfts.append((t1 - t0) * 1000)
-                steps.append((t2 - t1) * 1000 / decode_tokens)
-        return AnchorTiming(ttft_ms=statistics.median(ttfts), decode_ms_per_token=statistics.median(steps),
-                            load_s=load_s, prompt_tokens=prompt_tokens, tokens=out)
-    finally:
-        if sampler:
-            lib.llama_sampler_free(sampler)
-        if ctx:
-            lib.llama_free(ctx)
-        lib.llama_model_free(model)
+    with RawTextModel(path, prompt_tokens + decode_tokens + 1, threads) as m:
+        m.run(prompt_tokens, decode_tokens)  # warm-up (page faults, repacking, thread pool)
+        runs = [m.run(prompt_tokens, decode_tokens) for _ in range(repeats)]
+        return AnchorTiming(ttft_ms=statistics.median(r[0] for r in runs),
+                            decode_ms_per_token=statistics.median(r[1] for r in runs), load_s=m.load_s,
+                            prompt_tokens=prompt_tokens, tokens=runs[-1][2])

@@ -187,6 +187,22 @@ def extra_buffer_types(text_gguf: GGUFInfo | None = None) -> bool:
     return _AMX_PROBE["amx"]
 
 
+def load_text_model(lib, info: GGUFInfo, n_gpu_layers: int = 0):
+    """``llama_model_load_from_file`` of a text GGUF, with weight repacking where
+    :func:`extra_buffer_types` allows it; a GGUFFileError line if llama.cpp refuses the file."""
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    quantized = info.get("general.file_type", 1) not in (0, 1, 32)  # f32, f16, bf16
+    if not extra_buffer_types(info if quantized else None):
+        # ggml's CPU "extra" buffer types repack quantized weights for AMX / AVX kernels; see extra_buffer_types.
+        mp.use_extra_bufts = False
+    model = lib.llama_model_load_from_file(str(info.path).encode(), mp)
+    if not model:
+        raise GGUFFileError(f"{info.path}: llama.cpp could not load this text GGUF ({LOG_SINK.take() or 'no detail'}); "
+                            "re-export it with this vlmexport version")
+    return model
+
+
 def _cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -241,17 +257,7 @@ class LlamaCppSession:
             n_gpu_layers = 0
         self.n_gpu_layers = n_gpu_layers
 
-        mp = lib.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
-        quantized = self.text_info.get("general.file_type", 1) not in (0, 1, 32)  # f32, f16, bf16
-        if not extra_buffer_types(self.text_info if quantized else None):
-            # ggml's CPU "extra" buffer types repack quantized weights for AMX / AVX kernels; see
-            # extra_buffer_types.
-            mp.use_extra_bufts = False
-        self.model = lib.llama_model_load_from_file(str(self.text_info.path).encode(), mp)
-        if not self.model:
-            raise GGUFFileError(f"{self.text_info.path}: llama.cpp could not load this text GGUF "
-                                f"({LOG_SINK.take() or 'no detail'}); re-export it with this vlmexport version")
+        self.model = load_text_model(lib, self.text_info, n_gpu_layers)
         vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self.n_embd = int(lib.llama_model_n_embd(self.model))
