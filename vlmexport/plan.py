@@ -233,7 +233,7 @@ def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
             files += a.total_size_bytes
             if part == "text_decoder":
                 decoder += a.total_size_bytes
-                files += _decode_graph_weight_bytes(bundle, a)  # its session's own copy of the language weights
+                files += _decode_graph_weight_bytes(a)  # its session's own copy of the language weights
         else:
             kv = _onnx_kv_bytes(bundle, precision)
             out.append(ArtifactSet("onnxruntime", precision, files, decoder, kv))
@@ -250,17 +250,12 @@ def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
     return out
 
 
-def _decode_graph_weight_bytes(bundle: Bundle, decoder) -> int:
+def _decode_graph_weight_bytes(decoder) -> int:
     """Weight bytes the onnxruntime backend's decode-graph session loads besides the decoder's
     (a quantized decoder's routing-free graph, DECODE_GRAPH_PRECISIONS); 0 where it runs none."""
-    rel = (decoder.extra or {}).get("decode_graph")
-    if decoder.precision not in DECODE_GRAPH_PRECISIONS or not rel:
+    if decoder.precision not in DECODE_GRAPH_PRECISIONS:
         return 0
-    import onnx
-
-    m = onnx.load(str(bundle.file(rel)), load_external_data=False)
-    return sum(int({e.key: e.value for e in t.external_data}.get("length", 0))
-               if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data) for t in m.graph.initializer)
+    return int((decoder.extra or {}).get("decode_graph_weight_bytes", 0))  # recorded by the build
 
 
 def _onnx_kv_bytes(bundle: Bundle, precision: str) -> int:

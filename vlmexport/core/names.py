@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from enum import Enum
 
+from .errors import VlmexportError
+
 
 
 class Part(str, Enum):
@@ -96,8 +98,6 @@ class Spin(str, Enum):
     @classmethod
     def of(cls, spin: "bool | str | Spin | None") -> "Spin":
         """A mode from its name or a bool (True: all, False: off; None: decode), or one VlmexportError line."""
-        from .errors import VlmexportError
-
         if spin is None:
             return cls.DECODE
         if isinstance(spin, bool):

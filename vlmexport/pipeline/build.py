@@ -171,7 +171,7 @@ def quantize_onnx_parts(src: SourceModel, root: Path, precisions: Sequence[str],
         fp32_decode = (io[q.part].extra or {}).get("decode_graph")
         if fp32_decode and q.part == Part.TEXT_DECODER:  # the routing-free graph over the quantized weights
             progress(f"decode graph of the {q.precision} text decoder")
-            d = derive_quantized_decode_graph(q.path, root / fp32_decode)
+            d, extra["decode_graph_weight_bytes"] = derive_quantized_decode_graph(q.path, root / fp32_decode)
             extra["decode_graph"] = str(d.relative_to(root))
             data.append(extra["decode_graph"])
         parts.append(ExportedPart(q.part, "onnx", q.precision, str(q.path.relative_to(root)), tuple(data),

@@ -124,6 +124,18 @@ def gate_items(image_size: int, per_category: int, seed: int = 0) -> list:
     return SyntheticVQA(image_size=image_size, seed=seed).eval_items("test", per_category)
 
 
+def recipe_for(options: "QuantOptions", arch) -> QuantRecipe:
+    """The options' recipe over the architecture's default (or the default alone)."""
+    return options.recipe.over(default_recipe(arch)) if options.recipe is not None else default_recipe(arch)
+
+
+def calibration_for(tokenizer_path, template, preprocess, model: dict, options: "QuantOptions"):
+    """The calibration set (cached) for a model's tokenizer, template and preprocessing."""
+    prep = prompt_pipeline(tokenizer_path, template, preprocess, model)
+    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
+    return build_calibration(prep, options.calibration, options.cache_dir, identity={"tokenizer": tok_hash})
+
+
 def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str], *, tokenizer_path, template,
                   preprocess, model: dict, arch=None, options: QuantOptions = QuantOptions(),
                   progress: Callable[[str], None] = lambda s: None) -> QuantResult:
@@ -134,11 +146,9 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     bad = [p for p in precisions if p not in QUANT_PRECISIONS]
     if bad:
         raise ConfigError(f"not quantized precisions {bad}; choose from {list(QUANT_PRECISIONS)}")
-    recipe = options.recipe.over(default_recipe(arch)) if options.recipe is not None else default_recipe(arch)
-    prep = prompt_pipeline(tokenizer_path, template, preprocess, model)
+    recipe = recipe_for(options, arch)
     progress("calibrate: build the calibration set")
-    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
-    calib = build_calibration(prep, options.calibration, options.cache_dir, identity={"tokenizer": tok_hash})
+    calib = calibration_for(tokenizer_path, template, preprocess, model, options)
     ref = ort_session(fp32, model)
     facts = decoder_shape(model)
     parts: list[QuantizedPart] = []

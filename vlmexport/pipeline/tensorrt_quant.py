@@ -18,7 +18,6 @@ int8 gate). Their engines are built on the device like the others; nothing here 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -38,19 +37,16 @@ def quantize_tensorrt_vision(src, root: Path, options=None, progress: Callable[[
     from ..exporter.onnx_vision import export_connector, export_vision_encoder
     from ..exporter.tensorrt import audit_graphs
     from ..models.checkpoint import read_tokenizer
-    from ..quant.calib import build_calibration, feature_reader, pixel_reader
+    from ..quant.calib import feature_reader, pixel_reader
     from ..quant.quantize import quantize_int8_static
-    from ..quant.recipe import default_recipe, for_precision
-    from .quantize import QuantOptions, prompt_pipeline
+    from ..quant.recipe import for_precision
+    from .quantize import QuantOptions, calibration_for, recipe_for
 
     options = options or QuantOptions()
     s = src.specs
-    recipe = options.recipe.over(default_recipe(src.arch)) if options.recipe is not None else default_recipe(src.arch)
-    tok = read_tokenizer(src.path).path
-    prep = prompt_pipeline(tok, src.template, src.preprocess, src.model_section())
+    recipe = recipe_for(options, src.arch)
     progress("calibrate: build the calibration set (tensorrt int8 vision parts)")
-    calib = build_calibration(prep, options.calibration, options.cache_dir,
-                              identity={"tokenizer": hashlib.sha256(Path(tok).read_bytes()).hexdigest()[:16]})
+    calib = calibration_for(read_tokenizer(src.path).path, src.template, src.preprocess, src.model_section(), options)
     tmp = root / SOURCE_DIR
     out: list[ExportedPart] = []
     try:

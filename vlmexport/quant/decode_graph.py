@@ -32,10 +32,18 @@ def decode_graph_path(graph: str | Path) -> Path:
     return g.with_name(g.stem + DECODE_SUFFIX + g.suffix)
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's data, in its external file or inline."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in t.external_data}.get("length", 0))
+    return len(t.raw_data)
+
+
 def derive_quantized_decode_graph(quantized: str | Path, fp32_decode: str | Path, out: str | Path | None = None
-                                  ) -> Path:
+                                  ) -> tuple[Path, int]:
     """Write ``out`` (default ``<quantized stem>.decode.onnx`` beside ``quantized``): the routing-free
     graph of ``fp32_decode`` running the weights of the routed ``quantized`` graph (module doc).
+    Returns its path and the bytes of the weights it reads (a runtime session loads its own copy).
 
     ``out`` must sit in ``quantized``'s folder: the initializers keep their external-data locations,
     which are relative to the graph file."""
@@ -94,4 +102,4 @@ def derive_quantized_decode_graph(quantized: str | Path, fp32_decode: str | Path
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
+    return out, sum(tensor_bytes(t) for t in inits)
