@@ -219,3 +219,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+
+
+def test_demo_recipe_round_trips_through_json():
+    from vlmexport.training.recipes import Recipe, demo_recipe
+
+    r = demo_recipe()
+    assert Recipe.from_dict(__import__("json").loads(r.to_json())) == r

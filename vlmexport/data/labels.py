@@ -87,3 +87,92 @@ def stacked_patch_labels(specs, grid: int):
 
     maps = [patch_labels(spec, grid) for spec in specs]
     return {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in LABEL_SETS}
+
+
+# ------------------------------------------------------------ where an answer is in the image
+def _cover(draw_fn, grid: int) -> np.ndarray:
+    """Fraction of each patch (grid x grid) that ``draw_fn(draw, scale)`` covers."""
+    img, draw, scale = _canvas(grid)
+    draw_fn(draw, scale)
+    a = np.asarray(img, dtype=np.float64).reshape(grid, SUB, grid, SUB) > 0
+    return a.mean(axis=(1, 3))
+
+
+def _region(cover: np.ndarray, min_cover: float = 0.1) -> np.ndarray:
+    """Flat patch indices an object occupies: every patch it covers by >= ``min_cover``,
+    or the one it covers most when it is smaller than that everywhere."""
+    flat = cover.reshape(-1)
+    idx = np.flatnonzero(flat >= min_cover)
+    return idx if idx.size else np.array([int(flat.argmax())])
+
+
+def _object_region(obj: dict, grid: int) -> np.ndarray:
+    return _region(_cover(lambda d, s: render.draw_shape(d, obj["shape"], obj["x"], obj["y"], obj["s"], (1,), s),
+                          grid))
+
+
+def _bar_region(spec: dict, i: int, grid: int) -> np.ndarray:
+    bars = spec["bars"]
+    slot = (spec["x1"] - spec["x0"]) / len(bars)
+    bw = slot * spec["width"] / 100.0
+    cx = spec["x0"] + slot * (i + 0.5)
+    box = (cx - bw / 2, spec["base"] - bars[i][1], cx + bw / 2, spec["base"])
+    return _region(_cover(lambda d, s: d.rectangle(tuple(v * s for v in box), fill=1), grid))
+
+
+def question_regions(spec: dict, question: str, grid: int) -> list[np.ndarray]:
+    """The patches a question's answer depends on, per object the question names, in the
+    order it names them (flat indices into the ``grid x grid`` patch grid).
+
+    - colour ("What colour is the circle?"), shape ("... the red object?"), existence with
+      answer yes: [the object]; existence with answer no: [] (nothing to look at);
+    - position: [the first-named object, the second-named object];
+    - count: [every object of that shape, as one region];
+    - chart: [the tallest / shortest bar]; reading: [] (the whole text, read in order).
+
+    Used for the question-conditioned attention loss (``training/objectives``); the
+    questions themselves are untouched.
+    """
+    kind = spec["kind"]
+    if kind == "chart":
+        bars = spec["bars"]
+        if "tallest" in question:
+            pick = max(range(len(bars)), key=lambda i: bars[i][1])
+        elif "shortest" in question:
+            pick = min(range(len(bars)), key=lambda i: bars[i][1])
+        else:
+            return []
+        return [_bar_region(spec, pick, grid)]
+    if kind not in ("scene", "count"):
+        return []
+    objects = spec["objects"]
+    words = question.rstrip("?").replace("?", " ").split()
+
+    def named(colour: str | None, shape: str | None) -> list[dict]:
+        return [o for o in objects if (colour is None or o["colour"] == colour) and (shape is None or o["shape"] == shape)]
+
+    def phrases() -> list[tuple[str, str]]:  # every "<colour> <shape>" pair, in order
+        return [(a, b) for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES]
+
+    groups: list[list[dict]]
+    if question.startswith("What colour is the "):
+        groups = [named(None, words[-1])]
+    elif question.startswith("What shape is the "):
+        groups = [named(words[4], None)]
+    elif question.startswith("How many "):
+        plural = words[2]
+        groups = [[o for o in objects if render.SHAPE_PLURALS[o["shape"]] == plural]]
+    elif question.startswith("Is there "):
+        pair = phrases()
+        groups = [named(*pair[0])] if pair else []
+        groups = [g for g in groups if g]
+    elif question.startswith("Is the "):
+        groups = [named(*p) for p in phrases()]
+    else:
+        return []
+    out = []
+    for objs in groups:
+        if not objs:
+            continue
+        out.append(np.unique(np.concatenate([_object_region(o, grid) for o in objs])))
+    return out

@@ -84,6 +84,25 @@ def build_example(images: Sequence[np.ndarray], turns: Sequence[tuple[str, str]]
 
 
 @dataclass
+class AttentionTargets:
+    rows: torch.Tensor  # [T] long
+    query_pos: torch.Tensor  # [T] long
+    heads: torch.Tensor  # [T] long
+    keys: torch.Tensor  # [T, S] bool
+
+    def to(self, device) -> "AttentionTargets":
+        return AttentionTargets(self.rows.to(device), self.query_pos.to(device), self.heads.to(device),
+                                self.keys.to(device))
+
+
+def answer_query_positions(targets: np.ndarray) -> list[int]:
+    """The position that predicts each answer's first token: the first of every run of
+    supervised positions (answers are separated by unsupervised question tokens)."""
+    sup = targets != IGNORE
+    return [int(i) for i in np.flatnonzero(sup & ~np.concatenate(([False], sup[:-1])))]
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor
     targets: torch.Tensor
@@ -93,12 +112,17 @@ class Batch:
     pixel_values: torch.Tensor | None
     # per-patch labels of each image (``data/labels.py``), for the dense auxiliary loss
     patch_labels: dict[str, torch.Tensor] | None = None
+    # where each supervised answer is in the image (question-conditioned attention loss): one row per
+    # (answer, head): the batch row, the position that predicts the answer's first token, the head,
+    # and a [T, S] mask of the key positions (image tokens) the head should read
+    attention_targets: "AttentionTargets | None" = None
 
     def to(self, device) -> "Batch":
         moved = [t.to(device) if t is not None else None for t in (
             self.input_ids, self.targets, self.token_type, self.position_ids, self.is_image, self.pixel_values)]
         labels = {k: v.to(device) for k, v in self.patch_labels.items()} if self.patch_labels else None
-        return Batch(*moved, patch_labels=labels)
+        attn = self.attention_targets.to(device) if self.attention_targets is not None else None
+        return Batch(*moved, patch_labels=labels, attention_targets=attn)
 
     @property
     def supervised_tokens(self) -> int:

@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..core.errors import DataError
 from ..core.preprocess import PreprocessConfig
 from ..core.prompt import ChatTemplate
 from ..data import CATEGORIES, SyntheticVQA, read_llava_jsonl
 from ..data.jsonl import ConversationRecord
+from ..data.synthetic import questions
 from ..core.errors import ConfigError
-from .batching import Batch, Example, ModelLayoutInfo, build_example, collate
+from .batching import AttentionTargets, Batch, Example, ModelLayoutInfo, answer_query_positions, build_example, collate
 
 
 TWO_IMAGE_OFFSET = 5_000_000  # train indices of the first images of two-image sequences
@@ -31,7 +33,8 @@ class SyntheticTrainData:
     def __init__(self, gen: SyntheticVQA, tokenizer, template: ChatTemplate, info: ModelLayoutInfo,
                  preprocess: PreprocessConfig, turns: tuple[int, int] = (1, 4), seed: int = 0,
                  category_weights: dict[str, float] | None = None, index_offset: int = 0,
-                 patch_grid: int | None = None, two_image_fraction: float = 0.0):
+                 patch_grid: int | None = None, two_image_fraction: float = 0.0, attention_grid: int | None = None,
+                 attention_categories: Sequence[str] = ()):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
         self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
@@ -42,9 +45,16 @@ class SyntheticTrainData:
         # share of two-image sequences: another image and one of its questions answered first (an
         # in-context example), then this image's questions (MMICL / Flamingo-style interleaving)
         self.two_image_fraction = float(two_image_fraction)
-        if self.two_image_fraction and patch_grid:
-            raise ConfigError("two-image sequences and the dense per-patch loss cannot be combined in one stage; "
-                              "set dense_weight 0 or two_image_fraction 0")
+        if self.two_image_fraction and (patch_grid or attention_grid):
+            raise ConfigError("two-image sequences and the dense per-patch or attention losses cannot be combined "
+                              "in one stage; set dense_weight and attention_weight 0, or two_image_fraction 0")
+        # also return where each answer is in the image (question-conditioned attention loss)
+        self.attention_grid = attention_grid
+        self.attention_categories = frozenset(attention_categories or CATEGORIES)  # the questions it applies to
+        unknown = self.attention_categories - set(CATEGORIES)
+        if unknown:
+            raise ConfigError(f"attention_categories {sorted(unknown)} are not categories; use some of "
+                              f"{', '.join(CATEGORIES)}")
 
     def turns_for(self, index: int, sample) -> list[tuple[str, str]]:
         rng = np.random.default_rng([self.seed, 0x7A11, index])
@@ -58,26 +68,66 @@ class SyntheticTrainData:
         return [(qas[i].question, qas[i].answer) for i in order]
 
     def example(self, index: int) -> Example:
+        return self._example(index)[0]
+
+    def _example(self, index: int) -> tuple[Example, list[tuple[str, str]]]:
         sample = self.gen.sample("train", self.index_offset + index)
         turns = self.turns_for(index, sample)
         if np.random.default_rng([self.seed, 0x2146, index]).random() < self.two_image_fraction:
             first = self.gen.sample("train", self.index_offset + TWO_IMAGE_OFFSET + index)
             context = self.turns_for(TWO_IMAGE_OFFSET + index, first)[:1]
             return build_example([first.image, sample.image], context + turns, self.tokenizer, self.template,
-                                 self.info, images_per_turn=[1, 1] + [0] * (len(turns) - 1))
-        return build_example([sample.image], turns, self.tokenizer, self.template, self.info)
+                                 self.info, images_per_turn=[1, 1] + [0] * (len(turns) - 1)), context + turns
+        return build_example([sample.image], turns, self.tokenizer, self.template, self.info), turns
 
     def examples(self, first: int, n: int) -> Sequence[Example]:
         return [self.example(i) for i in range(first, first + n)]
 
     def batch(self, first: int, n: int) -> Batch:
-        batch = collate(self.examples(first, n), self.preprocess, self.info.pad_id)
+        built = [self._example(i) for i in range(first, first + n)]
+        batch = collate([e for e, _ in built], self.preprocess, self.info.pad_id)
+        if self.attention_grid:
+            specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
+            keep = [{qa.question for qa in questions(spec) if qa.category in self.attention_categories}
+                    for spec in specs]
+            built = [(ex, [t if t[0] in k else None for t in turns]) for (ex, turns), k in zip(built, keep)]
+            batch.attention_targets = attention_targets(built, specs, self.attention_grid, batch.input_ids.shape[1])
         if self.patch_grid:
             from ..data.labels import stacked_patch_labels
 
             specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
             batch.patch_labels = stacked_patch_labels(specs, self.patch_grid)
         return batch
+
+
+def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], specs: Sequence[dict], grid: int,
+                      length: int) -> AttentionTargets:
+    """For every answer whose question names objects in the image: head 0 should read the
+    first-named object's patches and head 1 the second-named one's (the same object when
+    only one is named), at the position that predicts the answer. A turn given as None
+    has no target (its category is not supervised)."""
+    from ..data.labels import question_regions
+
+    rows, qpos, heads, keys = [], [], [], []
+    for row, ((ex, turns), spec) in enumerate(zip(built, specs)):
+        image_pos = np.flatnonzero(ex.is_image)
+        if len(image_pos) != grid * grid + 2:  # boi, the patches, eoi of exactly one image
+            continue
+        patches = image_pos[1:-1]
+        for turn, pos in zip(turns, answer_query_positions(ex.targets)):
+            if turn is None:
+                continue
+            regions = question_regions(spec, turn[0], grid)
+            if not regions:
+                continue
+            for head, region in enumerate((regions + regions)[:2]):
+                mask = np.zeros(length, dtype=bool)
+                mask[patches[region]] = True
+                rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
+    if not rows:
+        return AttentionTargets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)), torch.zeros(0, length, dtype=torch.bool))
+    return AttentionTargets(torch.tensor(rows), torch.tensor(qpos), torch.tensor(heads),
+                            torch.from_numpy(np.stack(keys)))
 
 
 class JsonlTrainData:

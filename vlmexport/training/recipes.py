@@ -46,6 +46,10 @@ class StageSpec:
     category_weights: dict[str, float] = field(default_factory=dict)
     max_minutes: float | None = None  # stop early (and save) when the stage runs this long
     dense_weight: float = 0.0  # weight of the dense per-patch auxiliary loss (synthetic data only)
+    # weight of the question-conditioned attention loss (synthetic data, cogvlm): the last decoder layer's
+    # heads 0/1 read the patches of the objects the question names, at the position that predicts the answer
+    attention_weight: float = 0.0
+    attention_categories: tuple[str, ...] = ()  # the question categories it supervises (empty: all)
     two_image_fraction: float = 0.0  # share of two-image sequences (an in-context example, then the questions)
 
 
@@ -74,8 +78,11 @@ class Recipe:
         stages = []
         for s in d.pop("stages", []):
             s = dict(s)
-            s["train"] = TrainConfig(**{**s.get("train", {}), "betas": tuple(s.get("train", {}).get("betas", (0.9, 0.95)))})
+            t = s.get("train", {})
+            s["train"] = TrainConfig(**{**t, "betas": tuple(t.get("betas", (0.9, 0.95))),
+                                        "train_roles": tuple(t.get("train_roles", ()))})
             s["turns"] = tuple(s.get("turns", (1, 4)))
+            s["attention_categories"] = tuple(s.get("attention_categories", ()))
             stages.append(StageSpec(**s))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -131,15 +138,16 @@ def demo_recipe() -> Recipe:
             ),
             StageSpec(
                 stage="scratch",
-                train=TrainConfig(steps=3600, batch_size=32, lr=5e-4, min_lr_ratio=0.1, warmup_steps=50,
+                train=TrainConfig(steps=2300, batch_size=32, lr=5e-4, min_lr_ratio=0.1, warmup_steps=50,
                                   weight_decay=0.05, save_every=100, log_every=10,
                                   lr_multipliers={"vision": 0.3, "connector": 1.0}),
                 turns=(4, 10),
                 max_minutes=48,
                 dense_weight=0.5,
+                attention_weight=1.0,
             ),
         ],
-        eval_every=500,
+        eval_every=300,
     )
 
 
@@ -215,7 +223,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
             data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
                                       category_weights=spec.category_weights, index_offset=k * 10_000_000,
                                       patch_grid=grid if spec.dense_weight > 0 else None,
-                                      two_image_fraction=spec.two_image_fraction)
+                                      two_image_fraction=spec.two_image_fraction,
+                                      attention_grid=grid if spec.attention_weight > 0 else None,
+                                      attention_categories=spec.attention_categories)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):
@@ -228,7 +238,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
                        eval_fn=eval_fn if recipe.eval_every and spec.stage != Stage.VISION.value else None,
                        eval_every=recipe.eval_every,
                        stop_after_s=spec.max_minutes * 60 if spec.max_minutes else None,
-                       dense_weight=spec.dense_weight, objective_init=heads)
+                       dense_weight=spec.dense_weight, objective_init=heads,
+                       attention_weight=spec.attention_weight)
         timings.append({"stage": spec.stage, "steps": result.steps_done, "seconds": time.perf_counter() - t0})
         heads = _load_heads(run_dir)
         if result.reason != "interrupted":

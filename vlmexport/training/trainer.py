@@ -121,7 +121,8 @@ class TrainResult:
 
 # ------------------------------------------------------------------ environment
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with AMX/AVX512-BF16 (measured ~2x faster here)."""
+    """bf16 autocast on CUDA, and on CPUs with AMX or AVX512-BF16 (a demo-recipe step: ~2x faster on
+    an AMX Xeon, 1.35x on an AVX512-BF16 EPYC)."""
     if precision == "fp32":
         return None
     if device.type == "cuda":
@@ -136,7 +137,7 @@ def cpu_has_fast_bf16() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "amx_bf16" in flags
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def attention_kernel(device: torch.device):
@@ -232,7 +233,7 @@ class _Run:
 
 def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage: Stage, train_language: bool,
              train_vision: bool, device: torch.device, dense_weight: float,
-             objective_init: dict[str, torch.Tensor] | None) -> _Run:
+             objective_init: dict[str, torch.Tensor] | None, attention_weight: float = 0.0) -> _Run:
     env = init_distributed(device)
     device = rank_device(device, env.local_rank)
     per_rank = cfg.batch_size // (env.world * cfg.grad_accum)
@@ -245,7 +246,7 @@ def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage
     apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False,
                 roles=cfg.train_roles)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    objective = objective_for(stage, model, dense_weight).to(device)
+    objective = objective_for(stage, model, dense_weight, attention_weight).to(device)
     snap = run_state.read(run_dir) if resuming else None
     if snap is not None:
         if snap.state.get("stage") != stage.value:
@@ -318,12 +319,12 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
           device: str | torch.device = "cpu", callbacks: Callbacks | None = None,
           eval_fn: Callable[[VLM], dict] | None = None, eval_every: int = 0,
           stop_after_s: float | None = None, dense_weight: float = 0.0,
-          objective_init: dict[str, torch.Tensor] | None = None) -> TrainResult:
+          objective_init: dict[str, torch.Tensor] | None = None, attention_weight: float = 0.0) -> TrainResult:
     """Train one stage; resumes from ``run_dir/checkpoint`` when it exists."""
     cb = callbacks or Callbacks()
     stage, run_dir = Stage(stage), Path(run_dir)
     run = _prepare(model, data, cfg, run_dir, stage, train_language, train_vision, torch.device(device),
-                   dense_weight, objective_init)
+                   dense_weight, objective_init, attention_weight)
     if run.env.is_main:
         log.info("%s", run.memory.describe())
     if run.sharded and eval_fn is not None and eval_every:

@@ -1,0 +1,137 @@
+"""The question-conditioned attention loss: where each answer is in the image
+(``data.labels.question_regions``), the targets a batch carries, and the probe's
+attention against the attention the model itself computes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vlmexport.models.cogvlm as cogvlm_module
+from vlmexport.core.errors import ConfigError
+from vlmexport.core.preprocess import PreprocessConfig
+from vlmexport.core.tokenizer import Tokenizer
+from vlmexport.data import SyntheticVQA
+from vlmexport.data.labels import question_regions
+from vlmexport.models import get_architecture, seeded_init
+from vlmexport.training.batching import IGNORE, ModelLayoutInfo, answer_query_positions
+from vlmexport.training.datasets import SyntheticTrainData
+from vlmexport.training.objectives import loss_on_batch, objective_for
+from vlmexport.training.stages import Stage
+from vlmexport.training.trainer import TrainConfig, train
+
+SIZE, PATCH = 32, 8  # the tiny ViT: a 4 x 4 patch grid
+GRID = SIZE // PATCH
+PRE = PreprocessConfig(image_size=SIZE)
+
+
+def tiny(arch: str = "cogvlm"):
+    A = get_architecture(arch)
+    return seeded_init(A(A.tiny_config(max_position_embeddings=512)), 0)
+
+
+def data_for(model, tok, attention: bool = True):
+    return SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(),
+                              ModelLayoutInfo.of(model), PRE, turns=(4, 8), attention_grid=GRID if attention else None)
+
+
+@pytest.fixture
+def tok(tokenizer_path):
+    return Tokenizer(tokenizer_path)
+
+
+def _centre_patch(obj: dict, grid: int) -> int:
+    from vlmexport.data.render import GRID as SPEC_GRID
+
+    return int(obj["y"] * grid // SPEC_GRID) * grid + int(obj["x"] * grid // SPEC_GRID)
+
+
+def test_regions_follow_the_objects_the_question_names():
+    gen = SyntheticVQA(image_size=96, seed=0)
+    seen = set()
+    for i in range(200):
+        spec, sample = gen.spec("train", i), gen.sample("train", i)
+        for qa in sample.qas:
+            regions = question_regions(spec, qa.question, 8)
+            seen.add((qa.category, len(regions)))
+            if qa.category == "position":
+                a, b = qa.question[len("Is the "):].split(" ")[:2], qa.question.rstrip("?").split(" ")[-2:]
+                objs = [next(o for o in spec["objects"] if [o["colour"], o["shape"]] == name) for name in (a, b)]
+                assert [_centre_patch(o, 8) in r for o, r in zip(objs, regions)] == [True, True]
+            elif qa.category == "colour":
+                shape = qa.question.rstrip("?").split(" ")[-1]
+                obj = next(o for o in spec["objects"] if o["shape"] == shape)
+                assert obj["colour"] == qa.answer
+                assert _centre_patch(obj, 8) in regions[0]
+            elif qa.category == "existence":
+                assert len(regions) == (1 if qa.answer == "yes" else 0)
+            elif qa.category == "count":
+                assert len(regions) == 1 and len(regions[0]) >= int(qa.answer)
+    assert ("position", 2) in seen and ("reading", 0) in seen and ("chart", 1) in seen
+
+
+def test_batch_targets_sit_on_the_answer_positions_and_image_patches(tok):
+    model = tiny()
+    data = data_for(model, tok)
+    batch = data.batch(0, 6)
+    t = batch.attention_targets
+    assert len(t.rows) > 0
+    for row, pos, head, keys in zip(t.rows.tolist(), t.query_pos.tolist(), t.heads.tolist(), t.keys):
+        assert batch.targets[row, pos] != IGNORE and (pos == 0 or batch.targets[row, pos - 1] == IGNORE)
+        assert head in (0, 1)
+        assert bool(batch.is_image[row][keys].all()) and 0 < int(keys.sum()) <= GRID * GRID
+    # one query position per answer
+    ex = data.example(0)
+    assert len(answer_query_positions(ex.targets)) == len(data.turns_for(0, data.gen.sample("train", 0)))
+
+
+def test_probe_reproduces_the_models_attention(tok, monkeypatch):
+    model = tiny()
+    batch = data_for(model, tok).batch(0, 4)
+    objective = objective_for(Stage.SCRATCH, model, 0.0, attention_weight=1.0).train()
+    captured = []
+    real = cogvlm_module.attention
+
+    def spy(q, k, v, start):
+        captured.append((q.detach(), k.detach()))
+        return real(q, k, v, start)
+
+    monkeypatch.setattr(cogvlm_module, "attention", spy)
+    loss_on_batch(model, batch)
+    q, k = captured[-1]  # the last decoder layer's
+    t = batch.attention_targets
+    logp, keys = objective._probe.log_probs(t, batch.is_image)
+    for i in range(len(t.rows)):
+        r, p, h = int(t.rows[i]), int(t.query_pos[i]), int(t.heads[i])
+        image = torch.nonzero(batch.is_image[r]).flatten()
+        scores = q[r, h, p] @ k[r, h, image].T / math.sqrt(q.shape[-1])
+        torch.testing.assert_close(torch.log_softmax(scores, -1), logp[i], atol=1e-5, rtol=1e-5)
+        assert torch.equal(keys[i], t.keys[i][image])
+
+
+def test_attention_loss_trains_the_head_towards_the_answer(tmp_path, tok):
+    """A few steps on the attention loss alone raise the mass heads 0/1 put on the answer patches."""
+    model = tiny()
+    data = data_for(model, tok)
+    objective = objective_for(Stage.SCRATCH, model, 0.0, attention_weight=1.0).train()
+
+    def mass() -> float:
+        batch = data.batch(1000, 8)
+        model.train()  # the probe reads the layer in training mode only
+        with torch.no_grad():
+            loss_on_batch(model, batch)
+            logp, keys = objective._probe.log_probs(batch.attention_targets, batch.is_image)
+        return float(torch.logsumexp(logp.masked_fill(~keys, float("-inf")), -1).exp().mean())
+
+    before = mass()
+    train(model, data, TrainConfig(steps=25, batch_size=8, lr=3e-3, warmup_steps=1, save_every=100, log_every=5,
+                                   precision="fp32"), tmp_path / "run", attention_weight=5.0)
+    assert mass() > before + 0.05
+
+
+def test_attention_loss_needs_expert_attention():
+    with pytest.raises(ConfigError, match="attention_weight 0"):
+        objective_for(Stage.SCRATCH, tiny("llava"), 0.0, attention_weight=1.0)
