@@ -222,7 +222,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok):
 
 
 def test_demo_recipe_round_trips_through_json():
+    import json
+
     from vlmexport.training.recipes import Recipe, demo_recipe
 
     r = demo_recipe()
-    assert Recipe.from_dict(__import__("json").loads(r.to_json())) == r
+    assert Recipe.from_dict(json.loads(r.to_json())) == r

@@ -138,16 +138,15 @@ def demo_recipe() -> Recipe:
             ),
             StageSpec(
                 stage="scratch",
-                train=TrainConfig(steps=2300, batch_size=32, lr=5e-4, min_lr_ratio=0.1, warmup_steps=50,
+                train=TrainConfig(steps=3600, batch_size=32, lr=5e-4, min_lr_ratio=0.1, warmup_steps=50,
                                   weight_decay=0.05, save_every=100, log_every=10,
                                   lr_multipliers={"vision": 0.3, "connector": 1.0}),
                 turns=(4, 10),
                 max_minutes=48,
                 dense_weight=0.5,
-                attention_weight=1.0,
             ),
         ],
-        eval_every=300,
+        eval_every=500,
     )
 
 
