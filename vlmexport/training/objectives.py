@@ -113,21 +113,24 @@ class AttentionProbe:
         if module.training:
             self.inputs = (args[0], args[1], args[2])  # x (normed), cos, sin
 
+    @staticmethod
+    def image_positions(is_image: torch.Tensor) -> torch.Tensor:
+        """[B, n_image] positions of each row's image tokens (every row holds one image)."""
+        return torch.nonzero(is_image).view(is_image.shape[0], -1, 2)[..., 1]
+
     def image_inputs(self, is_image: torch.Tensor) -> torch.Tensor:
         """The layer's (normed) input at every image position: what its keys and values read
         [B, n_image, hidden] (boi, the patches, eoi)."""
         x = self.inputs[0]
-        n_img = int(is_image[0].sum())
-        img_pos = torch.nonzero(is_image).view(is_image.shape[0], n_img, 2)[..., 1]
-        return x[torch.arange(x.shape[0])[:, None], img_pos]
+        return x[torch.arange(x.shape[0])[:, None], self.image_positions(is_image)]
 
     def log_probs(self, targets, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities [T, n_image], key mask [T, n_image]) for ``targets``."""
         x, cos, sin = self.inputs
         a = self.attn
         H, nh, hd = x.shape[-1], a.num_heads, a.head_dim
-        n_img = int(is_image[0].sum())
-        img_pos = torch.nonzero(is_image).view(is_image.shape[0], n_img, 2)[..., 1]  # [B, n_img]
+        img_pos = self.image_positions(is_image)  # [B, n_img]
+        n_img = img_pos.shape[1]
         rows, qp, heads = targets.rows, targets.query_pos, targets.heads
         q = F.linear(x[rows, qp], a.language_expert_query_key_value.weight[:H]).view(-1, 1, nh, hd)
         q = apply_rope(q, cos[rows, qp][:, None], sin[rows, qp][:, None])[:, 0]  # [T, nh, hd]
@@ -162,9 +165,9 @@ class NextTokenWithDenseObjective(Objective):
         self.attention_weight = attention_weight
         self._probe = AttentionProbe(model) if attention_weight > 0 else None
         if self._probe is not None and weight > 0:
-            # the same per-patch labels read from what the probed layer's keys and values see: trained
-            # on the attention loss alone, the connector dropped colour (a linear probe of the decoder's
-            # image inputs: colour 33% of patches vs 93% without the attention loss, shape 92% in both)
+            # the same per-patch labels read from what the probed layer's keys and values see: without
+            # them, a demo run with the attention loss on every category dropped colour in the connector
+            # (docs/training.md, "Auxiliary losses")
             self.decoder_heads = dense_heads(model.config.hidden_size)
 
     def forward(self, batch):
