@@ -14,8 +14,9 @@ import vlmexport.models.cogvlm as cogvlm_module
 from vlmexport.core.errors import ConfigError
 from vlmexport.core.preprocess import PreprocessConfig
 from vlmexport.core.tokenizer import Tokenizer
-from vlmexport.data import SyntheticVQA
-from vlmexport.data.labels import question_regions
+from vlmexport.data import CATEGORIES, SyntheticVQA
+from vlmexport.data.labels import question_referents, question_regions
+from vlmexport.data.synthetic import questions
 from vlmexport.models import get_architecture, seeded_init
 from vlmexport.training.batching import IGNORE, ModelLayoutInfo, answer_query_positions
 from vlmexport.training.datasets import SyntheticTrainData
@@ -33,9 +34,10 @@ def tiny(arch: str = "cogvlm"):
     return seeded_init(A(A.tiny_config(max_position_embeddings=512)), 0)
 
 
-def data_for(model, tok, attention: bool = True):
+def data_for(model, tok, attention: bool = True, categories=()):
     return SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(),
-                              ModelLayoutInfo.of(model), PRE, turns=(4, 8), attention_grid=GRID if attention else None)
+                              ModelLayoutInfo.of(model), PRE, turns=(4, 8), attention_grid=GRID if attention else None,
+                              attention_categories=categories)
 
 
 @pytest.fixture
@@ -80,7 +82,8 @@ def test_batch_targets_sit_on_the_answer_positions_and_image_patches(tok):
     t = batch.attention_targets
     assert len(t.rows) > 0
     for row, pos, head, keys in zip(t.rows.tolist(), t.query_pos.tolist(), t.heads.tolist(), t.keys):
-        assert batch.targets[row, pos] != IGNORE and (pos == 0 or batch.targets[row, pos - 1] == IGNORE)
+        reading = data.gen.spec("train", row)["kind"] == "text"  # a target per answer token, not per answer
+        assert batch.targets[row, pos] != IGNORE and (reading or batch.targets[row, pos - 1] == IGNORE)
         assert head in (0, 1)
         assert bool(batch.is_image[row][keys].all()) and 0 < int(keys.sum()) <= GRID * GRID
     # one query position per answer
@@ -115,7 +118,7 @@ def test_probe_reproduces_the_models_attention(tok, monkeypatch):
 def test_attention_loss_trains_the_head_towards_the_answer(tmp_path, tok):
     """A few steps on the attention loss alone raise the mass heads 0/1 put on the answer patches."""
     model = tiny()
-    data = data_for(model, tok)
+    data = data_for(model, tok, categories=[c for c in CATEGORIES if c != "reading"])  # 4 x 4 px text: unreadable
     objective = objective_for(Stage.SCRATCH, model, 0.0, attention_weight=1.0).train()
 
     def mass() -> float:
@@ -135,3 +138,79 @@ def test_attention_loss_trains_the_head_towards_the_answer(tmp_path, tok):
 def test_attention_loss_needs_expert_attention():
     with pytest.raises(ConfigError, match="attention_weight 0"):
         objective_for(Stage.SCRATCH, tiny("llava"), 0.0, attention_weight=1.0)
+
+
+def test_reading_targets_read_the_text_token_by_token(tok):
+    """Each answer token of a reading question reads the characters it spells, left to right
+    (the test tokenizer spells most words in several pieces, numbers digit by digit)."""
+    model = tiny()
+    gen = SyntheticVQA(image_size=SIZE, seed=0)
+    data = SyntheticTrainData(gen, tok, model.default_chat_template(), ModelLayoutInfo.of(model), PRE, turns=(1, 1),
+                              attention_grid=GRID)
+    seen = 0
+    for i in range(40):
+        spec = gen.spec("train", i)
+        if spec["kind"] != "text":
+            continue
+        seen += 1
+        batch = data.batch(i, 1)
+        t = batch.attention_targets
+        assert torch.equal(t.keys[0::2], t.keys[1::2])  # head 1 reads what head 0 reads
+        patches = torch.nonzero(batch.is_image[0]).flatten()[1:-1]
+        cols = [sorted({int(torch.nonzero(patches == p)[0]) % GRID for p in torch.nonzero(k).flatten()})
+                for k in t.keys[0::2]]
+        pieces = [tok.id_to_piece(int(batch.targets[0, p])) for p in t.query_pos[0::2]]
+        assert "".join(pieces).replace("\u2581", "") == spec["text"]  # every character, EOS not
+        if pieces[0] == "\u2581":
+            assert cols[0] == cols[1]  # a lone space reads ahead
+        assert all(a[0] <= b[0] and a[-1] <= b[-1] for a, b in zip(cols, cols[1:]))
+    assert seen
+
+
+def test_word_targets_name_the_referents_in_the_question(tok):
+    model = tiny()
+    batch = SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(), ModelLayoutInfo.of(model), PRE,
+                               turns=(4, 8), word_targets=True).batch(0, 6)
+    t = batch.word_targets
+    spec_of = [SyntheticVQA(image_size=SIZE, seed=0).spec("train", i) for i in range(6)]
+    assert len(t.rows) > 0
+    for row, pos, keys in zip(t.rows.tolist(), t.query_pos.tolist(), t.keys):
+        hits = torch.nonzero(keys).flatten().tolist()
+        assert hits and max(hits) < pos and not bool(batch.is_image[row][keys].any())
+        spelt = "".join(tok.id_to_piece(int(batch.input_ids[row, h])) for h in hits).replace("\u2581", "")
+        named = {"".join(words) for qa in questions(spec_of[row]) for words in question_referents(qa.question)}
+        assert spelt in named
+
+
+def test_causal_probe_reproduces_the_first_layers_attention(tok, monkeypatch):
+    model = tiny()
+    batch = SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(),
+                               ModelLayoutInfo.of(model), PRE, turns=(4, 8), word_targets=True).batch(0, 4)
+    objective = objective_for(Stage.SCRATCH, model, 0.0, word_attention_weight=1.0).train()
+    captured = []
+    real = cogvlm_module.attention
+
+    def spy(q, k, v, start):
+        captured.append((q.detach(), k.detach()))
+        return real(q, k, v, start)
+
+    monkeypatch.setattr(cogvlm_module, "attention", spy)
+    loss_on_batch(model, batch)
+    q, k = captured[0]  # the first decoder layer's
+    t = batch.word_targets
+    logp, _ = objective._word_probe.log_probs_causal(t)
+    for i in range(len(t.rows)):
+        r, p, h = int(t.rows[i]), int(t.query_pos[i]), int(t.heads[i])
+        scores = q[r, h, p] @ k[r, h, : p + 1].T / math.sqrt(q.shape[-1])
+        torch.testing.assert_close(torch.log_softmax(scores, -1), logp[i, : p + 1], atol=1e-5, rtol=1e-5)
+        assert bool(torch.isinf(logp[i, p + 1:]).all())
+
+
+def test_coordinate_labels_give_each_patch_its_row_and_column():
+    from vlmexport.data.labels import label_sets, stacked_patch_labels
+
+    gen = SyntheticVQA(image_size=96, seed=0)
+    labels = stacked_patch_labels([gen.spec("train", i) for i in range(3)], 8, coordinates=True)
+    assert set(labels) == set(label_sets(8, coordinates=True)) == {"colour", "shape", "char", "row", "col"}
+    assert labels["row"][0].view(8, 8)[5].tolist() == [5] * 8 and labels["col"][2].view(8, 8)[:, 3].tolist() == [3] * 8
+    assert set(stacked_patch_labels([gen.spec("train", 0)], 8)) == {"colour", "shape", "char"}

@@ -228,3 +228,32 @@ def test_demo_recipe_round_trips_through_json():
 
     r = demo_recipe()
     assert Recipe.from_dict(json.loads(r.to_json())) == r
+
+
+def test_shipped_recipe_files_load_and_round_trip():
+    import json
+    from pathlib import Path
+
+    from vlmexport.training.recipes import Recipe
+
+    files = sorted((Path(__file__).parents[2] / "docs" / "recipes").glob("*.json"))
+    assert files
+    for f in files:
+        r = Recipe.load(f)
+        assert Recipe.from_dict(json.loads(r.to_json())) == r, f.name
+
+
+def test_template_text_makes_the_templates_words_pieces(tmp_path):
+    """With ``tokenizer_template_text`` the recipe's tokenizer learns "Question:"/"Answer:"
+    from the chat template's own rendering; without it they fall back to bytes."""
+    from vlmexport.training.recipes import demo_recipe, ensure_tokenizer
+
+    gen = SyntheticVQA(image_size=96, seed=0)
+    lengths = {}
+    for flag in (False, True):
+        r = demo_recipe()
+        r.tokenizer_corpus, r.tokenizer_template_text = 300, flag
+        tok = ensure_tokenizer(r, tmp_path / str(flag), gen)
+        lengths[flag] = len(tok.encode("Question: What colour is the circle? Answer: red"))
+    assert lengths[True] <= lengths[False] - 8
+

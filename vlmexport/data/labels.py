@@ -81,12 +81,25 @@ def patch_labels(spec: dict, grid: int) -> dict[str, np.ndarray]:
     return {key: _pool(img, grid, LABEL_SETS[key]) for key, (img, _, _) in maps.items()}
 
 
-def stacked_patch_labels(specs, grid: int):
-    """Label maps of several specs as {name: LongTensor [N, grid * grid]}."""
+def label_sets(grid: int, coordinates: bool = False) -> dict[str, int]:
+    """The label sets a dense head predicts, name -> classes: ``LABEL_SETS``, plus each patch's
+    row and column in the ``grid x grid`` patch grid when ``coordinates`` (so the features keep
+    where a patch is, which "is A left of B?" needs after the encoder and the connector)."""
+    return dict(LABEL_SETS) | ({"row": grid, "col": grid} if coordinates else {})
+
+
+def stacked_patch_labels(specs, grid: int, coordinates: bool = False):
+    """Label maps of several specs as {name: LongTensor [N, grid * grid]} (the sets of
+    :func:`label_sets`)."""
     import torch
 
     maps = [patch_labels(spec, grid) for spec in specs]
-    return {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in LABEL_SETS}
+    out = {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in LABEL_SETS}
+    if coordinates:
+        row, col = np.divmod(np.arange(grid * grid), grid)
+        out["row"] = torch.from_numpy(np.tile(row, (len(maps), 1)))
+        out["col"] = torch.from_numpy(np.tile(col, (len(maps), 1)))
+    return out
 
 
 # ------------------------------------------------------------ where an answer is in the image
@@ -118,6 +131,37 @@ def _bar_region(spec: dict, i: int, grid: int) -> np.ndarray:
     cx = spec["x0"] + slot * (i + 0.5)
     box = (cx - bw / 2, spec["base"] - bars[i][1], cx + bw / 2, spec["base"])
     return _region(_cover(lambda d, s: d.rectangle(tuple(v * s for v in box), fill=1), grid))
+
+
+def _glyph_region(spec: dict, first: int, last: int, grid: int) -> np.ndarray:
+    """Patches under the glyphs ``spec["text"][first:last]`` (the boxes ``patch_labels`` draws)."""
+    text, x, y = spec["text"], spec["x"], spec["y"]
+    f = render.font(spec["size"])
+    _, top, _, bottom = f.getbbox(text)
+    box = (x + f.getlength(text[:first]), y + top, x + f.getlength(text[:last]), y + bottom)
+    return _region(_cover(lambda d, s: d.rectangle(tuple(v * s for v in box), fill=1), grid))
+
+
+def reading_regions(spec: dict, pieces: list[str], grid: int) -> list[np.ndarray | None]:
+    """For a text image whose answer is written as the token ``pieces`` (SentencePiece
+    strings, "▁" for a space): per piece, the patches of the characters it spells, in order.
+    A piece that spells no character (a lone "▁" before digits) reads the next one's; one
+    past the text, or an empty one (give EOS as ""), gets None. Used by the attention loss
+    on reading answers, one target per answer token: a number is read digit by digit."""
+    if spec["kind"] != "text":
+        return [None] * len(pieces)
+    text = spec["text"]
+    spans, at = [], 0
+    for piece in pieces:
+        n = len(piece.replace("\u2581", ""))
+        spans.append((at, at + n) if n and at + n <= len(text) else None)
+        at += n
+    out: list[np.ndarray | None] = []
+    for k, (piece, span) in enumerate(zip(pieces, spans)):
+        if span is None and piece and not piece.replace("\u2581", ""):  # a lone space: the next piece's characters
+            span = spans[k + 1] if k + 1 < len(spans) else None
+        out.append(None if span is None else _glyph_region(spec, *span, grid))
+    return out
 
 
 def question_regions(spec: dict, question: str, grid: int) -> list[np.ndarray]:
@@ -176,3 +220,25 @@ def question_regions(spec: dict, question: str, grid: int) -> list[np.ndarray]:
             continue
         out.append(np.unique(np.concatenate([_object_region(o, grid) for o in objs])))
     return out
+
+
+def question_referents(question: str) -> list[list[str]]:
+    """The words of a synthetic question that name what its answer depends on, per referent
+    in the order ``question_regions`` gives their patches: "What colour is the circle?" ->
+    [["circle"]], "Is the red circle left ... of the blue square?" -> [["red", "circle"],
+    ["blue", "square"]], "Which bar is the tallest?" -> [["tallest"]]; reading -> []."""
+    words = question.rstrip("?").replace("?", " ").split()
+    if question.startswith("What colour is the "):
+        return [[words[-1]]]
+    if question.startswith("What shape is the "):
+        return [[words[4]]]
+    if question.startswith("How many "):
+        return [[words[2]]]
+    if question.startswith("Which bar is the "):
+        return [[words[-1]]]
+    pairs = [[a, b] for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES]
+    if question.startswith("Is there "):
+        return pairs[:1]
+    if question.startswith("Is the "):
+        return pairs[:2]
+    return []

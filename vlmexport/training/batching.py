@@ -116,13 +116,17 @@ class Batch:
     # (answer, head): the batch row, the position that predicts the answer's first token, the head,
     # and a [T, S] mask of the key positions (image tokens) the head should read
     attention_targets: "AttentionTargets | None" = None
+    # the same for the first decoder layer: at the position that predicts an answer, which question
+    # tokens name what the answer depends on (keys are text positions)
+    word_targets: "AttentionTargets | None" = None
 
     def to(self, device) -> "Batch":
         moved = [t.to(device) if t is not None else None for t in (
             self.input_ids, self.targets, self.token_type, self.position_ids, self.is_image, self.pixel_values)]
         labels = {k: v.to(device) for k, v in self.patch_labels.items()} if self.patch_labels else None
         attn = self.attention_targets.to(device) if self.attention_targets is not None else None
-        return Batch(*moved, patch_labels=labels, attention_targets=attn)
+        words = self.word_targets.to(device) if self.word_targets is not None else None
+        return Batch(*moved, patch_labels=labels, attention_targets=attn, word_targets=words)
 
     @property
     def supervised_tokens(self) -> int:

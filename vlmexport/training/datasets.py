@@ -6,6 +6,7 @@ micro-batch of any step, on any rank, and a resumed run sees the same data.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ from ..data import CATEGORIES, SyntheticVQA, read_llava_jsonl
 from ..data.jsonl import ConversationRecord
 from ..data.synthetic import questions
 from ..core.errors import ConfigError
-from .batching import AttentionTargets, Batch, Example, ModelLayoutInfo, answer_query_positions, build_example, collate
+from .batching import IGNORE, AttentionTargets, Batch, Example, ModelLayoutInfo, answer_query_positions, build_example, collate
 
 
 TWO_IMAGE_OFFSET = 5_000_000  # train indices of the first images of two-image sequences
@@ -34,10 +35,12 @@ class SyntheticTrainData:
                  preprocess: PreprocessConfig, turns: tuple[int, int] = (1, 4), seed: int = 0,
                  category_weights: dict[str, float] | None = None, index_offset: int = 0,
                  patch_grid: int | None = None, two_image_fraction: float = 0.0, attention_grid: int | None = None,
-                 attention_categories: Sequence[str] = ()):
+                 attention_categories: Sequence[str] = (), coordinates: bool = False, word_targets: bool = False):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
         self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
+        self.coordinates = coordinates  # ... with each patch's row and column among them
+        self.word_targets = word_targets  # also where each question names its referents (first decoder layer)
         self.turns = turns
         self.seed = seed
         self.weights = {c: 1.0 for c in CATEGORIES} | dict(category_weights or {})
@@ -86,29 +89,41 @@ class SyntheticTrainData:
     def batch(self, first: int, n: int) -> Batch:
         built = [self._example(i) for i in range(first, first + n)]
         batch = collate([e for e, _ in built], self.preprocess, self.info.pad_id)
+        if self.word_targets:
+            batch.word_targets = word_targets(built, self.tokenizer, batch.input_ids.shape[1])
         if self.attention_grid:
             specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
             keep = [{qa.question for qa in questions(spec) if qa.category in self.attention_categories}
                     for spec in specs]
             built = [(ex, [t if t[0] in k else None for t in turns]) for (ex, turns), k in zip(built, keep)]
-            batch.attention_targets = attention_targets(built, specs, self.attention_grid, batch.input_ids.shape[1])
+            batch.attention_targets = attention_targets(built, specs, self.attention_grid, batch.input_ids.shape[1],
+                                                        self.tokenizer)
         if self.patch_grid:
             from ..data.labels import stacked_patch_labels
 
             specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
-            batch.patch_labels = stacked_patch_labels(specs, self.patch_grid)
+            batch.patch_labels = stacked_patch_labels(specs, self.patch_grid, self.coordinates)
         return batch
 
 
 def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], specs: Sequence[dict], grid: int,
-                      length: int) -> AttentionTargets:
+                      length: int, tokenizer=None) -> AttentionTargets:
     """For every answer whose question names objects in the image: head 0 should read the
     first-named object's patches and head 1 the second-named one's (the same object when
-    only one is named), at the position that predicts the answer. A turn given as None
-    has no target (its category is not supervised)."""
-    from ..data.labels import question_regions
+    only one is named), at the position that predicts the answer. A reading answer (given a
+    ``tokenizer``) has a target at every position that predicts one of its tokens: both heads
+    read the characters that token spells (``data.labels.reading_regions``). A turn given as
+    None has no target (its category is not supervised)."""
+    from ..data.labels import question_regions, reading_regions
 
     rows, qpos, heads, keys = [], [], [], []
+
+    def add(row: int, pos: int, regions: list, patches: np.ndarray) -> None:
+        for head, region in enumerate((regions + regions)[:2]):
+            mask = np.zeros(length, dtype=bool)
+            mask[patches[region]] = True
+            rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
+
     for row, ((ex, turns), spec) in enumerate(zip(built, specs)):
         image_pos = np.flatnonzero(ex.is_image)
         if len(image_pos) != grid * grid + 2:  # boi, the patches, eoi of exactly one image
@@ -117,13 +132,63 @@ def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], sp
         for turn, pos in zip(turns, answer_query_positions(ex.targets)):
             if turn is None:
                 continue
-            regions = question_regions(spec, turn[0], grid)
-            if not regions:
+            if spec["kind"] == "text" and tokenizer is not None:
+                run = [pos]
+                while run[-1] + 1 < len(ex.targets) and ex.targets[run[-1] + 1] != IGNORE:
+                    run.append(run[-1] + 1)
+                ids = [int(ex.targets[p]) for p in run]
+                pieces = ["" if i == tokenizer.eos_id else tokenizer.id_to_piece(i) for i in ids]
+                for p, region in zip(run, reading_regions(spec, pieces, grid)):
+                    if region is not None:
+                        add(row, p, [region], patches)
                 continue
-            for head, region in enumerate((regions + regions)[:2]):
-                mask = np.zeros(length, dtype=bool)
-                mask[patches[region]] = True
-                rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
+            regions = question_regions(spec, turn[0], grid)
+            if regions:
+                add(row, pos, regions, patches)
+    return _targets(rows, qpos, heads, keys, length)
+
+
+def word_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], tokenizer, length: int) -> AttentionTargets:
+    """At the position that predicts each answer: head 0 should read the question tokens that
+    name the first referent ("red", "circle"), head 1 the second's (the first's again when
+    there is one; ``data.labels.question_referents``). Keys are the question's own tokens, found
+    by their pieces between the previous answer and this one."""
+    from ..data.labels import question_referents
+
+    rows, qpos, heads, keys = [], [], [], []
+    for row, (ex, turns) in enumerate(built):
+        start = int(np.flatnonzero(ex.is_image)[-1]) + 1 if ex.is_image.any() else 0
+        sup = ex.targets != IGNORE
+        for turn, pos in zip(turns, answer_query_positions(ex.targets)):
+            if turn is not None:
+                begin = max(start, int(np.flatnonzero(sup[:pos])[-1]) + 1 if sup[:pos].any() else start)
+                text, ends = "", []
+                for i in ex.input_ids[begin:pos + 1]:
+                    text += tokenizer.id_to_piece(int(i)).replace("\u2581", " ")
+                    ends.append(len(text))
+                found, at = [], 0
+                for words in question_referents(turn[0]):
+                    hit = []
+                    for w in words:  # the tokens that spell the word, a whole word after the previous one
+                        m = re.compile(rf"(?<![A-Za-z]){re.escape(w)}(?![A-Za-z])").search(text, at)
+                        if m:
+                            hit += [begin + j for j, end in enumerate(ends)
+                                    if end > m.start() and end - _piece_len(ends, j) < m.end()]
+                            at = m.end()
+                    if hit:
+                        found.append(hit)
+                for head, hit in enumerate((found + found)[:2]):
+                    mask = np.zeros(length, dtype=bool)
+                    mask[hit] = True
+                    rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
+    return _targets(rows, qpos, heads, keys, length)
+
+
+def _piece_len(ends: list[int], j: int) -> int:
+    return ends[j] - (ends[j - 1] if j else 0)
+
+
+def _targets(rows, qpos, heads, keys, length: int) -> AttentionTargets:
     if not rows:
         return AttentionTargets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)), torch.zeros(0, length, dtype=torch.bool))
     return AttentionTargets(torch.tensor(rows), torch.tensor(qpos), torch.tensor(heads),

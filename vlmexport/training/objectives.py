@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..models.base import VLM
-from ..models.layers import apply_rope
+from ..models.layers import apply_rope, routed
 from ..models.spec import VisionSpec
 from .batching import IGNORE, Batch
 from ..data.labels import LABEL_SETS
@@ -61,9 +61,10 @@ class NextTokenObjective(Objective):
         return loss_on_batch(self.model, batch)
 
 
-def dense_heads(width: int) -> nn.ModuleDict:
+def dense_heads(width: int, sets: dict[str, int] | None = None) -> nn.ModuleDict:
+    """A linear head per label set (name -> classes; default ``data.labels.LABEL_SETS``)."""
     gen = torch.Generator().manual_seed(0)
-    heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in LABEL_SETS.items()})
+    heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in (sets or LABEL_SETS).items()})
     for head in heads.values():
         nn.init.normal_(head.weight, std=0.02, generator=gen)
         nn.init.zeros_(head.bias)
@@ -81,9 +82,9 @@ class DensePatchObjective(Objective):
     """The ``vision`` stage: dense per-patch classification only (batches are
     ``vision_pretrain.PatchBatch``)."""
 
-    def __init__(self, model: VLM):
+    def __init__(self, model: VLM, label_sets: dict[str, int] | None = None):
         super().__init__(model)
-        self.heads = dense_heads(model.config.vision_config.hidden_size)
+        self.heads = dense_heads(model.config.vision_config.hidden_size, label_sets)
 
     def forward(self, batch):
         feats = self.model.vision_encoder_module()(batch.pixel_values)
@@ -111,7 +112,7 @@ class AttentionProbe:
 
     def _keep(self, module, args):
         if module.training:
-            self.inputs = (args[0], args[1], args[2])  # x (normed), cos, sin
+            self.inputs = (args[0], args[1], args[2], args[3])  # x (normed), cos, sin, expert route
 
     @staticmethod
     def image_positions(is_image: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class AttentionProbe:
 
     def log_probs(self, targets, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities [T, n_image], key mask [T, n_image]) for ``targets``."""
-        x, cos, sin = self.inputs
+        x, cos, sin, _ = self.inputs
         a = self.attn
         H, nh, hd = x.shape[-1], a.num_heads, a.head_dim
         img_pos = self.image_positions(is_image)  # [B, n_img]
@@ -144,10 +145,29 @@ class AttentionProbe:
         keys = torch.gather(targets.keys, 1, img_pos[rows])  # [T, n_img]
         return F.log_softmax(scores, dim=-1), keys
 
+    def log_probs_causal(self, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities [T, S], key mask [T, S]) over every position a query sees (causal),
+        keys through the expert each position runs: the layer's attention itself."""
+        x, cos, sin, route = self.inputs
+        a = self.attn
+        B, S, H = x.shape
+        nh, hd = a.num_heads, a.head_dim
+        wl, wv = a.language_expert_query_key_value.weight, a.vision_expert_query_key_value.weight
+        rows, qp, heads = targets.rows, targets.query_pos, targets.heads
+        q = F.linear(x[rows, qp], wl[:H]).view(-1, 1, nh, hd)
+        q = apply_rope(q, cos[rows, qp][:, None], sin[rows, qp][:, None])[:, 0]
+        q = q[torch.arange(len(rows)), heads]  # [T, hd]
+        k = routed(route, x, lambda t: F.linear(t, wl[H:2 * H]), lambda t: F.linear(t, wv[H:2 * H]))
+        k = apply_rope(k.view(B, S, nh, hd), cos, sin)[rows, :, heads]  # [T, S, hd]
+        scores = torch.einsum("td,tsd->ts", q.float(), k.float()) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.arange(S, device=x.device)[None] > qp[:, None], float("-inf"))
+        return F.log_softmax(scores, dim=-1), targets.keys
 
-def attention_loss(probe: AttentionProbe, targets, is_image: torch.Tensor) -> torch.Tensor:
-    """-log(attention mass on the answer's patches), averaged over (answer, head) pairs."""
-    logp, keys = probe.log_probs(targets, is_image)
+
+def attention_loss(probe: AttentionProbe, targets, is_image: torch.Tensor | None) -> torch.Tensor:
+    """-log(attention mass on the answer's patches), averaged over (answer, head) pairs; with
+    ``is_image`` None, the mass on the target keys among all the positions a query sees."""
+    logp, keys = probe.log_probs(targets, is_image) if is_image is not None else probe.log_probs_causal(targets)
     return -torch.logsumexp(logp.masked_fill(~keys, float("-inf")), dim=-1).mean()
 
 
@@ -158,17 +178,21 @@ class NextTokenWithDenseObjective(Objective):
     that predicts an answer, heads 0 and 1 of the last decoder layer should read the
     patches of the objects the question names (``data.labels.question_regions``)."""
 
-    def __init__(self, model: VLM, weight: float, attention_weight: float = 0.0):
+    def __init__(self, model: VLM, weight: float, attention_weight: float = 0.0,
+                 label_sets: dict[str, int] | None = None, word_attention_weight: float = 0.0):
         super().__init__(model)
-        self.heads = dense_heads(model.config.vision_config.hidden_size)
+        self.heads = dense_heads(model.config.vision_config.hidden_size, label_sets)
         self.weight = weight
         self.attention_weight = attention_weight
         self._probe = AttentionProbe(model) if attention_weight > 0 else None
+        # the first layer's heads 0/1 read the question words that name what the answer depends on
+        self.word_attention_weight = word_attention_weight
+        self._word_probe = AttentionProbe(model, layer=0) if word_attention_weight > 0 else None
         if self._probe is not None and weight > 0:
             # the same per-patch labels read from what the probed layer's keys and values see: without
             # them, a demo run with the attention loss on every category dropped colour in the connector
             # (docs/training.md, "Auxiliary losses")
-            self.decoder_heads = dense_heads(model.config.hidden_size)
+            self.decoder_heads = dense_heads(model.config.hidden_size, label_sets)
 
     def forward(self, batch):
         feats = self.model.vision_encoder_module()(batch.pixel_values)
@@ -184,18 +208,26 @@ class NextTokenWithDenseObjective(Objective):
             if targets is not None and len(targets.rows):
                 loss = loss + self.attention_weight * attention_loss(self._probe, targets, batch.is_image)
             self._probe.inputs = None
+        words = batch.word_targets
+        if self._word_probe is not None and self._word_probe.inputs is not None:
+            if words is not None and len(words.rows):
+                loss = loss + self.word_attention_weight * attention_loss(self._word_probe, words, None)
+            self._word_probe.inputs = None
         return loss, n
 
 
-def objective_for(stage: Stage, model: VLM, dense_weight: float = 0.0, attention_weight: float = 0.0) -> Objective:
-    if stage is Stage.VISION or dense_weight > 0 or attention_weight > 0:
+def objective_for(stage: Stage, model: VLM, dense_weight: float = 0.0, attention_weight: float = 0.0,
+                  label_sets: dict[str, int] | None = None, word_attention_weight: float = 0.0) -> Objective:
+    """``label_sets``: the dense heads' label sets (``data.labels.label_sets``; default the
+    colour/shape/character ones)."""
+    if stage is Stage.VISION or dense_weight > 0 or attention_weight > 0 or word_attention_weight > 0:
         vision = type(model).part_specs(model.config).vision
         if not isinstance(vision, VisionSpec):  # the labels are one ViT's patch grid
             raise ConfigError(f"the dense per-patch loss (stage 'vision', dense_weight > 0) reads one ViT's patch "
                               f"features; {model.arch_name}'s vision part is a {type(vision).__name__}: train it "
                               "with the align/scratch stages and dense_weight 0")
     if stage is Stage.VISION:
-        return DensePatchObjective(model)
-    if dense_weight > 0 or attention_weight > 0:
-        return NextTokenWithDenseObjective(model, dense_weight, attention_weight)
+        return DensePatchObjective(model, label_sets)
+    if dense_weight > 0 or attention_weight > 0 or word_attention_weight > 0:
+        return NextTokenWithDenseObjective(model, dense_weight, attention_weight, label_sets, word_attention_weight)
     return NextTokenObjective(model)

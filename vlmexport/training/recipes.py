@@ -32,6 +32,7 @@ from .datasets import SyntheticTrainData
 from .stages import Stage
 from .trainer import Callbacks, TrainConfig, train
 from .vision_pretrain import SyntheticPatchData
+from ..data.labels import label_sets
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class StageSpec:
     # heads 0/1 read the patches of the objects the question names, at the position that predicts the answer
     attention_weight: float = 0.0
     attention_categories: tuple[str, ...] = ()  # the question categories it supervises (empty: all)
+    # weight of the same loss on the first decoder layer: at the position that predicts the answer, heads 0/1
+    # read the question words that name what the answer depends on ("red", "circle"; data.labels.question_referents)
+    word_attention_weight: float = 0.0
     two_image_fraction: float = 0.0  # share of two-image sequences (an in-context example, then the questions)
 
 
@@ -61,6 +65,11 @@ class Recipe:
     image_size: int = 96
     tokenizer_vocab: int = 1024
     tokenizer_corpus: int = 20000  # synthetic samples whose text trains the tokenizer
+    # also train it on each sample's questions as the chat template writes them ("Question: ... Answer: ..."),
+    # so the template's own words are pieces rather than byte fallbacks (12 fewer tokens per turn in the demo)
+    tokenizer_template_text: bool = False
+    # the dense per-patch labels also give each patch's row and column (data.labels.label_sets)
+    patch_coordinates: bool = False
     data_seed: int = 0
     seed: int = 0
     stages: list[StageSpec] = field(default_factory=list)
@@ -174,10 +183,29 @@ def build_model(recipe: Recipe):
     return seeded_init(arch(config), recipe.seed)
 
 
-def ensure_tokenizer(recipe: Recipe, out: Path, gen: SyntheticVQA) -> Tokenizer:
+def template_corpus(gen: SyntheticVQA, n_samples: int, template) -> list[str]:
+    """Each of the first ``n_samples`` train images' questions and answers as one conversation,
+    rendered by the chat ``template`` without BOS/EOS (the text a tokenizer should know)."""
+    from ..core.prompt import Turn, messages_for, render_text
+    from ..data.synthetic import questions
+
+    out = []
+    for i in range(int(n_samples)):
+        turns = [Turn(qa.question, answer=qa.answer) for qa in questions(gen.spec("train", i))]
+        text, _ = render_text(template, messages_for(template, turns), False, {"bos_token": "", "eos_token": ""})
+        out.append(text)
+    return out
+
+
+def ensure_tokenizer(recipe: Recipe, out: Path, gen: SyntheticVQA, template=None) -> Tokenizer:
     path = out / "tokenizer.model"
     if not path.is_file():
         lines = gen.corpus(recipe.tokenizer_corpus)
+        if recipe.tokenizer_template_text:
+            if template is None:
+                model = build_model(recipe)
+                template = model.default_chat_template(model.config)
+            lines += template_corpus(gen, recipe.tokenizer_corpus, template)
         with atomic_file(path) as tmp:
             train_tokenizer(lines, tmp, vocab_size=recipe.tokenizer_vocab)
     return Tokenizer(path)
@@ -196,8 +224,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.to_json() + "\n")
     gen = SyntheticVQA(image_size=recipe.image_size, seed=recipe.data_seed)
-    tok = ensure_tokenizer(recipe, out, gen)
     model = build_model(recipe)
+    tok = ensure_tokenizer(recipe, out, gen, model.default_chat_template(model.config))
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the recipe's vocab_size is "
                           f"{model.config.vocab_size}")
@@ -206,6 +234,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     info = ModelLayoutInfo.of(model)
     timings = []
     heads: dict | None = None
+    grid = recipe.image_size // model.config.vision_config.patch_size
+    sets = label_sets(grid, recipe.patch_coordinates)
     for k, spec in enumerate(recipe.stages):
         if on_stage:
             on_stage(k, spec)
@@ -216,15 +246,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
             heads = _load_heads(run_dir)
             continue
         if spec.stage == Stage.VISION.value:
-            data = SyntheticPatchData(gen, pre, model.config.vision_config.patch_size, index_offset=k * 10_000_000)
+            data = SyntheticPatchData(gen, pre, model.config.vision_config.patch_size, index_offset=k * 10_000_000,
+                                      coordinates=recipe.patch_coordinates)
         else:
-            grid = recipe.image_size // model.config.vision_config.patch_size
             data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
                                       category_weights=spec.category_weights, index_offset=k * 10_000_000,
                                       patch_grid=grid if spec.dense_weight > 0 else None,
                                       two_image_fraction=spec.two_image_fraction,
                                       attention_grid=grid if spec.attention_weight > 0 else None,
-                                      attention_categories=spec.attention_categories)
+                                      attention_categories=spec.attention_categories,
+                                      coordinates=recipe.patch_coordinates,
+                                      word_targets=spec.word_attention_weight > 0)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):
@@ -238,7 +270,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
                        eval_every=recipe.eval_every,
                        stop_after_s=spec.max_minutes * 60 if spec.max_minutes else None,
                        dense_weight=spec.dense_weight, objective_init=heads,
-                       attention_weight=spec.attention_weight)
+                       attention_weight=spec.attention_weight, label_sets=sets,
+                       word_attention_weight=spec.word_attention_weight)
         timings.append({"stage": spec.stage, "steps": result.steps_done, "seconds": time.perf_counter() - t0})
         heads = _load_heads(run_dir)
         if result.reason != "interrupted":

@@ -233,7 +233,8 @@ class _Run:
 
 def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage: Stage, train_language: bool,
              train_vision: bool, device: torch.device, dense_weight: float,
-             objective_init: dict[str, torch.Tensor] | None, attention_weight: float = 0.0) -> _Run:
+             objective_init: dict[str, torch.Tensor] | None, attention_weight: float = 0.0,
+             label_sets: dict[str, int] | None = None, word_attention_weight: float = 0.0) -> _Run:
     env = init_distributed(device)
     device = rank_device(device, env.local_rank)
     per_rank = cfg.batch_size // (env.world * cfg.grad_accum)
@@ -246,7 +247,8 @@ def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage
     apply_stage(model, stage, train_language, train_vision, init_experts=None if not resuming else False,
                 roles=cfg.train_roles)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    objective = objective_for(stage, model, dense_weight, attention_weight).to(device)
+    objective = objective_for(stage, model, dense_weight, attention_weight, label_sets,
+                              word_attention_weight).to(device)
     snap = run_state.read(run_dir) if resuming else None
     if snap is not None:
         if snap.state.get("stage") != stage.value:
@@ -319,12 +321,14 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
           device: str | torch.device = "cpu", callbacks: Callbacks | None = None,
           eval_fn: Callable[[VLM], dict] | None = None, eval_every: int = 0,
           stop_after_s: float | None = None, dense_weight: float = 0.0,
-          objective_init: dict[str, torch.Tensor] | None = None, attention_weight: float = 0.0) -> TrainResult:
-    """Train one stage; resumes from ``run_dir/checkpoint`` when it exists."""
+          objective_init: dict[str, torch.Tensor] | None = None, attention_weight: float = 0.0,
+          label_sets: dict[str, int] | None = None, word_attention_weight: float = 0.0) -> TrainResult:
+    """Train one stage; resumes from ``run_dir/checkpoint`` when it exists. ``label_sets``: the
+    dense heads' label sets when the data carries more than colour/shape/character."""
     cb = callbacks or Callbacks()
     stage, run_dir = Stage(stage), Path(run_dir)
     run = _prepare(model, data, cfg, run_dir, stage, train_language, train_vision, torch.device(device),
-                   dense_weight, objective_init, attention_weight)
+                   dense_weight, objective_init, attention_weight, label_sets, word_attention_weight)
     if run.env.is_main:
         log.info("%s", run.memory.describe())
     if run.sharded and eval_fn is not None and eval_every:
