@@ -257,3 +257,21 @@ def test_template_text_makes_the_templates_words_pieces(tmp_path):
         lengths[flag] = len(tok.encode("Question: What colour is the circle? Answer: red"))
     assert lengths[True] <= lengths[False] - 8
 
+
+
+def test_prefetched_batches_are_the_batches(tmp_path, tokenizer_path):
+    """The prefetcher hands out exactly data.batch(first, n), in order or not."""
+    from vlmexport.training.trainer import Prefetcher
+
+    A = get_architecture("cogvlm")
+    model = seeded_init(A(A.tiny_config()), 0)
+    data = SyntheticTrainData(SyntheticVQA(image_size=32, seed=0), Tokenizer(tokenizer_path),
+                              model.default_chat_template(), ModelLayoutInfo.of(model),
+                              PreprocessConfig(image_size=32), turns=(1, 3))
+    p = Prefetcher(data, 3)
+    try:
+        for first, nxt in ((0, 3), (3, 6), (9, 12), (12, None)):  # 9: asked out of order
+            got, want = p.get(first, nxt), data.batch(first, 3)
+            assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.pixel_values, want.pixel_values)
+    finally:
+        p.close()

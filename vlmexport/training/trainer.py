@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -61,6 +62,9 @@ class TrainConfig:
     shard: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: weights, grads and AdamW state sharded)
     optimizer: str = "adamw"  # "adamw" (fused where torch has it) or "adamw8bit" (bitsandbytes)
     compile: bool = False  # torch.compile each transformer block
+    # build the next micro-batch on a background thread while this one computes (batches are pure
+    # functions of their index, so the data are the same either way)
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -229,6 +233,34 @@ class _Run:
     start_step: int
     history: list[dict]
     memory: MemoryEstimate
+    batches: "Prefetcher | None" = None
+
+
+class Prefetcher:
+    """``data.batch(first, n)``, with the batch asked for next already being built on one
+    background thread (rendering, labels and tokenization are Python and numpy; the step's
+    torch kernels release the GIL). A batch asked for out of order is built in place."""
+
+    def __init__(self, data: TrainData, n: int, enabled: bool = True):
+        self.data, self.n = data, n
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlmexport-prefetch") if enabled else None
+        self._pending: tuple[int, Future] | None = None
+
+    def get(self, first: int, next_first: int | None):
+        if self._pending is not None and self._pending[0] == first:
+            batch = self._pending[1].result()
+        else:
+            if self._pending is not None:
+                self._pending[1].cancel()
+            batch = self.data.batch(first, self.n)
+        self._pending = None
+        if self._pool is not None and next_first is not None:
+            self._pending = (next_first, self._pool.submit(self.data.batch, next_first, self.n))
+        return batch
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _prepare(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: Path, stage: Stage, train_language: bool,
@@ -293,9 +325,18 @@ def _optimizer_step(run: _Run, data: TrainData, cfg: TrainConfig, step: int) -> 
         group["lr"] = lr * group["lr_scale"]
     total_loss = torch.zeros((), device=run.device)
     total_tokens = 0
+
+    def first_of(k: int) -> int:  # micro-batch k of the run (k = step * grad_accum + micro)
+        return (k * run.env.world + run.env.rank) * run.per_rank
+
     for micro in range(cfg.grad_accum):
-        first = ((step * cfg.grad_accum + micro) * run.env.world + run.env.rank) * run.per_rank
-        batch = move_batch(data.batch(first, run.per_rank), run.device)
+        k = step * cfg.grad_accum + micro
+        nxt = first_of(k + 1) if step + 1 < cfg.steps or micro + 1 < cfg.grad_accum else None
+        if run.batches is not None:
+            batch = run.batches.get(first_of(k), nxt)
+        else:
+            batch = data.batch(first_of(k), run.per_rank)
+        batch = move_batch(batch, run.device)
         sync = micro == cfg.grad_accum - 1
         if run.sharded:
             set_gradient_sync(run.runner, sync)
@@ -338,7 +379,8 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, run_dir: str | os.PathL
     t_start = time.perf_counter()
     last_loss, step, history = float("nan"), run.start_step, run.history
     model.train()
-    with _StopFlag() as flag:
+    run.batches = Prefetcher(data, run.per_rank, cfg.prefetch)
+    with _StopFlag() as flag, contextlib.closing(run.batches):
         while step < cfg.steps:
             t0 = time.perf_counter()
             last_loss, tokens, lr = _optimizer_step(run, data, cfg, step)
