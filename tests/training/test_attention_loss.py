@@ -91,10 +91,8 @@ def test_batch_targets_sit_on_the_answer_positions_and_image_patches(tok):
     assert len(answer_query_positions(ex.targets)) == len(data.turns_for(0, data.gen.sample("train", 0)))
 
 
-def test_probe_reproduces_the_models_attention(tok, monkeypatch):
-    model = tiny()
-    batch = data_for(model, tok).batch(0, 4)
-    objective = objective_for(Stage.SCRATCH, model, 0.0, attention_weight=1.0).train()
+def attention_qk(model, batch, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each decoder layer's (q, k), as the model's own attention receives them, for one batch."""
     captured = []
     real = cogvlm_module.attention
 
@@ -104,6 +102,14 @@ def test_probe_reproduces_the_models_attention(tok, monkeypatch):
 
     monkeypatch.setattr(cogvlm_module, "attention", spy)
     loss_on_batch(model, batch)
+    return captured
+
+
+def test_probe_reproduces_the_models_attention(tok, monkeypatch):
+    model = tiny()
+    batch = data_for(model, tok).batch(0, 4)
+    objective = objective_for(Stage.SCRATCH, model, 0.0, attention_weight=1.0).train()
+    captured = attention_qk(model, batch, monkeypatch)
     q, k = captured[-1]  # the last decoder layer's
     t = batch.attention_targets
     logp, keys = objective._probe.log_probs(t, batch.is_image)
@@ -187,15 +193,7 @@ def test_causal_probe_reproduces_the_first_layers_attention(tok, monkeypatch):
     batch = SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(),
                                ModelLayoutInfo.of(model), PRE, turns=(4, 8), word_targets=True).batch(0, 4)
     objective = objective_for(Stage.SCRATCH, model, 0.0, word_attention_weight=1.0).train()
-    captured = []
-    real = cogvlm_module.attention
-
-    def spy(q, k, v, start):
-        captured.append((q.detach(), k.detach()))
-        return real(q, k, v, start)
-
-    monkeypatch.setattr(cogvlm_module, "attention", spy)
-    loss_on_batch(model, batch)
+    captured = attention_qk(model, batch, monkeypatch)
     q, k = captured[0]  # the first decoder layer's
     t = batch.word_targets
     logp, _ = objective._word_probe.log_probs_causal(t)
