@@ -116,13 +116,7 @@ def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], sp
     None has no target (its category is not supervised)."""
     from ..data.labels import question_regions, reading_regions
 
-    rows, qpos, heads, keys = [], [], [], []
-
-    def add(row: int, pos: int, regions: list, patches: np.ndarray) -> None:
-        for head, region in enumerate((regions + regions)[:2]):
-            mask = np.zeros(length, dtype=bool)
-            mask[patches[region]] = True
-            rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
+    out = _TargetRows(length)
 
     for row, ((ex, turns), spec) in enumerate(zip(built, specs)):
         image_pos = np.flatnonzero(ex.is_image)
@@ -140,12 +134,12 @@ def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], sp
                 pieces = ["" if i == tokenizer.eos_id else tokenizer.id_to_piece(i) for i in ids]
                 for p, region in zip(run, reading_regions(spec, pieces, grid)):
                     if region is not None:
-                        add(row, p, [region], patches)
+                        out.add(row, p, [patches[region]])
                 continue
             regions = question_regions(spec, turn[0], grid)
             if regions:
-                add(row, pos, regions, patches)
-    return _targets(rows, qpos, heads, keys, length)
+                out.add(row, pos, [patches[r] for r in regions])
+    return out.targets()
 
 
 def word_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], tokenizer, length: int) -> AttentionTargets:
@@ -155,7 +149,7 @@ def word_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], tokeniz
     by their pieces between the previous answer and this one."""
     from ..data.labels import question_referents
 
-    rows, qpos, heads, keys = [], [], [], []
+    out = _TargetRows(length)
     for row, (ex, turns) in enumerate(built):
         start = int(np.flatnonzero(ex.is_image)[-1]) + 1 if ex.is_image.any() else 0
         sup = ex.targets != IGNORE
@@ -177,22 +171,35 @@ def word_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], tokeniz
                             at = m.end()
                     if hit:
                         found.append(hit)
-                for head, hit in enumerate((found + found)[:2]):
-                    mask = np.zeros(length, dtype=bool)
-                    mask[hit] = True
-                    rows.append(row), qpos.append(pos), heads.append(head), keys.append(mask)
-    return _targets(rows, qpos, heads, keys, length)
+                if found:
+                    out.add(row, pos, found)
+    return out.targets()
 
 
 def _piece_len(ends: list[int], j: int) -> int:
     return ends[j] - (ends[j - 1] if j else 0)
 
 
-def _targets(rows, qpos, heads, keys, length: int) -> AttentionTargets:
-    if not rows:
-        return AttentionTargets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)), torch.zeros(0, length, dtype=torch.bool))
-    return AttentionTargets(torch.tensor(rows), torch.tensor(qpos), torch.tensor(heads),
-                            torch.from_numpy(np.stack(keys)))
+class _TargetRows:
+    """Attention targets as they are found: per (row, query position), head 0 reads the first
+    set of key positions and head 1 the second (the first again when there is one)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.rows, self.qpos, self.heads, self.keys = [], [], [], []
+
+    def add(self, row: int, pos: int, key_sets: list) -> None:
+        for head, where in enumerate((key_sets + key_sets)[:2]):
+            mask = np.zeros(self.length, dtype=bool)
+            mask[where] = True
+            self.rows.append(row), self.qpos.append(pos), self.heads.append(head), self.keys.append(mask)
+
+    def targets(self) -> AttentionTargets:
+        if not self.rows:
+            return AttentionTargets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)),
+                                    torch.zeros(0, self.length, dtype=torch.bool))
+        return AttentionTargets(torch.tensor(self.rows), torch.tensor(self.qpos), torch.tensor(self.heads),
+                                torch.from_numpy(np.stack(self.keys)))
 
 
 class JsonlTrainData:

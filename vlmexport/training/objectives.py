@@ -125,6 +125,16 @@ class AttentionProbe:
         x = self.inputs[0]
         return x[torch.arange(x.shape[0])[:, None], self.image_positions(is_image)]
 
+    def _queries(self, targets) -> torch.Tensor:
+        """[T, head_dim]: each target's query (language expert, after RoPE) in its head."""
+        x, cos, sin, _ = self.inputs
+        a = self.attn
+        rows, qp = targets.rows, targets.query_pos
+        q = F.linear(x[rows, qp], a.language_expert_query_key_value.weight[:x.shape[-1]]).view(-1, 1, a.num_heads,
+                                                                                              a.head_dim)
+        q = apply_rope(q, cos[rows, qp][:, None], sin[rows, qp][:, None])[:, 0]  # [T, nh, hd]
+        return q[torch.arange(len(rows)), targets.heads]
+
     def log_probs(self, targets, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities [T, n_image], key mask [T, n_image]) for ``targets``."""
         x, cos, sin, _ = self.inputs
@@ -132,10 +142,8 @@ class AttentionProbe:
         H, nh, hd = x.shape[-1], a.num_heads, a.head_dim
         img_pos = self.image_positions(is_image)  # [B, n_img]
         n_img = img_pos.shape[1]
-        rows, qp, heads = targets.rows, targets.query_pos, targets.heads
-        q = F.linear(x[rows, qp], a.language_expert_query_key_value.weight[:H]).view(-1, 1, nh, hd)
-        q = apply_rope(q, cos[rows, qp][:, None], sin[rows, qp][:, None])[:, 0]  # [T, nh, hd]
-        q = q[torch.arange(len(rows)), heads]  # [T, hd]
+        rows, heads = targets.rows, targets.heads
+        q = self._queries(targets)  # [T, hd]
         b = torch.arange(x.shape[0])[:, None]
         xk = x[b, img_pos]  # [B, n_img, H]
         k = F.linear(xk, a.vision_expert_query_key_value.weight[H:2 * H]).view(x.shape[0], n_img, nh, hd)
@@ -154,9 +162,7 @@ class AttentionProbe:
         nh, hd = a.num_heads, a.head_dim
         wl, wv = a.language_expert_query_key_value.weight, a.vision_expert_query_key_value.weight
         rows, qp, heads = targets.rows, targets.query_pos, targets.heads
-        q = F.linear(x[rows, qp], wl[:H]).view(-1, 1, nh, hd)
-        q = apply_rope(q, cos[rows, qp][:, None], sin[rows, qp][:, None])[:, 0]
-        q = q[torch.arange(len(rows)), heads]  # [T, hd]
+        q = self._queries(targets)  # [T, hd]
         k = routed(route, x, lambda t: F.linear(t, wl[H:2 * H]), lambda t: F.linear(t, wv[H:2 * H]))
         k = apply_rope(k.view(B, S, nh, hd), cos, sin)[rows, :, heads]  # [T, S, hd]
         scores = torch.einsum("td,tsd->ts", q.float(), k.float()) / math.sqrt(hd)
