@@ -11,6 +11,7 @@ import torch
 
 from vlmexport.core.errors import CheckpointError, ConfigError
 from vlmexport.core.preprocess import PreprocessConfig
+from vlmexport.core.prompt import ChatTemplate
 from vlmexport.core.tokenizer import Tokenizer
 from vlmexport.models import get_architecture, seeded_init
 from vlmexport.training.batching import ModelLayoutInfo, build_example
@@ -257,6 +258,74 @@ def test_template_text_makes_the_templates_words_pieces(tmp_path):
         lengths[flag] = len(tok.encode("Question: What colour is the circle? Answer: red"))
     assert lengths[True] <= lengths[False] - 8
 
+
+
+def _answers_closed_by_eos(data, tok, n=12):
+    """(answers, answers followed by an EOS target) over the first ``n`` examples."""
+    from vlmexport.training.batching import IGNORE, answer_query_positions
+
+    answers = closed = 0
+    for i in range(n):
+        t = data.example(i).targets
+        for pos in answer_query_positions(t):
+            answers += 1
+            end = pos
+            while end + 1 < len(t) and t[end + 1] != IGNORE:
+                end += 1
+            closed += int(t[end]) == tok.eos_id
+    return answers, closed
+
+
+def test_recipe_chat_template_pins_what_the_model_trains_with(tmp_path, tok):
+    """``Recipe.chat_template``: "" is the family's default (cogvlm: THUDM's, EOS only after a
+    conversation's last answer), "legacy" closes every answer with EOS, a .jinja file is read;
+    anything else is a one-line error."""
+    from vlmexport.training.recipes import Recipe, build_model, recipe_template
+
+    r = Recipe(name="t", image_size=get_architecture("cogvlm").tiny_config().vision_config.image_size)
+    model = build_model(r)
+    size = r.image_size
+    gen, info, pre = SyntheticVQA(image_size=size, seed=0), ModelLayoutInfo.of(model), PreprocessConfig(image_size=size)
+    counts = {}
+    for name in ("", "legacy"):
+        r.chat_template = name
+        template = recipe_template(r, model)
+        counts[name] = _answers_closed_by_eos(SyntheticTrainData(gen, tok, template, info, pre, turns=(4, 6)), tok)
+    assert counts[""][1] < counts[""][0]  # multi-turn: only the last answer ends with EOS
+    assert counts["legacy"][1] == counts["legacy"][0] > counts[""][1]
+    f = tmp_path / "mine.jinja"
+    f.write_text(ChatTemplate.legacy().jinja)
+    r.chat_template = str(f)
+    assert recipe_template(r, model).jinja == f.read_text()
+    r.chat_template = "llama"
+    with pytest.raises(ConfigError, match="chat_template 'llama'"):
+        recipe_template(r, model)
+
+
+def test_kind_weights_change_the_image_mix(tok):
+    """``kind_weights`` draws image kinds in the weighted mix (text twice as often here: about
+    a third of the images instead of a fifth), deterministically; unknown kinds are an error."""
+    from vlmexport.data.synthetic import KIND_MIX
+
+    A = get_architecture("cogvlm")
+    model = seeded_init(A(A.tiny_config()), 0)
+    gen = SyntheticVQA(image_size=32, seed=0)
+
+    def data(weights):
+        return SyntheticTrainData(gen, tok, model.default_chat_template(), ModelLayoutInfo.of(model),
+                                  PreprocessConfig(image_size=32), kind_weights=weights)
+
+    plain, text2 = data(None), data({"text": 2.0})
+    assert [plain.image_index(i) for i in range(5)] == list(range(5))
+    n = 900
+    share = {d: sum(gen.spec("train", d.image_index(i))["kind"] == "text" for i in range(n)) / n
+             for d in (plain, text2)}
+    base = dict(KIND_MIX)["text"]
+    want = 2 * base / (1 + base)
+    assert abs(share[plain] - base) < 0.05 and abs(share[text2] - want) < 0.05, share
+    assert [text2.image_index(i) for i in range(20)] == [data({"text": 2.0}).image_index(i) for i in range(20)]
+    with pytest.raises(ConfigError, match="unknown image kinds"):
+        data({"photo": 1.0})
 
 
 def test_prefetched_batches_are_the_batches(tmp_path, tokenizer_path):

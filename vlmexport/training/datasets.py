@@ -25,6 +25,20 @@ from .batching import IGNORE, AttentionTargets, Batch, Example, ModelLayoutInfo,
 
 
 TWO_IMAGE_OFFSET = 5_000_000  # train indices of the first images of two-image sequences
+_KIND_TRIES = 16
+
+
+def _check_kind_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    from ..data.synthetic import KIND_MIX
+
+    weights = {k: float(v) for k, v in (weights or {}).items()}
+    kinds = [k for k, _ in KIND_MIX]
+    unknown = set(weights) - set(kinds)
+    if unknown:
+        raise ConfigError(f"kind_weights names unknown image kinds {sorted(unknown)}; use {', '.join(kinds)}")
+    if any(v < 0 for v in weights.values()) or (weights and max(weights.values()) <= 0):
+        raise ConfigError("kind_weights must be >= 0 with at least one above 0")
+    return {k: weights.get(k, 1.0) for k in kinds} if weights else {}
 
 
 class SyntheticTrainData:
@@ -35,7 +49,8 @@ class SyntheticTrainData:
                  preprocess: PreprocessConfig, turns: tuple[int, int] = (1, 4), seed: int = 0,
                  category_weights: dict[str, float] | None = None, index_offset: int = 0,
                  patch_grid: int | None = None, two_image_fraction: float = 0.0, attention_grid: int | None = None,
-                 attention_categories: Sequence[str] = (), coordinates: bool = False, word_targets: bool = False):
+                 attention_categories: Sequence[str] = (), coordinates: bool = False, word_targets: bool = False,
+                 kind_weights: dict[str, float] | None = None):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
         self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
@@ -45,6 +60,9 @@ class SyntheticTrainData:
         self.seed = seed
         self.weights = {c: 1.0 for c in CATEGORIES} | dict(category_weights or {})
         self.index_offset = index_offset  # lets a later stage draw images the earlier one never saw
+        # how often each image kind (scene, count, text, chart) is drawn, relative to the generator's own mix
+        # (KIND_MIX): a text image carries one question and a scene up to ten, so reading gets little signal
+        self.kind_weights = _check_kind_weights(kind_weights)
         # share of two-image sequences: another image and one of its questions answered first (an
         # in-context example), then this image's questions (MMICL / Flamingo-style interleaving)
         self.two_image_fraction = float(two_image_fraction)
@@ -74,7 +92,7 @@ class SyntheticTrainData:
         return self._example(index)[0]
 
     def _example(self, index: int) -> tuple[Example, list[tuple[str, str]]]:
-        sample = self.gen.sample("train", self.index_offset + index)
+        sample = self.gen.sample("train", self.image_index(index))
         turns = self.turns_for(index, sample)
         if np.random.default_rng([self.seed, 0x2146, index]).random() < self.two_image_fraction:
             first = self.gen.sample("train", self.index_offset + TWO_IMAGE_OFFSET + index)
@@ -82,6 +100,21 @@ class SyntheticTrainData:
             return build_example([first.image, sample.image], context + turns, self.tokenizer, self.template,
                                  self.info, images_per_turn=[1, 1] + [0] * (len(turns) - 1)), context + turns
         return build_example([sample.image], turns, self.tokenizer, self.template, self.info), turns
+
+    def image_index(self, index: int) -> int:
+        """The train-split image that example ``index`` asks about. With ``kind_weights``: the
+        first of up to 16 candidates (a stride of 16 images per example) that a seeded draw
+        accepts with probability weight / max weight, so kinds come in the weighted mix."""
+        if not self.kind_weights:
+            return self.index_offset + index
+        top = max(self.kind_weights.values())
+        rng = np.random.default_rng([self.seed, 0x41D5, index])
+        for k in range(_KIND_TRIES):
+            i = self.index_offset + index * _KIND_TRIES + k
+            w = self.kind_weights.get(self.gen.spec("train", i)["kind"], 1.0)
+            if rng.random() * top < w:
+                return i
+        return i
 
     def examples(self, first: int, n: int) -> Sequence[Example]:
         return [self.example(i) for i in range(first, first + n)]
@@ -92,7 +125,7 @@ class SyntheticTrainData:
         if self.word_targets:
             batch.word_targets = word_targets(built, self.tokenizer, batch.input_ids.shape[1])
         if self.attention_grid:
-            specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
+            specs = [self.gen.spec("train", self.image_index(i)) for i in range(first, first + n)]
             keep = [{qa.question for qa in questions(spec) if qa.category in self.attention_categories}
                     for spec in specs]
             built = [(ex, [t if t[0] in k else None for t in turns]) for (ex, turns), k in zip(built, keep)]
@@ -101,7 +134,7 @@ class SyntheticTrainData:
         if self.patch_grid:
             from ..data.labels import stacked_patch_labels
 
-            specs = [self.gen.spec("train", self.index_offset + i) for i in range(first, first + n)]
+            specs = [self.gen.spec("train", self.image_index(i)) for i in range(first, first + n)]
             batch.patch_labels = stacked_patch_labels(specs, self.patch_grid, self.coordinates)
         return batch
 
@@ -239,6 +272,21 @@ class JsonlTrainData:
         k = int(self._perm[1][pos])
         rec = self.records[k]
         return build_example([self._image(k)], list(rec.turns), self.tokenizer, self.template, self.info)
+
+    def image_index(self, index: int) -> int:
+        """The train-split image that example ``index`` asks about. With ``kind_weights``: the
+        first of up to 16 candidates (a stride of 16 images per example) that a seeded draw
+        accepts with probability weight / max weight, so kinds come in the weighted mix."""
+        if not self.kind_weights:
+            return self.index_offset + index
+        top = max(self.kind_weights.values())
+        rng = np.random.default_rng([self.seed, 0x41D5, index])
+        for k in range(_KIND_TRIES):
+            i = self.index_offset + index * _KIND_TRIES + k
+            w = self.kind_weights.get(self.gen.spec("train", i)["kind"], 1.0)
+            if rng.random() * top < w:
+                return i
+        return i
 
     def examples(self, first: int, n: int) -> Sequence[Example]:
         return [self.example(i) for i in range(first, first + n)]

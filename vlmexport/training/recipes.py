@@ -20,6 +20,7 @@ import torch
 from ..core.atomic import atomic_file
 from ..core.errors import ConfigError
 from ..core.preprocess import PreprocessConfig
+from ..core.prompt import ChatTemplate
 from ..core.tokenizer import Tokenizer, train_tokenizer
 from ..data import SyntheticVQA
 from ..evaluation import EvalReport, evaluate
@@ -55,6 +56,8 @@ class StageSpec:
     # read the question words that name what the answer depends on ("red", "circle"; data.labels.question_referents)
     word_attention_weight: float = 0.0
     two_image_fraction: float = 0.0  # share of two-image sequences (an in-context example, then the questions)
+    # how often each image kind is drawn relative to the generator's mix ({"text": 2.0}: twice the text images)
+    kind_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +73,10 @@ class Recipe:
     tokenizer_template_text: bool = False
     # the dense per-patch labels also give each patch's row and column (data.labels.label_sets)
     patch_coordinates: bool = False
+    # the chat template the model trains with and ships: "" the architecture's default (cogvlm: THUDM's, which
+    # ends only the LAST answer of a conversation with EOS), "legacy" vlmexport's own (EOS after every answer),
+    # or a .jinja file
+    chat_template: str = ""
     data_seed: int = 0
     seed: int = 0
     stages: list[StageSpec] = field(default_factory=list)
@@ -208,14 +215,26 @@ def template_corpus(gen: SyntheticVQA, n_samples: int, template) -> list[str]:
     return out
 
 
+def recipe_template(recipe: Recipe, model) -> ChatTemplate:
+    """The chat template a recipe trains with (``Recipe.chat_template``); the model ships it."""
+    name = recipe.chat_template
+    if not name:
+        return model.default_chat_template(model.config)
+    if name == "legacy":
+        return ChatTemplate.legacy()
+    path = Path(name)
+    if path.suffix != ".jinja" or not path.is_file():
+        raise ConfigError(f"recipe chat_template {name!r} is neither \"\", \"legacy\" nor an existing .jinja file")
+    return ChatTemplate(jinja=path.read_text(), source=path.name)
+
+
 def ensure_tokenizer(recipe: Recipe, out: Path, gen: SyntheticVQA, template=None) -> Tokenizer:
     path = out / "tokenizer.model"
     if not path.is_file():
         lines = gen.corpus(recipe.tokenizer_corpus)
         if recipe.tokenizer_template_text:
             if template is None:
-                model = build_model(recipe)
-                template = model.default_chat_template(model.config)
+                template = recipe_template(recipe, build_model(recipe))
             lines += template_corpus(gen, recipe.tokenizer_corpus, template)
         with atomic_file(path) as tmp:
             train_tokenizer(lines, tmp, vocab_size=recipe.tokenizer_vocab)
@@ -236,12 +255,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     (out / "recipe.json").write_text(recipe.to_json() + "\n")
     gen = SyntheticVQA(image_size=recipe.image_size, seed=recipe.data_seed)
     model = build_model(recipe)
-    tok = ensure_tokenizer(recipe, out, gen, model.default_chat_template(model.config))
+    template = recipe_template(recipe, model)
+    tok = ensure_tokenizer(recipe, out, gen, template)
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the recipe's vocab_size is "
                           f"{model.config.vocab_size}")
     pre = PreprocessConfig(image_size=recipe.image_size)
-    template = model.default_chat_template(model.config)
     info = ModelLayoutInfo.of(model)
     timings = []
     heads: dict | None = None
@@ -267,7 +286,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
                                       attention_grid=grid if spec.attention_weight > 0 else None,
                                       attention_categories=spec.attention_categories,
                                       coordinates=recipe.patch_coordinates,
-                                      word_targets=spec.word_attention_weight > 0)
+                                      word_targets=spec.word_attention_weight > 0,
+                                      kind_weights=spec.kind_weights)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):
