@@ -273,21 +273,6 @@ class JsonlTrainData:
         rec = self.records[k]
         return build_example([self._image(k)], list(rec.turns), self.tokenizer, self.template, self.info)
 
-    def image_index(self, index: int) -> int:
-        """The train-split image that example ``index`` asks about. With ``kind_weights``: the
-        first of up to 16 candidates (a stride of 16 images per example) that a seeded draw
-        accepts with probability weight / max weight, so kinds come in the weighted mix."""
-        if not self.kind_weights:
-            return self.index_offset + index
-        top = max(self.kind_weights.values())
-        rng = np.random.default_rng([self.seed, 0x41D5, index])
-        for k in range(_KIND_TRIES):
-            i = self.index_offset + index * _KIND_TRIES + k
-            w = self.kind_weights.get(self.gen.spec("train", i)["kind"], 1.0)
-            if rng.random() * top < w:
-                return i
-        return i
-
     def examples(self, first: int, n: int) -> Sequence[Example]:
         return [self.example(i) for i in range(first, first + n)]
 
