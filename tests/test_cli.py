@@ -141,6 +141,19 @@ def test_train_eval_build_inspect_run(tmp_path):
         assert "sha256 mismatch" in r.plain and "Traceback" not in r.plain
 
 
+def test_eval_seed_draws_another_test_split(tmp_path):
+    """`vlmexport eval --seed N` scores the shipped model on a test split drawn with another
+    generator seed (how the README's held-out figure is rerun); the report records the seed."""
+    reports = {}
+    for seed in ("0", "20261206"):
+        path = tmp_path / f"eval-{seed}.json"
+        r = invoke("eval", "--n-per-category", "2", "--seed", seed, "--json", path)
+        assert r.exit_code == 0, r.plain
+        reports[seed] = json.loads(path.read_text())
+    assert [reports[s]["meta"]["seed"] for s in ("0", "20261206")] == [0, 20261206]
+    questions = {s: [(p["image_id"], p["question"]) for p in reports[s]["predictions"]] for s in reports}
+    assert questions["0"] != questions["20261206"]
+
 def test_errors_are_one_line(tmp_path):
     r = invoke("eval", tmp_path / "missing")
     assert r.exit_code == 2

@@ -264,6 +264,7 @@ def _train_callbacks():
     "vlmexport eval demo-bundle --backend onnxruntime --precision fp16",
     "vlmexport eval MODEL --data data/test.jsonl",
     "vlmexport eval MODEL --images 2",
+    "vlmexport eval --seed 20261206   # a test split the demo recipe never saw",
 ))
 @friendly_errors
 def eval_(
@@ -276,6 +277,8 @@ def eval_(
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
     device: Device = typer.Option(Device.CPU, help="Device."),
     images: int = typer.Option(1, help="2: ask each question after an in-context example about another image."),
+    seed: int = typer.Option(0, help="Synthetic generator seed (0: the one recipes train on; another: a held-out "
+                                     "test split)."),
 ):
     """Exact match per category and MME-style acc / acc+ / score, on a model directory or a bundle."""
     _setup_logging(False)
@@ -284,7 +287,8 @@ def eval_(
     from .evaluation.runner import evaluate
 
     pipe, items, meta = prepare_eval(model, split=split, n_per_category=n_per_category, data=data,
-                                     device=device.value, backend=backend.value, precision=precision, images=images)
+                                     device=device.value, backend=backend.value, precision=precision, images=images,
+                                     seed=seed)
     progress = _progress()
     task = progress.add_task("evaluating", total=len(items), info="")
     with progress:
