@@ -124,8 +124,9 @@ class SyntheticTrainData:
         batch = collate([e for e, _ in built], self.preprocess, self.info.pad_id)
         if self.word_targets:
             batch.word_targets = word_targets(built, self.tokenizer, batch.input_ids.shape[1])
-        if self.attention_grid:
+        if self.attention_grid or self.patch_grid:  # the images' specs, drawn once for both
             specs = [self.gen.spec("train", self.image_index(i)) for i in range(first, first + n)]
+        if self.attention_grid:
             keep = [{qa.question for qa in questions(spec) if qa.category in self.attention_categories}
                     for spec in specs]
             built = [(ex, [t if t[0] in k else None for t in turns]) for (ex, turns), k in zip(built, keep)]
@@ -134,7 +135,6 @@ class SyntheticTrainData:
         if self.patch_grid:
             from ..data.labels import stacked_patch_labels
 
-            specs = [self.gen.spec("train", self.image_index(i)) for i in range(first, first + n)]
             batch.patch_labels = stacked_patch_labels(specs, self.patch_grid, self.coordinates)
         return batch
 

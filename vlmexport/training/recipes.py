@@ -230,14 +230,20 @@ def template_corpus(gen: SyntheticVQA, n_samples: int, template) -> list[str]:
 def recipe_template(recipe: Recipe, model) -> ChatTemplate:
     """The chat template a recipe trains with (``Recipe.chat_template``); the model ships it."""
     name = recipe.chat_template
+    family = model.default_chat_template(model.config)
     if not name:
-        return model.default_chat_template(model.config)
+        return family
     if name == "legacy":
-        return ChatTemplate.legacy()
-    path = Path(name)
-    if path.suffix != ".jinja" or not path.is_file():
-        raise ConfigError(f"recipe chat_template {name!r} is neither \"\", \"legacy\" nor an existing .jinja file")
-    return ChatTemplate(jinja=path.read_text(), source=path.name)
+        jinja, source = ChatTemplate.legacy().jinja, "vlmexport:legacy"
+    else:
+        path = Path(name)
+        if path.suffix != ".jinja" or not path.is_file():
+            raise ConfigError(f"recipe chat_template {name!r} is neither \"\", \"legacy\" nor an existing .jinja file")
+        jinja, source = path.read_text(), path.name
+    # the family's image token and tokenization, as models.checkpoint.read_chat_template reads the
+    # shipped chat_template.jinja back: the model is prompted the way it was trained
+    return ChatTemplate(jinja=jinja, image_token=family.image_token, encode_runs_apart=family.encode_runs_apart,
+                        source=source)
 
 
 def ensure_tokenizer(recipe: Recipe, out: Path, gen: SyntheticVQA, template=None) -> Tokenizer:
