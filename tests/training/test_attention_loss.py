@@ -212,3 +212,66 @@ def test_coordinate_labels_give_each_patch_its_row_and_column():
     assert set(labels) == set(label_sets(8, coordinates=True)) == {"colour", "shape", "char", "row", "col"}
     assert labels["row"][0].view(8, 8)[5].tolist() == [5] * 8 and labels["col"][2].view(8, 8)[:, 3].tolist() == [3] * 8
     assert set(stacked_patch_labels([gen.spec("train", 0)], 8)) == {"colour", "shape", "char"}
+
+
+def test_centre_labels_mark_one_patch_per_object_with_its_shape():
+    from collections import Counter
+
+    from vlmexport.data.labels import CENTRE_LABELS, label_sets, patch_labels, stacked_patch_labels
+    from vlmexport.data.render import SHAPES
+
+    gen = SyntheticVQA(image_size=96, seed=0)
+    specs = [s for s in (gen.spec("train", i) for i in range(60)) if s["kind"] in ("scene", "count")][:8]
+    labels = stacked_patch_labels(specs, 8, coordinates=True, centres=True)
+    assert set(labels) == set(label_sets(8, True, True)) == {"colour", "shape", "char", "row", "col", "centre"}
+    assert label_sets(8, centres=True)["centre"] == CENTRE_LABELS == 1 + len(SHAPES)
+    for spec, centre in zip(specs, labels["centre"]):
+        marked = Counter(SHAPES[int(v) - 1] for v in centre if v)  # one patch per object, whatever its size
+        assert marked == Counter(o["shape"] for o in spec["objects"])
+        for o in spec["objects"]:
+            assert int(centre[_centre_patch(o, 8)]) == 1 + SHAPES.index(o["shape"])
+    text = next(s for s in (gen.spec("train", i) for i in range(40)) if s["kind"] == "text")
+    assert not patch_labels(text, 8, centres=True)["centre"].any()
+
+
+def test_pooled_count_targets_spread_head_0_over_every_patch(tok):
+    model = tiny()
+    data = SyntheticTrainData(SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(),
+                              ModelLayoutInfo.of(model), PRE, turns=(4, 8), attention_grid=GRID,
+                              pool_categories=("count",), category_weights={"count": 50.0})
+    batch = data.batch(0, 8)
+    t = batch.attention_targets
+    assert t.spread is not None and bool(t.spread.any())
+    for row, head, keys, spread in zip(t.rows.tolist(), t.heads.tolist(), t.keys, t.spread.tolist()):
+        if spread:  # a count question's head 0: every patch of the image (not boi / eoi)
+            assert head == 0 and int(keys.sum()) == GRID * GRID and bool(batch.is_image[row][keys].all())
+    heads_1 = {(r, p) for r, p, h in zip(t.rows.tolist(), t.query_pos.tolist(), t.heads.tolist()) if h == 1}
+    pooled = {(r, p) for r, p, s in zip(t.rows.tolist(), t.query_pos.tolist(), t.spread.tolist()) if s}
+    assert pooled <= heads_1  # ... and head 1 still reads the objects counted
+    plain = data_for(model, tok).batch(0, 8).attention_targets
+    assert plain.spread is None
+    with pytest.raises(ConfigError, match="pool_categories"):
+        SyntheticTrainData(data.gen, tok, model.default_chat_template(), ModelLayoutInfo.of(model), PRE,
+                           attention_grid=GRID, pool_categories=("counting",))
+
+
+def test_spread_loss_is_zero_for_an_even_spread_and_grows_as_it_peaks():
+    from types import SimpleNamespace
+
+    from vlmexport.training.batching import AttentionTargets
+    from vlmexport.training.objectives import attention_loss
+
+    keys = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    targets = AttentionTargets(torch.tensor([0, 0]), torch.tensor([3, 3]), torch.tensor([0, 1]), keys,
+                               torch.tensor([True, False]))
+
+    def loss(scores):
+        probe = SimpleNamespace(log_probs=lambda t, is_image: (torch.log_softmax(scores, -1), t.keys))
+        return float(attention_loss(probe, targets, torch.ones(1, 5, dtype=torch.bool)))
+
+    even = torch.tensor([[0.0, 0.0, 0.0, 0.0, -50.0], [0.0, 0.0, -50.0, -50.0, -50.0]])
+    assert loss(even) == pytest.approx(0.0, abs=1e-6)  # the spread row: KL 0; the mass row: all on its keys
+    peaked = even.clone()
+    peaked[0, 0] = 3.0  # row 0 still puts all its mass on its keys, but unevenly
+    assert loss(peaked) > 0.1
+    assert loss(torch.tensor([[0.0] * 5, [0.0, 0.0, -50.0, -50.0, -50.0]])) > 0.1  # mass off the keys counts too

@@ -27,6 +27,7 @@ MIN_COVER = 0.25
 CHARS = string.ascii_lowercase + string.digits
 BAR, GLYPH, AXIS = len(SHAPES) + 1, len(SHAPES) + 2, len(SHAPES) + 3
 
+CENTRE_LABELS = 1 + len(SHAPES)  # 0 no object's centre, then the shape whose centre the patch holds
 LABEL_SETS = {
     "colour": 1 + len(COLOURS),  # 0 nothing, then COLOURS
     "shape": 1 + len(SHAPES) + 3,  # 0 nothing, SHAPES, bar, glyph, axis
@@ -48,15 +49,20 @@ def _pool(img: Image.Image, grid: int, n_labels: int) -> np.ndarray:
     return np.where(cover >= MIN_COVER * SUB * SUB, best + 1, 0)
 
 
-def patch_labels(spec: dict, grid: int) -> dict[str, np.ndarray]:
-    """{"colour", "shape", "char"} -> (grid, grid) int64 label maps for one spec."""
+def patch_labels(spec: dict, grid: int, centres: bool = False) -> dict[str, np.ndarray]:
+    """{"colour", "shape", "char"} -> (grid, grid) int64 label maps for one spec; with
+    ``centres`` also "centre": the shape of the object whose centre lies in the patch (one
+    patch per object, whatever its size: what counting objects needs, where counting the
+    patches a shape covers is off by one whenever objects straddle patches)."""
     maps = {k: _canvas(grid) for k in LABEL_SETS}
     kind = spec["kind"]
+    centre = np.zeros((grid, grid), dtype=np.int64)
     if kind in ("scene", "count"):
         for o in spec["objects"]:
             for key, value in (("colour", 1 + COLOURS.index(o["colour"])), ("shape", 1 + SHAPES.index(o["shape"]))):
                 _, draw, scale = maps[key]
                 render.draw_shape(draw, o["shape"], o["x"], o["y"], o["s"], (value,), scale)
+            centre[min(grid - 1, o["y"] * grid // GRID), min(grid - 1, o["x"] * grid // GRID)] = 1 + SHAPES.index(o["shape"])
     elif kind == "chart":
         bars = spec["bars"]
         slot = (spec["x1"] - spec["x0"]) / len(bars)
@@ -78,23 +84,26 @@ def patch_labels(spec: dict, grid: int) -> dict[str, np.ndarray]:
             for key, value in (("shape", GLYPH), ("char", 1 + CHARS.index(ch))):
                 _, draw, s = maps[key]
                 draw.rectangle(tuple(v * s for v in box), fill=value)
-    return {key: _pool(img, grid, LABEL_SETS[key]) for key, (img, _, _) in maps.items()}
+    return ({key: _pool(img, grid, LABEL_SETS[key]) for key, (img, _, _) in maps.items()}
+            | ({"centre": centre} if centres else {}))
 
 
-def label_sets(grid: int, coordinates: bool = False) -> dict[str, int]:
+def label_sets(grid: int, coordinates: bool = False, centres: bool = False) -> dict[str, int]:
     """The label sets a dense head predicts, name -> classes: ``LABEL_SETS``, plus each patch's
     row and column in the ``grid x grid`` patch grid when ``coordinates`` (so the features keep
-    where a patch is, which "is A left of B?" needs after the encoder and the connector)."""
-    return dict(LABEL_SETS) | ({"row": grid, "col": grid} if coordinates else {})
+    where a patch is, which "is A left of B?" needs after the encoder and the connector), plus
+    "centre" when ``centres`` (which shape's centre lies in the patch, :func:`patch_labels`)."""
+    return (dict(LABEL_SETS) | ({"row": grid, "col": grid} if coordinates else {})
+            | ({"centre": CENTRE_LABELS} if centres else {}))
 
 
-def stacked_patch_labels(specs, grid: int, coordinates: bool = False):
+def stacked_patch_labels(specs, grid: int, coordinates: bool = False, centres: bool = False):
     """Label maps of several specs as {name: LongTensor [N, grid * grid]} (the sets of
     :func:`label_sets`)."""
     import torch
 
-    maps = [patch_labels(spec, grid) for spec in specs]
-    out = {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in LABEL_SETS}
+    maps = [patch_labels(spec, grid, centres) for spec in specs]
+    out = {k: torch.from_numpy(np.stack([m[k].reshape(-1) for m in maps])) for k in maps[0]}
     if coordinates:
         row, col = np.divmod(np.arange(grid * grid), grid)
         out["row"] = torch.from_numpy(np.tile(row, (len(maps), 1)))

@@ -89,10 +89,12 @@ class AttentionTargets:
     query_pos: torch.Tensor  # [T] long
     heads: torch.Tensor  # [T] long
     keys: torch.Tensor  # [T, S] bool
+    # [T] bool: spread the attention evenly over the keys (else: only its mass on them counts); None: none do
+    spread: torch.Tensor | None = None
 
     def to(self, device) -> "AttentionTargets":
         return AttentionTargets(self.rows.to(device), self.query_pos.to(device), self.heads.to(device),
-                                self.keys.to(device))
+                                self.keys.to(device), None if self.spread is None else self.spread.to(device))
 
 
 def answer_query_positions(targets: np.ndarray) -> list[int]:

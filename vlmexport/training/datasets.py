@@ -50,11 +50,13 @@ class SyntheticTrainData:
                  category_weights: dict[str, float] | None = None, index_offset: int = 0,
                  patch_grid: int | None = None, two_image_fraction: float = 0.0, attention_grid: int | None = None,
                  attention_categories: Sequence[str] = (), coordinates: bool = False, word_targets: bool = False,
-                 kind_weights: dict[str, float] | None = None):
+                 kind_weights: dict[str, float] | None = None, centres: bool = False,
+                 pool_categories: Sequence[str] = ()):
         self.gen, self.tokenizer, self.template, self.info = gen, tokenizer, template, info
         self.preprocess = preprocess
         self.patch_grid = patch_grid  # also return per-patch labels (dense auxiliary loss)
         self.coordinates = coordinates  # ... with each patch's row and column among them
+        self.centres = centres  # ... and which object's centre it holds
         self.word_targets = word_targets  # also where each question names its referents (first decoder layer)
         self.turns = turns
         self.seed = seed
@@ -72,9 +74,11 @@ class SyntheticTrainData:
         # also return where each answer is in the image (question-conditioned attention loss)
         self.attention_grid = attention_grid
         self.attention_categories = frozenset(attention_categories or CATEGORIES)  # the questions it applies to
-        unknown = self.attention_categories - set(CATEGORIES)
+        # ... whose head 0 instead spreads over every patch (a count: see attention_targets)
+        self.pool_categories = frozenset(pool_categories)
+        unknown = (self.attention_categories | self.pool_categories) - set(CATEGORIES)
         if unknown:
-            raise ConfigError(f"attention_categories {sorted(unknown)} are not categories; use some of "
+            raise ConfigError(f"attention_categories / pool_categories {sorted(unknown)} are not categories; use some of "
                               f"{', '.join(CATEGORIES)}")
 
     def turns_for(self, index: int, sample) -> list[tuple[str, str]]:
@@ -127,26 +131,30 @@ class SyntheticTrainData:
         if self.attention_grid or self.patch_grid:  # the images' specs, drawn once for both
             specs = [self.gen.spec("train", self.image_index(i)) for i in range(first, first + n)]
         if self.attention_grid:
-            keep = [{qa.question for qa in questions(spec) if qa.category in self.attention_categories}
-                    for spec in specs]
-            built = [(ex, [t if t[0] in k else None for t in turns]) for (ex, turns), k in zip(built, keep)]
+            category = [{qa.question: qa.category for qa in questions(spec)} for spec in specs]
+            built = [(ex, [t if c.get(t[0]) in self.attention_categories else None for t in turns])
+                     for (ex, turns), c in zip(built, category)]
+            pooled = [{q for q, cat in c.items() if cat in self.pool_categories} for c in category]
             batch.attention_targets = attention_targets(built, specs, self.attention_grid, batch.input_ids.shape[1],
-                                                        self.tokenizer)
+                                                        self.tokenizer, pooled)
         if self.patch_grid:
             from ..data.labels import stacked_patch_labels
 
-            batch.patch_labels = stacked_patch_labels(specs, self.patch_grid, self.coordinates)
+            batch.patch_labels = stacked_patch_labels(specs, self.patch_grid, self.coordinates, self.centres)
         return batch
 
 
 def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], specs: Sequence[dict], grid: int,
-                      length: int, tokenizer=None) -> AttentionTargets:
+                      length: int, tokenizer=None, pooled: Sequence[set[str]] | None = None) -> AttentionTargets:
     """For every answer whose question names objects in the image: head 0 should read the
     first-named object's patches and head 1 the second-named one's (the same object when
-    only one is named), at the position that predicts the answer. A reading answer (given a
+    only one is named). A reading answer (given a
     ``tokenizer``) has a target at every position that predicts one of its tokens: both heads
     read the characters that token spells (``data.labels.reading_regions``). A turn given as
-    None has no target (its category is not supervised)."""
+    None has no target (its category is not supervised). A question in the row's ``pooled``
+    set has head 0 spread evenly over every patch instead: the mean of per-patch "an object
+    of shape s is centred here" features is (objects of shape s) / patches, a count, where
+    the mean over the objects themselves is the same for two as for five."""
     from ..data.labels import question_regions, reading_regions
 
     out = _TargetRows(length)
@@ -170,7 +178,9 @@ def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], sp
                         out.add(row, p, [patches[region]])
                 continue
             regions = question_regions(spec, turn[0], grid)
-            if regions:
+            if regions and pooled is not None and turn[0] in pooled[row]:
+                out.add(row, pos, [patches, patches[regions[0]]], spread=(True, False))
+            elif regions:
                 out.add(row, pos, [patches[r] for r in regions])
     return out.targets()
 
@@ -219,20 +229,22 @@ class _TargetRows:
 
     def __init__(self, length: int):
         self.length = length
-        self.rows, self.qpos, self.heads, self.keys = [], [], [], []
+        self.rows, self.qpos, self.heads, self.keys, self.spread = [], [], [], [], []
 
-    def add(self, row: int, pos: int, key_sets: list) -> None:
+    def add(self, row: int, pos: int, key_sets: list, spread: tuple[bool, bool] = (False, False)) -> None:
         for head, where in enumerate((key_sets + key_sets)[:2]):
             mask = np.zeros(self.length, dtype=bool)
             mask[where] = True
             self.rows.append(row), self.qpos.append(pos), self.heads.append(head), self.keys.append(mask)
+            self.spread.append(spread[head])
 
     def targets(self) -> AttentionTargets:
         if not self.rows:
             return AttentionTargets(*(torch.zeros(0, dtype=torch.long) for _ in range(3)),
                                     torch.zeros(0, self.length, dtype=torch.bool))
         return AttentionTargets(torch.tensor(self.rows), torch.tensor(self.qpos), torch.tensor(self.heads),
-                                torch.from_numpy(np.stack(self.keys)))
+                                torch.from_numpy(np.stack(self.keys)),
+                                torch.tensor(self.spread) if any(self.spread) else None)
 
 
 class JsonlTrainData:

@@ -172,9 +172,16 @@ class AttentionProbe:
 
 def attention_loss(probe: AttentionProbe, targets, is_image: torch.Tensor | None) -> torch.Tensor:
     """-log(attention mass on the answer's patches), averaged over (answer, head) pairs; with
-    ``is_image`` None, the mass on the target keys among all the positions a query sees."""
+    ``is_image`` None, the mass on the target keys among all the positions a query sees. A
+    ``spread`` target's loss is instead KL(the even spread over its keys || the attention)
+    (least when the head averages them: a pooled count reads n / patches, not a mean of n)."""
     logp, keys = probe.log_probs(targets, is_image) if is_image is not None else probe.log_probs_causal(targets)
-    return -torch.logsumexp(logp.masked_fill(~keys, float("-inf")), dim=-1).mean()
+    loss = -torch.logsumexp(logp.masked_fill(~keys, float("-inf")), dim=-1)
+    if targets.spread is not None and bool(targets.spread.any()):
+        n = keys.sum(-1).clamp(min=1)
+        even = -logp.masked_fill(~keys, 0.0).sum(-1) / n - n.float().log()  # KL(even || attention), 0 at best
+        loss = torch.where(targets.spread, even, loss)
+    return loss.mean()
 
 
 class NextTokenWithDenseObjective(Objective):

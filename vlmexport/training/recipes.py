@@ -52,6 +52,9 @@ class StageSpec:
     # heads 0/1 read the patches of the objects the question names, at the position that predicts the answer
     attention_weight: float = 0.0
     attention_categories: tuple[str, ...] = ()  # the question categories it supervises (empty: all)
+    # categories whose head 0 spreads evenly over every patch instead (["count"], with the recipe's
+    # patch_centres: the mean of "a circle is centred here" over the patches counts the circles)
+    pool_categories: tuple[str, ...] = ()
     # weight of the same loss on the first decoder layer: at the position that predicts the answer, heads 0/1
     # read the question words that name what the answer depends on ("red", "circle"; data.labels.question_referents)
     word_attention_weight: float = 0.0
@@ -73,6 +76,9 @@ class Recipe:
     tokenizer_template_text: bool = False
     # the dense per-patch labels also give each patch's row and column (data.labels.label_sets)
     patch_coordinates: bool = False
+    # ... and which shape's centre each patch holds, one patch per object (what a count question reads;
+    # data.labels.patch_labels)
+    patch_centres: bool = False
     # the chat template the model trains with and ships: "" the architecture's default (cogvlm: THUDM's, which
     # ends only the LAST answer of a conversation with EOS), "legacy" vlmexport's own (EOS after every answer),
     # or a .jinja file
@@ -99,6 +105,7 @@ class Recipe:
                                         "train_roles": tuple(t.get("train_roles", ()))})
             s["turns"] = tuple(s.get("turns", (1, 4)))
             s["attention_categories"] = tuple(s.get("attention_categories", ()))
+            s["pool_categories"] = tuple(s.get("pool_categories", ()))
             stages.append(StageSpec(**s))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -283,7 +290,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     timings = []
     heads: dict | None = None
     grid = recipe.image_size // model.config.vision_config.patch_size
-    sets = label_sets(grid, recipe.patch_coordinates)
+    sets = label_sets(grid, recipe.patch_coordinates, recipe.patch_centres)
     for k, spec in enumerate(recipe.stages):
         if on_stage:
             on_stage(k, spec)
@@ -295,7 +302,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
             continue
         if spec.stage == Stage.VISION.value:
             data = SyntheticPatchData(gen, pre, model.config.vision_config.patch_size, index_offset=k * 10_000_000,
-                                      coordinates=recipe.patch_coordinates)
+                                      coordinates=recipe.patch_coordinates, centres=recipe.patch_centres)
         else:
             data = SyntheticTrainData(gen, tok, template, info, pre, turns=spec.turns, seed=recipe.seed + k,
                                       category_weights=spec.category_weights, index_offset=k * 10_000_000,
@@ -305,7 +312,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
                                       attention_categories=spec.attention_categories,
                                       coordinates=recipe.patch_coordinates,
                                       word_targets=spec.word_attention_weight > 0,
-                                      kind_weights=spec.kind_weights)
+                                      kind_weights=spec.kind_weights, centres=recipe.patch_centres,
+                                      pool_categories=spec.pool_categories)
         val_n = recipe.eval_n_per_category
 
         def eval_fn(m, _n=val_n):

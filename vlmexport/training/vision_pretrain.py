@@ -30,16 +30,18 @@ class SyntheticPatchData:
     """Train-split synthetic images with their per-patch labels."""
 
     def __init__(self, gen: SyntheticVQA, preprocess: PreprocessConfig, patch_size: int, index_offset: int = 0,
-                 coordinates: bool = False):
+                 coordinates: bool = False, centres: bool = False):
         if gen.image_size % patch_size:
             raise ValueError("the image size must be a multiple of the patch size")
         self.gen, self.preprocess = gen, preprocess
         self.grid = gen.image_size // patch_size
         self.index_offset = index_offset
         self.coordinates = coordinates  # also each patch's row and column (data.labels.label_sets)
+        self.centres = centres  # ... and which object's centre it holds
 
     def batch(self, first: int, n: int) -> PatchBatch:
         idx = [self.index_offset + i for i in range(first, first + n)]
         images = np.stack([self.gen.sample("train", i).image for i in idx])
-        labels = stacked_patch_labels([self.gen.spec("train", i) for i in idx], self.grid, self.coordinates)
+        labels = stacked_patch_labels([self.gen.spec("train", i) for i in idx], self.grid, self.coordinates,
+                                      self.centres)
         return PatchBatch(pixels_from_uint8(images, self.preprocess), labels)
