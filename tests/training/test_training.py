@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -297,6 +298,9 @@ def test_recipe_chat_template_pins_what_the_model_trains_with(tmp_path, tok):
     f.write_text(ChatTemplate.legacy().jinja)
     r.chat_template = str(f)
     assert recipe_template(r, model).jinja == f.read_text()
+    # in a recipe file, a relative .jinja path names a file beside the recipe, whatever the cwd
+    (tmp_path / "r.json").write_text(r.to_json().replace(json.dumps(str(f)), json.dumps("mine.jinja")))
+    assert recipe_template(Recipe.load(tmp_path / "r.json"), model).jinja == f.read_text()
     r.chat_template = "llama"
     with pytest.raises(ConfigError, match="chat_template 'llama'"):
         recipe_template(r, model)

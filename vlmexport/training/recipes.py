@@ -116,7 +116,13 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(Path(path).read_text())
+            template = d.get("chat_template", "") if isinstance(d, dict) else ""
+            if isinstance(template, str) and template.endswith(".jinja") and not Path(template).is_absolute():
+                beside = Path(path).parent / template  # a relative .jinja path names a file beside the recipe
+                if beside.is_file():
+                    d["chat_template"] = str(beside)
+            return cls.from_dict(d)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such recipe file; use --recipe demo or a JSON recipe") from None
         except (json.JSONDecodeError, TypeError) as exc:
