@@ -232,6 +232,22 @@ def test_centre_labels_mark_one_patch_per_object_with_its_shape():
             assert int(centre[_centre_patch(o, 8)]) == 1 + SHAPES.index(o["shape"])
     text = next(s for s in (gen.spec("train", i) for i in range(40)) if s["kind"] == "text")
     assert not patch_labels(text, 8, centres=True)["centre"].any()
+    # by hand: spec units are 384 per side, so an 8 x 8 grid has 48-unit patches
+    for (x, y), (row, col) in {(200, 100): (2, 4), (47, 48): (1, 0), (383, 383): (7, 7)}.items():
+        one = dict(specs[0], objects=[dict(specs[0]["objects"][0], x=x, y=y)])
+        centre = patch_labels(one, 8, centres=True)["centre"]
+        assert centre[row, col] == 1 + SHAPES.index(one["objects"][0]["shape"]) and (centre > 0).sum() == 1
+
+
+def test_pool_categories_that_would_do_nothing_are_an_error(tok):
+    model = tiny()
+    args = (SyntheticVQA(image_size=SIZE, seed=0), tok, model.default_chat_template(), ModelLayoutInfo.of(model), PRE)
+    with pytest.raises(ConfigError, match="attention_weight > 0"):
+        SyntheticTrainData(*args, pool_categories=("count",))
+    with pytest.raises(ConfigError, match="get no pooled target"):
+        SyntheticTrainData(*args, attention_grid=GRID, attention_categories=("colour",), pool_categories=("count",))
+    with pytest.raises(ConfigError, match="get no pooled target"):
+        SyntheticTrainData(*args, attention_grid=GRID, pool_categories=("reading",))
 
 
 def test_pooled_count_targets_spread_head_0_over_every_patch(tok):

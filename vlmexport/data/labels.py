@@ -4,8 +4,9 @@ A ViT and a decoder trained together from nothing sit on a long plateau: the dec
 cannot learn to look at image tokens that carry no information yet, and the encoder gets
 no useful gradient until it does. The demo recipe therefore first trains the vision
 encoder alone to say, for every patch, what covers it (colour, shape or glyph, and the
-character of a glyph), which the synthetic generator knows exactly from the spec. The
-questions are untouched; the labels only exist for this training phase.
+character of a glyph; optionally the patch's row and column, and which shape's centre it
+holds), which the synthetic generator knows exactly from the spec. The questions are
+untouched; the labels only exist for training.
 
 Label maps are rasterised from the same spec (grid units) at ``grid * SUB`` pixels
 without antialiasing; a patch takes the label covering most of it if that covers at

@@ -80,6 +80,12 @@ class SyntheticTrainData:
         if unknown:
             raise ConfigError(f"attention_categories / pool_categories {sorted(unknown)} are not categories; use some of "
                               f"{', '.join(CATEGORIES)}")
+        if self.pool_categories and not attention_grid:
+            raise ConfigError("pool_categories shapes the attention loss: set attention_weight > 0, or drop pool_categories")
+        idle = self.pool_categories - (self.attention_categories - {"reading"})
+        if idle:
+            raise ConfigError(f"pool_categories {sorted(idle)} get no pooled target: use categories the attention "
+                              f"loss supervises (attention_categories; reading has its own targets)")
 
     def turns_for(self, index: int, sample) -> list[tuple[str, str]]:
         rng = np.random.default_rng([self.seed, 0x7A11, index])

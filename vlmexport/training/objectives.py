@@ -189,7 +189,8 @@ class NextTokenWithDenseObjective(Objective):
     (keeps training the encoder's patch features while the decoder learns to read them),
     plus ``attention_weight`` x the question-conditioned attention loss: at the position
     that predicts an answer, heads 0 and 1 of the last decoder layer should read the
-    patches of the objects the question names (``data.labels.question_regions``)."""
+    patches of the objects the question names (``data.labels.question_regions``; for a
+    question of a ``pool_categories`` category head 0 spreads evenly over every patch)."""
 
     def __init__(self, model: VLM, weight: float, attention_weight: float = 0.0,
                  label_sets: dict[str, int] | None = None, word_attention_weight: float = 0.0):

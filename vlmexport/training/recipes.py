@@ -119,9 +119,7 @@ class Recipe:
             d = json.loads(Path(path).read_text())
             template = d.get("chat_template", "") if isinstance(d, dict) else ""
             if isinstance(template, str) and template.endswith(".jinja") and not Path(template).is_absolute():
-                beside = Path(path).parent / template  # a relative .jinja path names a file beside the recipe
-                if beside.is_file():
-                    d["chat_template"] = str(beside)
+                d["chat_template"] = str(Path(path).parent / template)  # a relative .jinja names a file beside the recipe
             return cls.from_dict(d)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such recipe file; use --recipe demo or a JSON recipe") from None
