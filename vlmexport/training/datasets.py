@@ -154,7 +154,7 @@ def attention_targets(built: Sequence[tuple[Example, list[tuple[str, str]]]], sp
                       length: int, tokenizer=None, pooled: Sequence[set[str]] | None = None) -> AttentionTargets:
     """For every answer whose question names objects in the image: head 0 should read the
     first-named object's patches and head 1 the second-named one's (the same object when
-    only one is named). A reading answer (given a
+    only one is named), at the position that predicts the answer. A reading answer (given a
     ``tokenizer``) has a target at every position that predicts one of its tokens: both heads
     read the characters that token spells (``data.labels.reading_regions``). A turn given as
     None has no target (its category is not supervised). A question in the row's ``pooled``

@@ -177,7 +177,7 @@ def attention_loss(probe: AttentionProbe, targets, is_image: torch.Tensor | None
     (least when the head averages them: a pooled count reads n / patches, not a mean of n)."""
     logp, keys = probe.log_probs(targets, is_image) if is_image is not None else probe.log_probs_causal(targets)
     loss = -torch.logsumexp(logp.masked_fill(~keys, float("-inf")), dim=-1)
-    if targets.spread is not None and bool(targets.spread.any()):
+    if targets.spread is not None:
         n = keys.sum(-1).clamp(min=1)
         even = -logp.masked_fill(~keys, 0.0).sum(-1) / n - n.float().log()  # KL(even || attention), 0 at best
         loss = torch.where(targets.spread, even, loss)
