@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Six measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Seven measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -15,8 +15,13 @@
   one process, the median of the per-round ratios to torch.
 - ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
   per layer, for the given precisions.
+- ``gemm``: one prefill projection (the image tokens' rows through the decoder's gate projection)
+  through each kernel a recipe can put there: fp32 MatMul, MatMulNBits at 4 bits (accuracy level
+  4, int8 compute, and level 1, fp32 compute) and at 8 bits, onnxruntime's int8 GEMM
+  (DynamicQuantizeMatMul, what the int8 vision parts' QDQ MatMuls become), and torch's fp32
+  matmul; GFLOP/s each. Says whether the int8 compute path beats fp32 on this CPU.
 
-    python benchmarks/cpu_decode_breakdown.py qa                        # all four, int4 and fp32
+    python benchmarks/cpu_decode_breakdown.py qa                        # all seven, int4 and fp32
     python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
 
 Not a test: the figures depend on the machine and on what else runs on it.
@@ -102,6 +107,53 @@ def kernels(b: Bundle, threads: int) -> None:
                                  providers=["CPUExecutionProvider"])
         ms = _median_ms(lambda: s.run(None, x))
         print(f"kernels: {what} (block {f['block']}, accuracy level {f['level']}): {ms:.2f} ms")
+
+
+def _one_node(op: str, ins: list, inits: list, domain: str = "", **attrs) -> bytes:
+    node = helper.make_node(op, [i.name for i in ins] + [t.name for t in inits], ["y"], domain=domain, **attrs)
+    g = helper.make_graph([node], op, ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+                             ).SerializeToString()
+
+
+def gemm(b: Bundle, threads: int, rows: int) -> None:
+    """The prefill's GEMM through each kernel, at the bundle's shapes (rows x hidden -> intermediate)."""
+    import torch
+
+    f, rng = _decoder_facts(b), np.random.default_rng(0)
+    k, n, blk = f["h"], f["i"], f["block"]
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    xin = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])]
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+
+    def nbits(bits: int, level: int) -> bytes:
+        nb = -(-k // blk)
+        codes = rng.integers(0, 256, size=(n, nb, blk * bits // 8), dtype=np.uint8)
+        scales = rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3
+        return _one_node("MatMulNBits", xin, [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "S")],
+                         "com.microsoft", K=k, N=n, bits=bits, block_size=blk, accuracy_level=level)
+
+    graphs = {
+        "fp32 MatMul": _one_node("MatMul", xin, [numpy_helper.from_array(w, "W")]),
+        f"MatMulNBits 4-bit, block {blk}, level 4 (int8 compute)": nbits(4, 4),
+        f"MatMulNBits 4-bit, block {blk}, level 1 (fp32 compute)": nbits(4, 1),
+        f"MatMulNBits 8-bit, block {blk}, level 4": nbits(8, 4),
+        "int8 GEMM (DynamicQuantizeMatMul, int8 weights)": _one_node(
+            "DynamicQuantizeMatMul", xin, [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "B"),
+                                           numpy_helper.from_array(np.array(0.01, np.float32), "Bs"),
+                                           numpy_helper.from_array(np.array(0, np.int8), "Bz")], "com.microsoft"),
+    }
+    flop = 2 * rows * k * n
+    line = []
+    for name, g in graphs.items():
+        s = ort.InferenceSession(g, session_options(threads, False), providers=["CPUExecutionProvider"])
+        ms = _median_ms(lambda: s.run(None, {"x": x}), 4, 7)
+        line.append(f"{name} {flop / ms / 1e6:.0f}")
+    torch.set_num_threads(threads)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    ms = _median_ms(lambda: tx @ tw, 4, 7)
+    line.append(f"torch fp32 matmul {flop / ms / 1e6:.0f}")
+    print(f"gemm ({rows}x{k} @ {k}x{n}, GFLOP/s): " + "; ".join(line))
 
 
 def attention(b: Bundle, threads: int, positions: int) -> None:
@@ -278,7 +330,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,variants,versus,ttft-versus,ttft")
+    ap.add_argument("--only", default="kernels,attention,gemm,variants,versus,ttft-versus,ttft")
     ap.add_argument("--ttft-precisions", default="fp32,int4")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -290,6 +342,8 @@ def main() -> None:
         n = len(_prompt(a.bundle, pipe)[1]) + 32  # the prompt and 32 decoded tokens
         del pipe
         attention(b, a.threads, n)
+    if "gemm" in what:
+        gemm(b, a.threads, b.section("model")["image_tokens"])
     if "variants" in what:
         variants(a.bundle, a.threads)
     if "versus" in what:
