@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Seven measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Eight measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -15,13 +15,17 @@
   one process, the median of the per-round ratios to torch.
 - ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
   per layer, for the given precisions.
+- ``blocks``: the ``kernels`` graph (one decode step's MatMulNBits, 8-bit LM head) at block 32 and
+  128 with accuracy level 4, alternating in two rounds, then at the bundle's block with level 1
+  (fp32 compute); spinning on. Whether the CPU default block and level hold on this CPU.
 - ``gemm``: one prefill projection (the image tokens' rows through the decoder's gate projection)
   through each kernel a recipe can put there: fp32 MatMul, MatMulNBits at 4 bits (accuracy level
   4, int8 compute, and level 1, fp32 compute) and at 8 bits, onnxruntime's int8 GEMM
-  (DynamicQuantizeMatMul, what the int8 vision parts' QDQ MatMuls become), and torch's fp32
-  matmul; GFLOP/s each. Says whether the int8 compute path beats fp32 on this CPU.
+  (DynamicQuantizeMatMul with int8 weights: MLAS's QGEMM, the kernel family under the int8
+  vision parts' QLinearMatMul), and torch's fp32 matmul; GFLOP/s each, spinning off (as a
+  prefill runs). Comparing the rows tells whether int8 compute beats fp32 on this CPU.
 
-    python benchmarks/cpu_decode_breakdown.py qa                        # all seven, int4 and fp32
+    python benchmarks/cpu_decode_breakdown.py qa                        # all eight, int4 and fp32
     python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
 
 Not a test: the figures depend on the machine and on what else runs on it.
@@ -107,6 +111,25 @@ def kernels(b: Bundle, threads: int) -> None:
                                  providers=["CPUExecutionProvider"])
         ms = _median_ms(lambda: s.run(None, x))
         print(f"kernels: {what} (block {f['block']}, accuracy level {f['level']}): {ms:.2f} ms")
+
+
+def blocks(b: Bundle, threads: int) -> None:
+    f = _decoder_facts(b)
+    x = {"x": np.random.default_rng(0).standard_normal((1, f["h"])).astype(np.float32)}
+
+    def step_ms(block: int, level: int, steps: int) -> float:
+        g = _matmulnbits_graph(dict(f, block=block, level=level), f["layers"], 8, np.random.default_rng(1))
+        s = ort.InferenceSession(g, session_options(threads, True), providers=["CPUExecutionProvider"])
+        return _median_ms(lambda: s.run(None, x), steps, 5)
+
+    ms = {32: [], 128: []}
+    for _ in range(2):
+        for block in ms:
+            ms[block].append(step_ms(block, 4, 32))
+    slow = step_ms(f["block"], 1, 2)
+    print("blocks: a decode step's MatMulNBits, level 4: " + "; ".join(
+        f"block {k} {' / '.join(f'{v:.2f}' for v in vs)} ms" for k, vs in ms.items())
+          + f" (two alternating rounds); block {f['block']} at level 1 (fp32 compute): {slow:.1f} ms")
 
 
 def _one_node(op: str, ins: list, inits: list, domain: str = "", **attrs) -> bytes:
@@ -330,7 +353,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,gemm,variants,versus,ttft-versus,ttft")
+    ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft")
     ap.add_argument("--ttft-precisions", default="fp32,int4")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -342,6 +365,8 @@ def main() -> None:
         n = len(_prompt(a.bundle, pipe)[1]) + 32  # the prompt and 32 decoded tokens
         del pipe
         attention(b, a.threads, n)
+    if "blocks" in what:
+        blocks(b, a.threads)
     if "gemm" in what:
         gemm(b, a.threads, b.section("model")["image_tokens"])
     if "variants" in what:

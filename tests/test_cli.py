@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from vlmexport.cli import app
 from vlmexport.core.errors import VlmexportError
+from vlmexport.pipeline.bench import machine_info, machine_title
 from vlmexport.training.recipes import StageSpec, demo_recipe
 from vlmexport.training.trainer import TrainConfig
 
@@ -182,6 +183,9 @@ def test_bench_runs_several_bundles_side_by_side(tmp_path, tiny_model_dir):
     two = json.loads((tmp_path / "two.json").read_text())
     names = [str(b) for b in bundles]
     assert two["bundles"] == names
+    # the title names the CPU with its SIMD extensions (two VMs of one name can differ there)
+    assert two["machine"]["cpu_features"] == machine_info()["cpu_features"]
+    assert f": {machine_title(two['machine'])}, {two['threads']} threads, read bandwidth" in r.plain, r.plain
     assert [(row["bundle"], row["backend"]) for row in two["rows"]] == [
         (n, be) for n in names for be in ("torch-float32", "onnxruntime-fp32")]
     # each row against its own bundle's torch row: two models never share a base

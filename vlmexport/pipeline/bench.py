@@ -314,12 +314,35 @@ def row_cells(r: BenchRow) -> tuple[str, ...]:
             "-" if r.accuracy is None else f"{r.accuracy:.1%}")
 
 
+# The SIMD extensions that decide which CPU kernels onnxruntime (MLAS) and llama.cpp run, as
+# /proc/cpuinfo spells them (x86 "flags", Arm "Features"), and how a bench title names them. Two VMs
+# that both call themselves "AMD EPYC" differ here (AVX-512 with VNNI against AVX2 only), and the
+# 4-bit kernels' speed with them (docs/results.md, "CPU speed against llama.cpp").
+SIMD_FEATURES = (("amx_int8", "AMX-INT8"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                 ("avx512_bf16", "BF16"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2"),
+                 ("asimd", "NEON"), ("asimddp", "dotprod"), ("i8mm", "I8MM"), ("sve", "SVE"))
+
+
+def cpu_features(cpuinfo: str) -> list[str]:
+    """The :data:`SIMD_FEATURES` the first CPU in a /proc/cpuinfo text reports, in that order;
+    AVX2 is left out where AVX-512 is there (every AVX-512 CPU has it)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    names = [name for flag, name in SIMD_FEATURES if flag in flags]
+    return [n for n in names if not (n == "AVX2" and "AVX-512" in names)]
+
+
 def machine_info() -> dict:
     import platform
 
-    cpu = ""
+    cpu, text = "", ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -330,8 +353,14 @@ def machine_info() -> dict:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "platform": platform.platform(),
-            "python": platform.python_version()}
+    return {"cpu": cpu, "cpu_features": cpu_features(text), "logical_cpus": os.cpu_count(), "memory": mem,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def machine_title(machine: dict) -> str:
+    """The CPU as a bench title names it: its model name and, in brackets, its SIMD extensions."""
+    features = machine.get("cpu_features") or []
+    return machine.get("cpu", "") + (f" ({', '.join(features)})" if features else "")
 
 
 def bench_layout(model: dict, spec, bos_id: int, prompt_tokens: int):
@@ -580,7 +609,7 @@ def ratio_line(name: str, ratio: dict) -> str:
 
 def report_title(report: BenchReport) -> str:
     seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
-    return (f"{', '.join(report.bundles)}: {report.machine.get('cpu', '')}, {report.threads} threads, read bandwidth "
+    return (f"{', '.join(report.bundles)}: {machine_title(report.machine)}, {report.threads} threads, read bandwidth "
             f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), fp32 GEMM {report.gemm_gflops:.0f} "
             "GFLOP/s" + (", rows interleaved round by round" if report.interleaved else ""))
 
@@ -682,7 +711,7 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     ax.set_ylabel("decode tokens/s", fontsize=8)
     ax.set_title("size vs speed (label: exact match)", fontsize=10)
     fig.suptitle(f"{', '.join(bundle_label(b, report.bundles) for b in report.bundles)}: "
-                 f"{report.machine.get('cpu', '')}, {report.threads} threads, "
+                 f"{machine_title(report.machine)}, {report.threads} threads, "
                  f"read bandwidth {report.bandwidth_gbs:.1f} GB/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
