@@ -399,9 +399,10 @@ def build(
     calib_pairs: int = typer.Option(64, min=1, help="Image+prompt calibration pairs for the int4/int8 text decoder."),
     int4_algorithm: str = typer.Option("gptq", help="Weight-only algorithm for int4: gptq (calibrated on the "
                                        "calibration pairs, each expert on its own modality), rtn or hqq."),
-    quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 decoder is tuned for: "
+    quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 files are tuned for: "
                                              "cpu or gpu (block 128 for both); both use int8 compute "
-                                             "(accuracy_level 4) on a CPU."),
+                                             "(accuracy_level 4) on a CPU; cpu writes the int8 vision "
+                                             "parts' weights on 7 bits (exact on x86 CPUs without VNNI)."),
     int4_block_size: Optional[Int4Block] = typer.Option(None, help="Weights per scale in the decoder's "
                                                         "weight-only MatMulNBits (int4 layers, 8-bit LM head, int8 "
                                                         "decoder; default: the target's). On a 2-vCPU EPYC, block "

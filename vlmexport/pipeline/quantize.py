@@ -25,6 +25,7 @@ from ..quant.calib import CalibrationSettings, build_calibration, decoder_feeds,
 from ..quant.gates import Gate, check_gates, score, task_scores
 from ..quant.quantize import (
     CPU_BLOCK,
+    CPU_INT8_REDUCE_RANGE,
     DEFAULT_ALGORITHM,
     DEFAULT_CALIBRATION_METHOD,
     QuantizedPart,
@@ -55,6 +56,8 @@ class QuantOptions:
     eval_per_category: int = 200  # 1,400 questions: one answer is 0.07 points, well under the 0.5-point int8 gate
     accuracy: bool = True
     cache_dir: str | None = None
+    # the int8 vision parts' weights on 7 bits (quant.quantize.CPU_INT8_REDUCE_RANGE): the cpu target's
+    int8_reduce_range: bool = CPU_INT8_REDUCE_RANGE
 
     @staticmethod
     def for_target(target: str, block_size: int | None = None) -> dict:
@@ -67,13 +70,17 @@ class QuantOptions:
         faster with it than with the fp32-compute levels (bench-s shapes on a 2-vCPU EPYC:
         block 128, 57 vs 206 us per 1024x2816 MatMul), and the CUDA kernel does not read the
         attribute, so a gpu-target file also runs well on a CPU.
+
+        ``int8_reduce_range``: the int8 vision parts' weights on 7 bits for ``cpu`` (x86 CPUs without
+        VNNI saturate with 8-bit ones), full 8 bits for ``gpu`` (:data:`quant.quantize.CPU_INT8_REDUCE_RANGE`).
         """
-        from ..quant.quantize import GPU_BLOCK
+        from ..quant.quantize import GPU_BLOCK, GPU_INT8_REDUCE_RANGE
 
         table = {"cpu": CPU_BLOCK, "gpu": GPU_BLOCK}
         if target not in table:
             raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
-        return {"block_size": table[target] if block_size is None else int(block_size), "accuracy_level": 4}
+        return {"block_size": table[target] if block_size is None else int(block_size), "accuracy_level": 4,
+                "int8_reduce_range": {"cpu": CPU_INT8_REDUCE_RANGE, "gpu": GPU_INT8_REDUCE_RANGE}[target]}
 
     def __post_init__(self) -> None:
         from ..quant.quantize import (
@@ -160,11 +167,11 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
             progress(f"quantize {part} ({precision})")
             if part == Part.VISION_ENCODER:
                 parts.append(quantize_int8_static(part, fp32[part], out, pixel_reader(calib), r,
-                                                  options.calibration_method))
+                                                  options.calibration_method, reduce_range=options.int8_reduce_range))
             elif part == Part.CONNECTOR:
                 enc = lambda px: ref.vision_encoder.run(["image_features"], {"pixel_values": px})[0]  # noqa: E731
                 parts.append(quantize_int8_static(part, fp32[part], out, feature_reader(enc, calib), r,
-                                                  options.calibration_method))
+                                                  options.calibration_method, reduce_range=options.int8_reduce_range))
             else:
                 reader = None
                 if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node

@@ -87,6 +87,14 @@ DEFAULT_ALGORITHM = "gptq"  # measured against rtn and hqq: docs/quantization.md
 # accuracy (72.07% against 72.21%, both within the gate): docs/quantization.md, "Block size on a CPU"
 CPU_BLOCK, GPU_BLOCK = 128, 128
 INT4_BLOCK_SIZES = (32, 64, 128)  # MatMulNBits takes powers of two >= 16; these are the ones measured
+# int8 QDQ weights on 7 bits for the cpu target (``quantize_static(reduce_range=True)``, onnxruntime's own
+# advice for x86 without VNNI): there its QLinearMatMul sums pairs of uint8 x int8 products in int16 and
+# saturates. Tiny seeded cogvlm, vision encoder, on a 2-vCPU AMD EPYC with AVX2 only: max |int8 - fp32| /
+# max |fp32| 0.171 with 8-bit weights against 0.022 for the same QDQ graph's exact arithmetic
+# (onnxruntime with graph optimizations off); 0.034 with 7-bit weights, fused kernel and exact
+# arithmetic alike. A CPU with VNNI (or Arm's dot products) computes 8-bit weights exactly and pays
+# the 7th bit's rounding instead: docs/quantization.md, "INT8 on CPUs without VNNI".
+CPU_INT8_REDUCE_RANGE, GPU_INT8_REDUCE_RANGE = True, False
 EXTERNAL_DATA_ABOVE = 1 << 30  # write initializers to <file>.data above 1 GiB (protobuf's limit is 2 GiB)
 
 
@@ -223,11 +231,15 @@ def _method(name: str):
 
 def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLike, reader,
                          recipe: QuantRecipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
-                         percentile: float = 99.999, quantize_bias: bool = True) -> QuantizedPart:
+                         percentile: float = 99.999, quantize_bias: bool = True,
+                         reduce_range: bool = False) -> QuantizedPart:
     """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part.
 
     ``quantize_bias`` False keeps Conv/Gemm biases float (TensorRT has no INT32 DequantizeLinear;
-    onnxruntime's CPU kernels take either)."""
+    onnxruntime's CPU kernels take either). ``reduce_range`` writes the weights on 7 bits
+    (-64..63): onnxruntime's x86 int8 GEMM without VNNI (AVX2, AVX-512 without VNNI) adds pairs
+    of uint8 x int8 products in int16 (``vpmaddubsw``), which saturates with full-range weights;
+    see :data:`CPU_INT8_REDUCE_RANGE`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     src, out = Path(src), Path(out)
@@ -247,7 +259,7 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     try:
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_quantize=include or None,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=include or None, reduce_range=reduce_range,
                         nodes_to_exclude=kept or None, use_external_data_format=external,
                         calibrate_method=_method(method), extra_options=extra)
     except (ValueError, AssertionError) as e:
@@ -269,7 +281,9 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     if rewired:
         onnx.save(qdq, str(out))  # external data references are kept as they are
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
-                         {"scheme": "qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric",
+                         {"scheme": "qdq", "weights": "int8 per-channel symmetric"
+                                                      + (", 7-bit range (reduce_range)" if reduce_range else ""),
+                          "activations": "int8 symmetric",
                           "calibration_method": method, "calibration_batches": len(reader),
                           "float_consumers_rewired": rewired})
 
