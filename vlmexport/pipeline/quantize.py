@@ -56,7 +56,7 @@ class QuantOptions:
     eval_per_category: int = 200  # 1,400 questions: one answer is 0.07 points, well under the 0.5-point int8 gate
     accuracy: bool = True
     cache_dir: str | None = None
-    # the int8 vision parts' weights on 7 bits (quant.quantize.CPU_INT8_REDUCE_RANGE): the cpu target's
+    # the int8 QDQ vision parts' weights on 7 bits: the cpu target's choice (quant.quantize.CPU_INT8_REDUCE_RANGE)
     int8_reduce_range: bool = CPU_INT8_REDUCE_RANGE
 
     @staticmethod

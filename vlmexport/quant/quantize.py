@@ -237,7 +237,7 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
 
     ``quantize_bias`` False keeps Conv/Gemm biases float (TensorRT has no INT32 DequantizeLinear;
     onnxruntime's CPU kernels take either). ``reduce_range`` writes the weights on 7 bits
-    (-64..63): onnxruntime's x86 int8 GEMM without VNNI (AVX2, AVX-512 without VNNI) adds pairs
+    (-64..64): onnxruntime's x86 int8 GEMM without VNNI (AVX2, AVX-512 without VNNI) adds pairs
     of uint8 x int8 products in int16 (``vpmaddubsw``), which saturates with full-range weights;
     see :data:`CPU_INT8_REDUCE_RANGE`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
