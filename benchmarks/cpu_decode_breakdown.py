@@ -72,14 +72,18 @@ def _decoder_facts(b: Bundle) -> dict:
                 block=q["block_size"], level=q.get("accuracy_level") or 0)
 
 
+def _nbits_weights(name: str, k: int, n: int, bits: int, block: int, rng) -> list:
+    """Random MatMulNBits codes and scales for a k x n weight: the B and scales initializers."""
+    nb = -(-k // block)
+    return [numpy_helper.from_array(rng.integers(0, 256, size=(n, nb, block * bits // 8), dtype=np.uint8), name + ".B"),
+            numpy_helper.from_array(rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3, name + ".S")]
+
+
 def _matmulnbits_graph(f: dict, layers: int, head_bits: int, rng) -> bytes:
     nodes, inits = [], []
 
     def mnb(name, x, k, n, bits=4):
-        nb = -(-k // f["block"])
-        inits.append(numpy_helper.from_array(
-            rng.integers(0, 256, size=(n, nb, f["block"] * bits // 8), dtype=np.uint8), name + ".B"))
-        inits.append(numpy_helper.from_array((rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3), name + ".S"))
+        inits.extend(_nbits_weights(name, k, n, bits, f["block"], rng))
         nodes.append(helper.make_node("MatMulNBits", [x, name + ".B", name + ".S"], [name + ".y"], name=name,
                                       domain="com.microsoft", K=k, N=n, bits=bits, block_size=f["block"],
                                       accuracy_level=f["level"]))
@@ -150,11 +154,8 @@ def gemm(b: Bundle, threads: int, rows: int) -> None:
     w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
 
     def nbits(bits: int, level: int) -> bytes:
-        nb = -(-k // blk)
-        codes = rng.integers(0, 256, size=(n, nb, blk * bits // 8), dtype=np.uint8)
-        scales = rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3
-        return _one_node("MatMulNBits", xin, [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "S")],
-                         "com.microsoft", K=k, N=n, bits=bits, block_size=blk, accuracy_level=level)
+        return _one_node("MatMulNBits", xin, _nbits_weights("w", k, n, bits, blk, rng), "com.microsoft",
+                         K=k, N=n, bits=bits, block_size=blk, accuracy_level=level)
 
     graphs = {
         "fp32 MatMul": _one_node("MatMul", xin, [numpy_helper.from_array(w, "W")]),

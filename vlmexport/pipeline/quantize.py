@@ -76,11 +76,12 @@ class QuantOptions:
         """
         from ..quant.quantize import GPU_BLOCK, GPU_INT8_REDUCE_RANGE
 
-        table = {"cpu": CPU_BLOCK, "gpu": GPU_BLOCK}
+        table = {"cpu": (CPU_BLOCK, CPU_INT8_REDUCE_RANGE), "gpu": (GPU_BLOCK, GPU_INT8_REDUCE_RANGE)}
         if target not in table:
             raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
-        return {"block_size": table[target] if block_size is None else int(block_size), "accuracy_level": 4,
-                "int8_reduce_range": {"cpu": CPU_INT8_REDUCE_RANGE, "gpu": GPU_INT8_REDUCE_RANGE}[target]}
+        block, reduce_range = table[target]
+        return {"block_size": block if block_size is None else int(block_size), "accuracy_level": 4,
+                "int8_reduce_range": reduce_range}
 
     def __post_init__(self) -> None:
         from ..quant.quantize import (
