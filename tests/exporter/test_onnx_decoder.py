@@ -26,6 +26,7 @@ import pytest
 from arch_params import arch_semantics
 import torch
 
+from vlmexport.core.names import DECODER_ALL_ROWS
 from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.exporter.onnx_common import StateDictTensors
 from vlmexport.exporter.onnx_decoder import IOSpec, export_text_decoder, export_token_embedding
@@ -226,10 +227,17 @@ def test_graph_routes_each_expert_by_gather_of_its_rows(tiny_model, tmp_path, ar
     vision = [n for n in first if ".vision." in n.input[1]]
     # qkv, o and the MLP input projection(s) of both experts in every layer
     assert len(vision) == len(first) // 2 >= 3 * model.config.num_hidden_layers
+    last = model.config.num_hidden_layers - 1
+    kept = set()  # the last layer's attention output and MLP: only the kept rows go on after attention
     for n in first:
         which, src = nonzero_of(rows_source(n.input[0]))
+        if prod[src].op_type == "Gather":  # the kept rows' token types
+            assert n.name.startswith(f"layers.{last}.") and ".qkv" not in n.name and prod[src].input[1] == "kept_rows/out"
+            kept.add(rows_source(n.input[0]).output[0])
+            src = prod[src].input[0]
         assert prod[src].op_type == "Reshape" and prod[src].input[0] == "token_type"
         assert which == ("vision" if ".vision." in n.input[1] else "not-vision"), n.name
+    assert len(kept) == 4  # o and the MLP input of both experts
 
     # at run time the visual-expert Gemms receive exactly the token_type == 1 rows
     proto = onnx.load(str(g.path), load_external_data=False)
@@ -240,14 +248,20 @@ def test_graph_routes_each_expert_by_gather_of_its_rows(tiny_model, tmp_path, ar
     lay = two_image_layout(model)
     runner = GraphRunner(session(probe), spec_of(model))
     feeds_names = [o.name for o in runner.sess.get_outputs()]
-    out = runner.sess.run(None, dict(inputs_embeds=prompt_embeds(model, lay), position_ids=lay.position_ids[None],
-                                     token_type=lay.token_type[None], attention_mask=np.ones((1, len(lay)), np.int64),
-                                     **runner.past))
-    shapes = dict(zip(feeds_names, (o.shape for o in out)))
+    feeds = dict(inputs_embeds=prompt_embeds(model, lay), position_ids=lay.position_ids[None],
+                 token_type=lay.token_type[None], attention_mask=np.ones((1, len(lay)), np.int64), **runner.past)
     n_vision = int((lay.token_type == 1).sum())
-    assert 0 < n_vision < len(lay)
-    for w in watch:
-        assert shapes[w][0] == (n_vision if ".vision." in w else len(lay) - n_vision), w
+    assert 0 < n_vision < len(lay) and lay.token_type[-1] != 1
+    logits = {}
+    for all_rows in (1, 0):  # 1: what calibration runs; 0 (the default): the last layer keeps the last row
+        out = runner.sess.run(None, {**feeds, DECODER_ALL_ROWS: np.array(all_rows, np.int64)})
+        shapes = dict(zip(feeds_names, (o.shape for o in out)))
+        logits[all_rows] = out[feeds_names.index("logits")]
+        for w in watch:
+            rows = (n_vision if ".vision." in w else len(lay) - n_vision) if all_rows or w not in kept else \
+                (0 if ".vision." in w else 1)
+            assert shapes[w][0] == rows, (w, all_rows)
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 def _perturb(model, side: int, seed=9):

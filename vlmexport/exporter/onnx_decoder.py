@@ -40,7 +40,14 @@ Graph (opset 17 + ``com.microsoft`` contrib ops, for onnxruntime)::
   (2 cores): ``Gemm(transB=1)`` on ``[out, in]``, a fused gate|up MatMul and this layout
   decode and prefill within noise of each other (13.4-13.6 tok/s, loaded machine).
 - Logits are computed for the last valid position of each row only (``attention_mask``
-  row sum), so the LM head never runs over the prompt; right-padded batches work.
+  row sum), so the LM head never runs over the prompt; right-padded batches work. The last
+  layer keeps only those rows once its attention has written the keys and values of every
+  position: its attention output, norm and MLP run on one row per sequence, not on the whole
+  prompt (as llama.cpp's graphs skip unused outputs in their last layer). bench-s: ~5% of a
+  prefill's MatMul work. The int64 scalar input ``last_layer_all_rows`` (an initializer, so
+  optional; default 0) set to 1 runs them over every position, with the same logits:
+  calibration reads every position's input to those MatMuls (quant/calib.py). The one-token
+  ``.decode.onnx`` graph has nothing to drop and does without it.
 - ``decode_model=True`` also writes ``<stem>.decode.onnx``: the same graph without routing
   (language expert only) over the same ``.onnx.data`` file, for one-token steps, which
   never hold image positions (``vlmexport build`` writes it; ~0.1 MB). It is the template
@@ -72,6 +79,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from ..core.names import DECODER_ALL_ROWS
 from ..models.layers import rope_inv_freq
 from ..models.spec import DecoderSpec
 from . import onnx_cross_attention as xattn
@@ -264,9 +272,12 @@ class _DecoderBuilder:
     def build(self, routed: bool) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         """Emit the nodes into ``self.g``; returns (graph inputs, graph outputs)."""
         s, W = self.spec, self.weights
+        trim = routed  # the main graph; the one-token .decode graph (routed=False) has no rows to drop
         routed = routed and s.has_experts
         pre = self._preliminaries()
         route = self._router(routed)
+        rows = self._last_rows(pre)
+        keep = self._kept_rows(pre, rows, routed) if trim else None
         presents: list[str] = []
         h, x, m = self.rms_norm(pre["x"], W["layers.0.attn_norm.weight"], "layers.0.attn_norm"), pre["x"], None
         cross = s.cross_attention
@@ -276,9 +287,13 @@ class _DecoderBuilder:
             if cross is not None and i % cross.interval == 0:  # a gated cross-attention block before layer i
                 x = xattn.block(self, i // cross.interval, x, pre)
                 h = self.rms_norm(x, W[f"layers.{i}.attn_norm.weight"], f"layers.{i}.attn_norm_after_cross")
-            h, x, m = self._layer(i, h, x, route, pre, presents)
-        self._last_logits(pre, m, x)
-        return self.io(routed)
+            h, x, m = self._layer(i, h, x, route, pre, presents, keep if i == s.num_layers - 1 else None)
+        self._last_logits(m, x, keep["pick"] if keep else rows)
+        ins, outs = self.io(routed)
+        if trim:
+            self.g.initializers.append(onnx.numpy_helper.from_array(np.array(0, np.int64), DECODER_ALL_ROWS))
+            ins.append(helper.make_tensor_value_info(DECODER_ALL_ROWS, TensorProto.INT64, []))
+        return ins, outs
 
     def _preliminaries(self) -> dict[str, str]:
         """Per-run values (all tiny): the residual stream, batch/sequence shapes, KV lengths."""
@@ -294,12 +309,16 @@ class _DecoderBuilder:
         pre["total_i32"] = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
         return pre
 
-    def _router(self, routed: bool) -> Callable[[str, str, int, Callable[[str, str], str]], str]:
-        """``route(h, block, i, f)``: f(rows, expert) on each expert's rows of h [N, in], put back in place."""
+    def _router(self, routed: bool, rows: str | None = None
+                ) -> Callable[[str, str, int, Callable[[str, str], str]], str]:
+        """``route(h, block, i, f)``: f(rows, expert) on each expert's rows of h [N, in], put back in place;
+        ``rows``: h holds only these flattened positions (the last layer's kept rows)."""
         g, c = self.g, self.g.const
         if not routed:
             return lambda h, block, i, f: f(h, "language")
         tt = g.op("Reshape", ["token_type", c([-1])], "token_type_flat")
+        if rows is not None:
+            tt = g.op("Gather", [tt, rows], "token_type_kept", axis=0)
         is_v = g.op("Equal", [tt, c(1)], "is_vision")
         vidx = g.op("Reshape", [g.op("NonZero", [is_v], "vision_nonzero"), c([-1])], "vision_rows")
         lidx = g.op("Reshape", [g.op("NonZero", [g.op("Not", [is_v], "is_language")], "language_nonzero"),
@@ -345,8 +364,10 @@ class _DecoderBuilder:
             return y
         return f
 
-    def _layer(self, i: int, h: str, x: str, route, pre: dict[str, str], presents: list[str]) -> tuple[str, str, str]:
-        """One decoder layer: (normed input, residual) -> (next normed input, residual, mlp output)."""
+    def _layer(self, i: int, h: str, x: str, route, pre: dict[str, str], presents: list[str],
+               keep: dict[str, Any] | None = None) -> tuple[str, str, str]:
+        """One decoder layer: (normed input, residual) -> (next normed input, residual, mlp output);
+        ``keep`` (the last layer): after attention, only the rows ``keep["rows"]`` go on."""
         s, g, W, c = self.spec, self.g, self.weights, self.g.const
         p = f"layers.{i}"
         qkv = route(h, "qkv", i, self._proj(i, "qkv"))
@@ -366,6 +387,10 @@ class _DecoderBuilder:
                           num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=0)
         presents += [pk, pv]
         attn = g.op("Reshape", [attn, c([-1, self.q_out])], f"{p}.attn_2d")
+        if keep is not None:
+            attn = g.op("Gather", [attn, keep["rows"]], f"{p}.attn_kept", axis=0)
+            x = g.op("Gather", [x, keep["rows"]], f"{p}.residual_kept", axis=0)
+            route = keep["route"]
         o = route(attn, "o", i, self._proj(i, "o"))
         h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [o, x, W[f"{p}.ffn_norm.weight"]],
                           f"{p}.ffn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
@@ -375,17 +400,39 @@ class _DecoderBuilder:
                               f"layers.{i + 1}.attn_norm", outputs=4, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)
         return h, x, m
 
-    def _last_logits(self, pre: dict[str, str], m: str, x: str) -> None:
-        """Logits of each row's last valid position: row b, index max(seqlens_k[b] - (total - S), 0)."""
-        g, c, W, s = self.g, self.g.const, self.weights, self.spec
+    def _last_rows(self, pre: dict[str, str]) -> str:
+        """[B] flattened index of each row's last valid position: b * S + max(seqlens_k[b] - (total - S), 0)."""
+        g, c = self.g, self.g.const
         bs, seqlens, total = pre["bs"], pre["seqlens"], pre["total"]
         seq = g.op("Gather", [bs, c(1)], "seq_len", axis=0)
         last = g.op("Max", [g.op("Sub", [g.op("Sub", [seqlens, c(1)], "last_slot"),
                                          g.op("Sub", [total, seq], "past_len")], "last_in_seq"), c(0)],
                     "last_index")
-        batch = g.op("Gather", [bs, c(0)], "batch", axis=0)
-        rows = g.op("Add", [g.op("Mul", [g.op("Range", [c(0), batch, c(1)], "batch_range"), seq], "row_base"),
+        pre["batch"] = batch = g.op("Gather", [bs, c(0)], "batch", axis=0)
+        return g.op("Add", [g.op("Mul", [g.op("Range", [c(0), batch, c(1)], "batch_range"), seq], "row_base"),
                             last], "last_rows")
+
+    def _kept_rows(self, pre: dict[str, str], rows: str, routed: bool) -> dict[str, Any]:
+        """The last layer's rows after attention: ``rows`` [B], or all N positions when the
+        ``last_layer_all_rows`` input is 1; ``pick``: where each row's last position then sits in them
+        (``[0, B)`` or ``rows``). Both are one Slice of a concatenation, so no branch is needed."""
+        g, c = self.g, self.g.const
+        flag, batch = DECODER_ALL_ROWS, pre["batch"]
+        n = g.op("Gather", [g.op("Shape", [pre["x"]], "rows_shape"), c(0)], "num_positions", axis=0)
+        start = g.op("Reshape", [g.op("Mul", [flag, batch], "kept_start"), c([1])], "kept_start_1d")
+        end = g.op("Reshape", [g.op("Add", [batch, g.op("Mul", [flag, n], "kept_extra")], "kept_end"), c([1])],
+                   "kept_end_1d")
+        kept = g.op("Slice", [g.op("Concat", [rows, g.op("Range", [c(0), n, c(1)], "all_positions")], "kept_choices",
+                                   axis=0), start, end], "kept_rows")
+        pick_end = g.op("Reshape", [g.op("Add", [batch, g.op("Mul", [flag, batch], "pick_shift")], "pick_end"),
+                                    c([1])], "pick_end_1d")
+        pick = g.op("Slice", [g.op("Concat", [g.op("Range", [c(0), batch, c(1)], "kept_range"), rows],
+                                   "pick_choices", axis=0), start, pick_end], "last_in_kept")
+        return {"rows": kept, "pick": pick, "route": self._router(routed, kept)}
+
+    def _last_logits(self, m: str, x: str, rows: str) -> None:
+        """Logits of the positions ``rows`` of the last layer's output ``m`` (and residual ``x``)."""
+        g, c, W, s = self.g, self.g.const, self.weights, self.spec
         m_last = g.op("Gather", [m, rows], "last_mlp", axis=0)
         x_last = g.op("Gather", [x, rows], "last_residual", axis=0)
         hf, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [m_last, x_last, W["final_norm.weight"]],

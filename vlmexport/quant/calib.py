@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import ConfigError, DataError, ImageError
+from ..core.names import DECODER_ALL_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ def decoder_feeds(cs: CalibrationSet, embedding: np.ndarray, image_embeds: Calla
         else:
             emb[p["is_image"]] = images.reshape(-1, facts.hidden_size)
         f["inputs_embeds"] = emb[None].astype(dtype)
+        f[DECODER_ALL_ROWS] = np.array(1, np.int64)  # the last layer's MLP sees every position, as the others do
         for layer in range(facts.num_layers):
             for kind in ("key", "value"):
                 f[f"past_key_values.{layer}.{kind}"] = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype)
@@ -320,10 +322,12 @@ def nonfinite_error(part: str, where: str, batch: int) -> DataError:
 
 class _DeclaredInputs:
     """A session run on the feeds its graph declares: decoder calibration feeds carry every
-    input a text decoder may take, and one without experts (llava, blip2) has no ``token_type``."""
+    input a text decoder may take, and one without experts (llava, blip2) has no ``token_type``
+    (nor a decoder exported before ``last_layer_all_rows``, an overridable initializer, existed)."""
 
     def __init__(self, sess):
-        self.sess, self.inputs = sess, {i.name for i in sess.get_inputs()}
+        self.sess = sess
+        self.inputs = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
 
     def run(self, outputs, feed):
         return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.inputs})
