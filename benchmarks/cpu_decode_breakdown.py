@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Eight measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Nine measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -24,8 +24,12 @@
   (DynamicQuantizeMatMul with int8 weights: MLAS's QGEMM, the kernel family under the int8
   vision parts' QLinearMatMul), and torch's fp32 matmul; GFLOP/s each, spinning off (as a
   prefill runs). Comparing the rows tells whether int8 compute beats fp32 on this CPU.
+- ``last-layer``: the decoder's prefill of the benchmark prompt with its last layer on each row's last
+  position only (the default) and on every position (``last_layer_all_rows=1``, as before that
+  existed), alternating in one profiled session: whole runs and the last layer's kernels (medians),
+  the median of the per-round ratios and the logits' difference, for the given precisions.
 
-    python benchmarks/cpu_decode_breakdown.py qa                        # all eight, int4 and fp32
+    python benchmarks/cpu_decode_breakdown.py qa                        # all nine, int4 and fp32
     python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
 
 Not a test: the figures depend on the machine and on what else runs on it.
@@ -350,11 +354,54 @@ def ttft(bundle: str, precision: str, threads: int) -> None:
           f"(min {min(per):.1f}, max {max(per):.1f}), outside layers {layer[-1]:.1f} ms; ops (ms): {top}")
 
 
+def last_layer(bundle: str, precision: str, threads: int, rounds: int = 15) -> None:
+    from vlmexport.core.names import DECODER_ALL_ROWS
+
+    pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
+    s = pipe.session
+    model, layout, _ = _prompt(bundle, pipe)
+    path, last = s.decoder._model_path, model["num_layers"] - 1
+    if DECODER_ALL_ROWS not in {i.name for i in s.decoder.get_overridable_initializers()}:
+        print(f"last-layer {precision}: this bundle's decoder predates {DECODER_ALL_ROWS}; rebuild it")
+        return
+    n, dtype = len(layout), np.float16 if precision == "fp16" else np.float32
+    empty = np.zeros((1, model["num_kv_heads"], 0, model["head_dim"]), dtype)
+    feeds = {"inputs_embeds": (np.random.default_rng(0).standard_normal((1, n, model["hidden_size"])) * 0.02
+                               ).astype(dtype),
+             "attention_mask": np.ones((1, n), np.int64), "position_ids": layout.position_ids[None],
+             **{f"past_key_values.{i}.{k}": empty for i in range(model["num_layers"]) for k in ("key", "value")}}
+    if "token_type" in {i.name for i in s.decoder.get_inputs()}:
+        feeds["token_type"] = layout.token_type[None]
+    del pipe, s
+    with tempfile.TemporaryDirectory() as tmp:  # the prefill profiled, so the last layer's own time shows
+        so = session_options(threads, False, profile=True)
+        so.profile_file_prefix = str(Path(tmp) / "last")
+        d = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        order = [f for r in range(rounds) for f in ((0, 1) if r % 2 == 0 else (1, 0))]
+        logits = {f: d.run(["logits"], {**feeds, DECODER_ALL_ROWS: np.array(f, np.int64)})[0] for f in (1, 0)}
+        for f in order:
+            d.run(["logits"], {**feeds, DECODER_ALL_ROWS: np.array(f, np.int64)})
+        events = json.loads(Path(d.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][2:]  # after the two logits runs
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+             and e["name"].startswith(f"layers.{last}.")]
+    run_ms, layer_ms = {0: [], 1: []}, {0: [], 1: []}
+    for r, f in zip(runs, order):
+        run_ms[f].append(r["dur"] / 1e3)
+        layer_ms[f].append(sum(e["dur"] for e in nodes if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]) / 1e3)
+    med = {f: (statistics.median(run_ms[f]), statistics.median(layer_ms[f])) for f in (0, 1)}
+    ratio = statistics.median(a / b for a, b in zip(run_ms[0], run_ms[1]))
+    print(f"last-layer {precision} ({rounds} alternating rounds, {n} positions, profiled): last position only "
+          f"{med[0][0]:.0f} ms (layer {last} {med[0][1]:.1f} ms), every position {med[1][0]:.0f} ms (layer {last} "
+          f"{med[1][1]:.1f} ms); per-round ratio median {ratio:.3f}; logits max difference "
+          f"{float(np.abs(logits[0] - logits[1]).max()):.2g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft")
+    ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft,last-layer")
     ap.add_argument("--ttft-precisions", default="fp32,int4")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -379,6 +426,9 @@ def main() -> None:
     if "ttft" in what:
         for p in a.ttft_precisions.split(","):
             ttft(a.bundle, p, a.threads)
+    if "last-layer" in what:
+        for p in a.ttft_precisions.split(","):
+            last_layer(a.bundle, p, a.threads)
 
 
 if __name__ == "__main__":
