@@ -281,7 +281,7 @@ def test_recipe_chat_template_pins_what_the_model_trains_with(tmp_path, tok):
     """``Recipe.chat_template``: "" is the family's default (cogvlm: THUDM's, EOS only after a
     conversation's last answer), "legacy" closes every answer with EOS, a .jinja file is read;
     anything else is a one-line error."""
-    from vlmexport.training.recipes import Recipe, build_model, recipe_template
+    from vlmexport.training.recipes import Recipe, build_model, recipe_template, run_dir_recipe
 
     r = Recipe(name="t", image_size=get_architecture("cogvlm").tiny_config().vision_config.image_size)
     model = build_model(r)
@@ -301,6 +301,16 @@ def test_recipe_chat_template_pins_what_the_model_trains_with(tmp_path, tok):
     # in a recipe file, a relative .jinja path names a file beside the recipe, whatever the cwd
     (tmp_path / "r.json").write_text(r.to_json().replace(json.dumps(str(f)), json.dumps("mine.jinja")))
     assert recipe_template(Recipe.load(tmp_path / "r.json"), model).jinja == f.read_text()
+    # a run directory keeps its own copy, named relatively: it resumes after a move (and twice in a row)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(run_dir_recipe(r, run).to_json())
+    resumed = Recipe.load(run / "recipe.json")  # a resumed run writes it again over its own copy
+    (run / "recipe.json").write_text(run_dir_recipe(resumed, run).to_json())
+    assert json.loads((run / "recipe.json").read_text())["chat_template"] == "recipe.chat_template.jinja"
+    f.unlink()
+    run.rename(tmp_path / "moved")
+    assert recipe_template(Recipe.load(tmp_path / "moved/recipe.json"), model).jinja == ChatTemplate.legacy().jinja
     r.chat_template = "llama"
     with pytest.raises(ConfigError, match="chat_template 'llama'"):
         recipe_template(r, model)
