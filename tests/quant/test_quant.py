@@ -364,6 +364,8 @@ def test_weight_only_level_4_computes_exactly_on_any_x86_kernel(tmp_path, precis
     rng = np.random.default_rng(0)
     K, N = 512, 256
     w = (rng.standard_normal((K, N)) * 0.02).astype(np.float32)
+    w[:, :8] = 0.02  # equal-magnitude columns: every code at the range's end, so same-sign inputs sum highest
+    w[:, 8:16] = np.where(np.arange(K)[:, None] % 2, 0.02, -0.02)
     g = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"], name="proj")], "g",
                           [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", K])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", N])],
@@ -375,7 +377,8 @@ def test_weight_only_level_4_computes_exactly_on_any_x86_kernel(tmp_path, precis
                                  block_size=128, accuracy_level=level)
         runs[level] = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"])
     w_deq = runs[1].run(None, {"a": np.eye(K, dtype=np.float32)})[0].astype(np.float64)
-    for a in (np.abs(rng.standard_normal((16, K))), rng.standard_normal((16, K))):
+    for a in (np.abs(rng.standard_normal((16, K))), rng.standard_normal((16, K)), np.full((4, K), 3.0),
+              np.where(np.arange(K) % 2, 1.0, -1.0)[None].repeat(4, 0)):
         a = a.astype(np.float32)
         blocks = a.reshape(len(a), K // 128, 128)
         scale = np.abs(blocks).max(-1, keepdims=True) / 127

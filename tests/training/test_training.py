@@ -307,7 +307,7 @@ def test_recipe_chat_template_pins_what_the_model_trains_with(tmp_path, tok):
     (run / "recipe.json").write_text(run_dir_recipe(r, run).to_json())
     resumed = Recipe.load(run / "recipe.json")  # a resumed run writes it again over its own copy
     (run / "recipe.json").write_text(run_dir_recipe(resumed, run).to_json())
-    assert json.loads((run / "recipe.json").read_text())["chat_template"] == "recipe.chat_template.jinja"
+    assert json.loads((run / "recipe.json").read_text())["chat_template"] == "mine.jinja"
     f.unlink()
     run.rename(tmp_path / "moved")
     assert recipe_template(Recipe.load(tmp_path / "moved/recipe.json"), model).jinja == ChatTemplate.legacy().jinja

@@ -123,7 +123,8 @@ ONNX_QUANTIZED = (Precision.INT8, Precision.INT4)  # calibrated from fp32, gated
 DECODE_GRAPH_PRECISIONS = ("int8", "int4")
 # the ONNX text decoder's overridable int64 scalar input (an initializer, default 0): its last layer runs
 # the attention output and MLP over each row's last valid position only, the one whose logits it returns
-# (exporter/onnx_decoder.py); 1 runs them over every position, as calibration needs (quant/calib.py)
+# (exporter/onnx_decoder.py); 1 runs them over every position, as calibration needs (quant/calib.py).
+# Only 0 and 1 are meaningful: the graph slices its row indices by the flag's value
 DECODER_ALL_ROWS = "last_layer_all_rows"
 GGUF_FLOAT = (Precision.F32, Precision.F16, Precision.BF16)
 GGUF_QUANTIZED = (Precision.Q8_0, Precision.Q4_K_M, Precision.Q4_0)  # llama.cpp's quantizer on the f16 file

@@ -282,23 +282,21 @@ def synthetic_eval(model, tokenizer, preprocess, gen: SyntheticVQA, n_per_catego
     return evaluate(pipe, gen.eval_items(split, n_per_category), meta={"split": split})
 
 
-RUN_TEMPLATE = "recipe.chat_template.jinja"
-
-
 def run_dir_recipe(recipe: Recipe, out: Path) -> Recipe:
     """The recipe as a run directory keeps it (``recipe.json``): a ``.jinja`` chat template is copied
-    beside it and named relatively, so the directory resumes from anywhere (``Recipe.load`` reads a
-    relative .jinja beside the recipe file) and can move to another machine."""
+    beside it under its own file name and named relatively, so the directory resumes from anywhere
+    (``Recipe.load`` reads a relative .jinja beside the recipe file) and can move to another machine."""
     name = recipe.chat_template
     if not name.endswith(".jinja"):
         return recipe
-    src, dst = Path(name), out / RUN_TEMPLATE
+    src = Path(name)
+    dst = out / src.name
     if not src.is_file():
         raise ConfigError(f"recipe chat_template {name!r} is neither \"\", \"legacy\" nor an existing .jinja file")
     if src.resolve() != dst.resolve():
         with atomic_file(dst) as tmp:
             Path(tmp).write_text(src.read_text())
-    return dataclasses.replace(recipe, chat_template=RUN_TEMPLATE)
+    return dataclasses.replace(recipe, chat_template=dst.name)
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbacks: Callbacks | None = None,
