@@ -300,6 +300,7 @@ class _DecoderBuilder:
         g, c, H = self.g, self.g.const, self.spec.hidden_size
         pre = {"x": g.op("Reshape", ["inputs_embeds", c([-1, H])], "embeds_2d")}  # residual stream [N, H]
         pre["bs"] = bs = g.op("Shape", ["position_ids"], "batch_seq")  # [B, S]
+        pre["batch"] = g.op("Gather", [bs, c(0)], "batch", axis=0)
         pre["shape_bsd"] = g.op("Concat", [bs, c([-1])], "shape_bs_", axis=0)
         pre["seqlens"] = seqlens = g.op("ReduceSum", ["attention_mask", c([1])], "mask_sum", keepdims=0)  # [B]
         pre["seqlens_k"] = g.op("Cast", [g.op("Sub", [seqlens, c(1)], "seqlens_minus_1")], "seqlens_k",
@@ -408,8 +409,7 @@ class _DecoderBuilder:
         last = g.op("Max", [g.op("Sub", [g.op("Sub", [seqlens, c(1)], "last_slot"),
                                          g.op("Sub", [total, seq], "past_len")], "last_in_seq"), c(0)],
                     "last_index")
-        pre["batch"] = batch = g.op("Gather", [bs, c(0)], "batch", axis=0)
-        return g.op("Add", [g.op("Mul", [g.op("Range", [c(0), batch, c(1)], "batch_range"), seq], "row_base"),
+        return g.op("Add", [g.op("Mul", [g.op("Range", [c(0), pre["batch"], c(1)], "batch_range"), seq], "row_base"),
                             last], "last_rows")
 
     def _kept_rows(self, pre: dict[str, str], rows: str, routed: bool) -> dict[str, Any]:

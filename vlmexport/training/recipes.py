@@ -285,14 +285,12 @@ def synthetic_eval(model, tokenizer, preprocess, gen: SyntheticVQA, n_per_catego
 def run_dir_recipe(recipe: Recipe, out: Path) -> Recipe:
     """The recipe as a run directory keeps it (``recipe.json``): a ``.jinja`` chat template is copied
     beside it under its own file name and named relatively, so the directory resumes from anywhere
-    (``Recipe.load`` reads a relative .jinja beside the recipe file) and can move to another machine."""
-    name = recipe.chat_template
-    if not name.endswith(".jinja"):
+    (``Recipe.load`` reads a relative .jinja beside the recipe file) and can move to another machine.
+    The template must exist (``recipe_template`` checks it first)."""
+    if not recipe.chat_template.endswith(".jinja"):
         return recipe
-    src = Path(name)
+    src = Path(recipe.chat_template)
     dst = out / src.name
-    if not src.is_file():
-        raise ConfigError(f"recipe chat_template {name!r} is neither \"\", \"legacy\" nor an existing .jinja file")
     if src.resolve() != dst.resolve():
         with atomic_file(dst) as tmp:
             Path(tmp).write_text(src.read_text())
@@ -304,10 +302,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: str = "cpu", callbac
     """Run every stage (resuming where a previous run stopped); write ``out_dir/model``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(run_dir_recipe(recipe, out).to_json() + "\n")
     gen = SyntheticVQA(image_size=recipe.image_size, seed=recipe.data_seed)
     model = build_model(recipe)
     template = recipe_template(recipe, model)
+    (out / "recipe.json").write_text(run_dir_recipe(recipe, out).to_json() + "\n")
     tok = ensure_tokenizer(recipe, out, gen, template)
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the recipe's vocab_size is "
