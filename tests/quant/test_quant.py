@@ -269,7 +269,8 @@ def test_files_and_node_types(quantized, fp32_bundle):
         assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
         zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-        assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)  # symmetric activations (TensorRT)
+        # symmetric activations, stored as uint8 + 128 for the cpu target (the default options)
+        assert zps and all(z.dtype == np.uint8 and (z == 128).all() for z in zps)
     fp32_matmuls = [n.name for n in _ops(fp32_bundle["files"]["text_decoder"]) if n.op_type == "MatMul"]
     for prec, bits in (("int4", 4), ("int8", 8)):
         nodes = _ops(out / f"onnx/text_decoder.{prec}.onnx")
@@ -289,8 +290,9 @@ def test_int8_parts_fuse_into_integer_kernels(quantized, part, tmp_path):
     (QLinearMatMul / QLinearConv) as the runtime opens it: one left as DequantizeLinear +
     float MatMul is slower than fp32. The ViT's residual stream feeds both the next MatMul
     and the residual Add; the Add must read the float tensor (not a quantized copy), which
-    is also what lets the fusion happen. (The cogvlm connector's gate projection, whose
-    output feeds SiLU's Sigmoid and Mul, stays unfused in onnxruntime 1.31.)"""
+    is also what lets the fusion happen. So must the cogvlm connector's gate projection, whose
+    output feeds SiLU's Sigmoid and Mul: with int8 activations onnxruntime 1.32 left it as
+    DequantizeLinear + fp32 MatMul; the cpu target's uint8 activations fuse it."""
     import onnxruntime as ort
 
     from vlmexport.runtimes.onnxruntime_backend import QDQ_DISABLED_OPTIMIZERS
@@ -314,7 +316,37 @@ def test_int8_parts_fuse_into_integer_kernels(quantized, part, tmp_path):
                          disabled_optimizers=list(QDQ_DISABLED_OPTIMIZERS))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
     fused = ops.count("QLinearMatMul") + ops.count("QLinearConv")
-    assert fused == len(q.quantized_nodes) - (part == "connector"), ops
+    assert fused == len(q.quantized_nodes), ops
+
+
+def test_unsigned_activations_keep_the_int8_arithmetic(fp32_bundle, tmp_path):
+    """The cpu target's uint8 + 128 activations are the symmetric int8 codes shifted: the QDQ graph's
+    own arithmetic (graph optimizations off) gives bitwise the same output either way."""
+    import onnxruntime as ort
+
+    from vlmexport.quant.calib import _Reader
+    from vlmexport.quant.quantize import quantize_int8_static
+
+    files = fp32_bundle["files"]
+    rng = np.random.default_rng(0)
+    enc = ort.InferenceSession(str(files["vision_encoder"]), providers=["CPUExecutionProvider"])
+    feats = [enc.run(["image_features"], {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)})[0]
+             for _ in range(3)]
+    reader = _Reader([{"image_features": f} for f in feats])
+    outs, zps = {}, {}
+    for unsigned in (False, True):
+        q = quantize_int8_static("connector", files["connector"], tmp_path / f"c{unsigned}.onnx", reader,
+                                 unsigned_activations=unsigned)
+        m = onnx.load(str(q.path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+        zps[unsigned] = {inits[n.input[2]].dtype.name for n in m.graph.node if n.op_type == "QuantizeLinear"}
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(str(q.path), so, providers=["CPUExecutionProvider"])
+        outs[unsigned] = [s.run(None, {"image_features": f})[0] for f in feats]
+    assert zps == {False: {"int8"}, True: {"uint8"}}
+    for a, b in zip(outs[False], outs[True]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_int8_vision_weights_on_7_bits_compute_exactly_on_any_x86_kernel(quantized, fp32_bundle):
@@ -547,9 +579,11 @@ def test_int4_algorithms(fp32_bundle, tmp_path, algorithm):
 
 
 def test_quant_targets_and_block_sizes():
-    assert QuantOptions.for_target("cpu") == {"block_size": 128, "accuracy_level": 4, "int8_reduce_range": True}
-    assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4, "int8_reduce_range": False}
-    assert QuantOptions.for_target("cpu", 32) == {"block_size": 32, "accuracy_level": 4, "int8_reduce_range": True}
+    cpu = {"int8_reduce_range": True, "int8_unsigned_activations": True}
+    gpu = {"int8_reduce_range": False, "int8_unsigned_activations": False}
+    assert QuantOptions.for_target("cpu") == {"block_size": 128, "accuracy_level": 4, **cpu}
+    assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4, **gpu}
+    assert QuantOptions.for_target("cpu", 32) == {"block_size": 32, "accuracy_level": 4, **cpu}
     with pytest.raises(ConfigError, match="int4 block size 48: choose one of"):
         QuantOptions(**QuantOptions.for_target("cpu", 48))
     with pytest.raises(ConfigError, match="quantization target 'npu'"):

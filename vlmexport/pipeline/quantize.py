@@ -26,6 +26,7 @@ from ..quant.gates import Gate, check_gates, score, task_scores
 from ..quant.quantize import (
     CPU_BLOCK,
     CPU_INT8_REDUCE_RANGE,
+    CPU_INT8_UNSIGNED_ACTIVATIONS,
     DEFAULT_ALGORITHM,
     DEFAULT_CALIBRATION_METHOD,
     QuantizedPart,
@@ -58,6 +59,8 @@ class QuantOptions:
     cache_dir: str | None = None
     # the int8 QDQ vision parts' weights on 7 bits: the cpu target's choice (quant.quantize.CPU_INT8_REDUCE_RANGE)
     int8_reduce_range: bool = CPU_INT8_REDUCE_RANGE
+    # ... and their activations as uint8 + 128 (quant.quantize.CPU_INT8_UNSIGNED_ACTIVATIONS)
+    int8_unsigned_activations: bool = CPU_INT8_UNSIGNED_ACTIVATIONS
 
     @staticmethod
     def for_target(target: str, block_size: int | None = None) -> dict:
@@ -73,15 +76,19 @@ class QuantOptions:
 
         ``int8_reduce_range``: the int8 vision parts' weights on 7 bits for ``cpu`` (x86 CPUs without
         VNNI saturate with 8-bit ones), full 8 bits for ``gpu`` (:data:`quant.quantize.CPU_INT8_REDUCE_RANGE`).
+        ``int8_unsigned_activations``: their activations stored as uint8 + 128 for ``cpu`` (every
+        MatMul fuses into onnxruntime's integer kernel), symmetric int8 for ``gpu`` (TensorRT's form):
+        :data:`quant.quantize.CPU_INT8_UNSIGNED_ACTIVATIONS`.
         """
-        from ..quant.quantize import GPU_BLOCK, GPU_INT8_REDUCE_RANGE
+        from ..quant.quantize import GPU_BLOCK, GPU_INT8_REDUCE_RANGE, GPU_INT8_UNSIGNED_ACTIVATIONS
 
-        table = {"cpu": (CPU_BLOCK, CPU_INT8_REDUCE_RANGE), "gpu": (GPU_BLOCK, GPU_INT8_REDUCE_RANGE)}
+        table = {"cpu": (CPU_BLOCK, CPU_INT8_REDUCE_RANGE, CPU_INT8_UNSIGNED_ACTIVATIONS),
+                 "gpu": (GPU_BLOCK, GPU_INT8_REDUCE_RANGE, GPU_INT8_UNSIGNED_ACTIVATIONS)}
         if target not in table:
             raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
-        block, reduce_range = table[target]
+        block, reduce_range, unsigned = table[target]
         return {"block_size": block if block_size is None else int(block_size), "accuracy_level": 4,
-                "int8_reduce_range": reduce_range}
+                "int8_reduce_range": reduce_range, "int8_unsigned_activations": unsigned}
 
     def __post_init__(self) -> None:
         from ..quant.quantize import (
@@ -168,11 +175,13 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
             progress(f"quantize {part} ({precision})")
             if part == Part.VISION_ENCODER:
                 parts.append(quantize_int8_static(part, fp32[part], out, pixel_reader(calib), r,
-                                                  options.calibration_method, reduce_range=options.int8_reduce_range))
+                                                  options.calibration_method, reduce_range=options.int8_reduce_range,
+                                                  unsigned_activations=options.int8_unsigned_activations))
             elif part == Part.CONNECTOR:
                 enc = lambda px: ref.vision_encoder.run(["image_features"], {"pixel_values": px})[0]  # noqa: E731
                 parts.append(quantize_int8_static(part, fp32[part], out, feature_reader(enc, calib), r,
-                                                  options.calibration_method, reduce_range=options.int8_reduce_range))
+                                                  options.calibration_method, reduce_range=options.int8_reduce_range,
+                                                  unsigned_activations=options.int8_unsigned_activations))
             else:
                 reader = None
                 if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node

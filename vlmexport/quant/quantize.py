@@ -3,7 +3,8 @@
 Vision encoder / connector (``quantize_int8_static``): onnxruntime's ``quantize_static``,
 QDQ format, MatMul/Gemm/Conv, per-channel symmetric INT8 weights, symmetric INT8
 activations (``ActivationSymmetric``: zero points 0, the form TensorRT builds INT8
-engines from). Calibration method, measured with :func:`compare_calibration_methods` (max |int8 - fp32| /
+engines from; the cpu target stores them as uint8 + 128, the same arithmetic in the form
+onnxruntime's x86 integer kernels take). Calibration method, measured with :func:`compare_calibration_methods` (max |int8 - fp32| /
 max |fp32| of the part's output on 32 test-split images; calibration from the val split):
 
 ==========================================  ========  ========  ==========
@@ -95,6 +96,15 @@ INT4_BLOCK_SIZES = (32, 64, 128)  # MatMulNBits takes powers of two >= 16; these
 # arithmetic alike. A CPU with VNNI (or Arm's dot products) computes 8-bit weights exactly and pays
 # the 7th bit's rounding instead: docs/quantization.md, "INT8 on CPUs without VNNI".
 CPU_INT8_REDUCE_RANGE, GPU_INT8_REDUCE_RANGE = True, False
+# int8 QDQ activations stored as uint8 with zero point 128 for the cpu target: the symmetric int8 codes
+# plus 128, so every value and rounding is the same (the bench-s encoder's output bitwise equal). onnxruntime's
+# x86 integer kernels take uint8 activations; from int8 ones its graph rewrite (QDQS8ToU8Transformer)
+# converts a QuantizeLinear read by one DequantizeLinear only. A SwiGLU connector's gate, whose output
+# feeds SiLU's Sigmoid and Mul, kept int8 and ran as DequantizeLinear + fp32 MatMul (bench-s connector,
+# one image, 2-vCPU AVX2 EPYC, kernel time: 38 ms, fp32 35 ms; 18 ms with uint8 activations, every
+# MatMul fused; docs/quantization.md). TensorRT builds from symmetric int8 (zero point 0), hence int8
+# for the gpu target.
+CPU_INT8_UNSIGNED_ACTIVATIONS, GPU_INT8_UNSIGNED_ACTIVATIONS = True, False
 EXTERNAL_DATA_ABOVE = 1 << 30  # write initializers to <file>.data above 1 GiB (protobuf's limit is 2 GiB)
 
 
@@ -212,6 +222,28 @@ def _dedicate_activation_dq(m: onnx.ModelProto, quantized: set[str]) -> int:
     return changed
 
 
+def _unsigned_activations(m: onnx.ModelProto) -> int:
+    """Store the symmetric int8 activations of a QDQ graph as uint8 with zero point 128, in place.
+
+    A QuantizeLinear's zero point initializer, shared with the DequantizeLinear nodes reading its
+    codes, becomes 128 (uint8): the same values, clamps and roundings, 128 higher. Returns the number of
+    zero points changed; a nonzero int8 zero point (not what ``quantize_int8_static`` writes) raises."""
+    inits = {t.name: t for t in m.graph.initializer}
+    weights = {n.input[2] for n in m.graph.node
+               if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[0] in inits}
+    changed = 0
+    for name in dict.fromkeys(n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2):
+        t = inits.get(name)
+        if t is None or t.data_type != onnx.TensorProto.INT8:
+            continue
+        z = onnx.numpy_helper.to_array(t)
+        if z.any() or name in weights:
+            raise ValueError(f"activation zero point {name}: expected a symmetric int8 zero point of its own")
+        t.CopyFrom(onnx.numpy_helper.from_array(np.full(z.shape, 128, np.uint8), name))
+        changed += 1
+    return changed
+
+
 def _nonfinite_cause(part: str, src: Path, reader) -> DataError | None:
     """The error naming the layer whose fp32 activations are NaN/inf on the calibration data, if any."""
     hit = first_nonfinite(src, reader)
@@ -232,14 +264,15 @@ def _method(name: str):
 def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLike, reader,
                          recipe: QuantRecipe | None = None, method: str = DEFAULT_CALIBRATION_METHOD,
                          percentile: float = 99.999, quantize_bias: bool = True,
-                         reduce_range: bool = False) -> QuantizedPart:
+                         reduce_range: bool = False, unsigned_activations: bool = False) -> QuantizedPart:
     """INT8 QDQ (per-channel symmetric weights, symmetric activations) of an fp32 ONNX part.
 
     ``quantize_bias`` False keeps Conv/Gemm biases float (TensorRT has no INT32 DequantizeLinear;
     onnxruntime's CPU kernels take either). ``reduce_range`` writes the weights on 7 bits
     (-64..64): onnxruntime's x86 int8 GEMM without VNNI (AVX2, AVX-512 without VNNI) adds pairs
     of uint8 x int8 products in int16 (``vpmaddubsw``), which saturates with full-range weights;
-    see :data:`CPU_INT8_REDUCE_RANGE`."""
+    see :data:`CPU_INT8_REDUCE_RANGE`. ``unsigned_activations`` stores the activations' codes as uint8
+    with zero point 128 (the same arithmetic; :data:`CPU_INT8_UNSIGNED_ACTIVATIONS`)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     src, out = Path(src), Path(out)
@@ -278,12 +311,14 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
         raise _nonfinite_cause(part, src, reader) or DataError(
             f"{part}: calibration produced a non-finite scale for {bad[0]}; check the checkpoint")
     rewired = _dedicate_activation_dq(qdq, set(include))
-    if rewired:
+    shifted = _unsigned_activations(qdq) if unsigned_activations else 0
+    if rewired or shifted:
         onnx.save(qdq, str(out))  # external data references are kept as they are
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
                          {"scheme": "qdq", "weights": "int8 per-channel symmetric"
                                                       + (", 7-bit range (reduce_range)" if reduce_range else ""),
-                          "activations": "int8 symmetric",
+                          "activations": "int8 symmetric"
+                                         + (", stored as uint8 + 128" if unsigned_activations else ""),
                           "calibration_method": method, "calibration_batches": len(reader),
                           "float_consumers_rewired": rewired})
 
