@@ -356,10 +356,11 @@ def ttft(bundle: str, precision: str, threads: int) -> None:
 
 def last_layer(bundle: str, precision: str, threads: int, rounds: int = 15) -> None:
     from vlmexport.core.names import DECODER_ALL_ROWS
+    from vlmexport.runtimes.onnxruntime_backend import CROSS_MEDIA, CROSS_MEMORY
 
     pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
     s = pipe.session
-    model, layout, _ = _prompt(bundle, pipe)
+    model, layout, px = _prompt(bundle, pipe)
     path, last = s.decoder._model_path, model["num_layers"] - 1
     if DECODER_ALL_ROWS not in {i.name for i in s.decoder.get_overridable_initializers()}:
         print(f"last-layer {precision}: this bundle's decoder predates {DECODER_ALL_ROWS}; rebuild it")
@@ -370,8 +371,13 @@ def last_layer(bundle: str, precision: str, threads: int, rounds: int = 15) -> N
                                ).astype(dtype),
              "attention_mask": np.ones((1, n), np.int64), "position_ids": layout.position_ids[None],
              **{f"past_key_values.{i}.{k}": empty for i in range(model["num_layers"]) for k in ("key", "value")}}
-    if "token_type" in {i.name for i in s.decoder.get_inputs()}:
+    inputs = {i.name: i for i in s.decoder.get_inputs()}
+    if "token_type" in inputs:
         feeds["token_type"] = layout.token_type[None]
+    if CROSS_MEMORY in inputs:  # a cross-attending decoder (flamingo): the image is its memory, not in its sequence
+        width = inputs[CROSS_MEMORY].shape[-1]
+        feeds[CROSS_MEMORY] = np.asarray(s.encode_images(px), dtype).reshape(1, -1, width)
+        feeds[CROSS_MEDIA] = np.asarray(layout.media, np.int64)[None]
     del pipe, s
     with tempfile.TemporaryDirectory() as tmp:  # the prefill profiled, so the last layer's own time shows
         so = session_options(threads, False, profile=True)
