@@ -402,7 +402,9 @@ def build(
     quant_target: QuantTarget = typer.Option(QuantTarget.cpu, help="Device the int4/int8 files are tuned for: "
                                              "cpu or gpu (block 128 for both); both use int8 compute "
                                              "(accuracy_level 4) on a CPU; cpu writes the int8 vision "
-                                             "parts' weights on 7 bits (exact on x86 CPUs without VNNI)."),
+                                             "parts' weights on 7 bits (exact on x86 CPUs without VNNI) "
+                                             "and their activations as uint8 + 128 (the same codes, "
+                                             "which onnxruntime's x86 integer kernels fuse)."),
     int4_block_size: Optional[Int4Block] = typer.Option(None, help="Weights per scale in the decoder's "
                                                         "weight-only MatMulNBits (int4 layers, 8-bit LM head, int8 "
                                                         "decoder; default: the target's). On a 2-vCPU EPYC, block "

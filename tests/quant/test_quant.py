@@ -334,8 +334,9 @@ def test_unsigned_activations_keep_the_int8_arithmetic(fp32_bundle, tmp_path):
              for _ in range(3)]
     reader = _Reader([{"image_features": f} for f in feats])
     outs, zps = {}, {}
-    for unsigned in (False, True):
-        q = quantize_int8_static("connector", files["connector"], tmp_path / f"c{unsigned}.onnx", reader,
+    for target in ("gpu", "cpu"):
+        unsigned = QuantOptions.for_target(target)["int8_unsigned_activations"]
+        q = quantize_int8_static("connector", files["connector"], tmp_path / f"c{target}.onnx", reader,
                                  unsigned_activations=unsigned)
         m = onnx.load(str(q.path))
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -344,9 +345,43 @@ def test_unsigned_activations_keep_the_int8_arithmetic(fp32_bundle, tmp_path):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         s = ort.InferenceSession(str(q.path), so, providers=["CPUExecutionProvider"])
         outs[unsigned] = [s.run(None, {"image_features": f})[0] for f in feats]
-    assert zps == {False: {"int8"}, True: {"uint8"}}
+    assert zps == {False: {"int8"}, True: {"uint8"}}  # gpu (TensorRT's form) and cpu
     for a, b in zip(outs[False], outs[True]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unsigned_activations_edge_cases():
+    """opset 21's output_dtype follows the zero point; a zero point another node reads is refused."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlmexport.quant.quantize import _unsigned_activations
+
+    def graph(extra=()):
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], output_dtype=TensorProto.INT8),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]), *extra]
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o == "y" else TensorProto.INT8, None)
+                for n in nodes[1:] for o in n.output]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])], outs,
+                              [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                               numpy_helper.from_array(np.array(0, np.int8), "z")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    x = np.linspace(-4, 4, 64, dtype=np.float32)  # past both ends of the int8 range: the clamps agree too
+
+    def run(m):  # graph optimizations off: onnxruntime's own S8->U8 rewrite leaves output_dtype behind
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(["y"],
+                                                                                                      {"x": x})[0]
+
+    m = graph()
+    before = run(m)
+    assert _unsigned_activations(m) == 1
+    np.testing.assert_array_equal(run(m), before)
+    shared = graph([helper.make_node("Identity", ["z"], ["z_copy"])])
+    with pytest.raises(ValueError, match="also read by"):
+        _unsigned_activations(shared)
 
 
 def test_int8_vision_weights_on_7_bits_compute_exactly_on_any_x86_kernel(quantized, fp32_bundle):

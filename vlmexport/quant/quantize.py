@@ -222,24 +222,39 @@ def _dedicate_activation_dq(m: onnx.ModelProto, quantized: set[str]) -> int:
     return changed
 
 
-def _unsigned_activations(m: onnx.ModelProto) -> int:
+def _unsigned_activations(m: onnx.ModelProto, base_dir: str = "") -> int:
     """Store the symmetric int8 activations of a QDQ graph as uint8 with zero point 128, in place.
 
     A QuantizeLinear's zero point initializer, shared with the DequantizeLinear nodes reading its
     codes, becomes 128 (uint8): the same values, clamps and roundings, 128 higher. Returns the number of
-    zero points changed; a nonzero int8 zero point (not what ``quantize_int8_static`` writes) raises."""
-    inits = {t.name: t for t in m.graph.initializer}
-    weights = {n.input[2] for n in m.graph.node
-               if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[0] in inits}
+    zero points changed. A zero point that is not 0, or that another node reads (a weight's
+    DequantizeLinear, say), is not what ``quantize_int8_static`` writes and raises. ``base_dir``:
+    where the model's external data lives, if it has any."""
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2]]
     changed = 0
-    for name in dict.fromkeys(n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2):
+    for name in dict.fromkeys(n.input[2] for n in quantizers):
         t = inits.get(name)
         if t is None or t.data_type != onnx.TensorProto.INT8:
             continue
-        z = onnx.numpy_helper.to_array(t)
-        if z.any() or name in weights:
-            raise ValueError(f"activation zero point {name}: expected a symmetric int8 zero point of its own")
+        z = onnx.numpy_helper.to_array(t, base_dir=base_dir)
+        foreign = [n.name or n.op_type for n in readers.get(name, []) if not (
+            n.op_type == "QuantizeLinear" or (n.op_type == "DequantizeLinear" and n.input[0] in prod
+                                              and prod[n.input[0]].op_type == "QuantizeLinear"))]
+        if z.any() or foreign:
+            raise ValueError(f"activation zero point {name}: expected a symmetric int8 zero point read by its own "
+                             f"QuantizeLinear/DequantizeLinear pairs only (also read by {foreign})")
         t.CopyFrom(onnx.numpy_helper.from_array(np.full(z.shape, 128, np.uint8), name))
+        for n in readers[name]:  # opset 21's output_dtype, if set, must name the zero point's type
+            for a in n.attribute:
+                if a.name == "output_dtype" and a.i:
+                    a.i = onnx.TensorProto.UINT8
         changed += 1
     return changed
 
@@ -311,7 +326,7 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
         raise _nonfinite_cause(part, src, reader) or DataError(
             f"{part}: calibration produced a non-finite scale for {bad[0]}; check the checkpoint")
     rewired = _dedicate_activation_dq(qdq, set(include))
-    shifted = _unsigned_activations(qdq) if unsigned_activations else 0
+    shifted = _unsigned_activations(qdq, str(out.parent)) if unsigned_activations else 0
     if rewired or shifted:
         onnx.save(qdq, str(out))  # external data references are kept as they are
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
