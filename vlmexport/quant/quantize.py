@@ -4,8 +4,9 @@ Vision encoder / connector (``quantize_int8_static``): onnxruntime's ``quantize_
 QDQ format, MatMul/Gemm/Conv, per-channel symmetric INT8 weights, symmetric INT8
 activations (``ActivationSymmetric``: zero points 0, the form TensorRT builds INT8
 engines from; the cpu target stores them as uint8 + 128, the same arithmetic in the form
-onnxruntime's x86 integer kernels take). Calibration method, measured with :func:`compare_calibration_methods` (max |int8 - fp32| /
-max |fp32| of the part's output on 32 test-split images; calibration from the val split):
+onnxruntime's x86 integer kernels take). Calibration method, measured with
+:func:`compare_calibration_methods` (max |int8 - fp32| / max |fp32| of the part's output on
+32 test-split images; calibration from the val split; 8-bit weights, before the cpu target's 7):
 
 ==========================================  ========  ========  ==========
 model, part (calibration images)            MinMax    Entropy   Percentile
