@@ -327,7 +327,12 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
         raise _nonfinite_cause(part, src, reader) or DataError(
             f"{part}: calibration produced a non-finite scale for {bad[0]}; check the checkpoint")
     rewired = _dedicate_activation_dq(qdq, set(include))
-    shifted = _unsigned_activations(qdq, str(out.parent)) if unsigned_activations else 0
+    try:
+        shifted = _unsigned_activations(qdq, str(out.parent)) if unsigned_activations else 0
+    except ValueError:  # not quantize_static's symmetric form: leave no file that looks converted
+        for f in (out, *_data_files(out)):
+            f.unlink(missing_ok=True)
+        raise
     if rewired or shifted:
         onnx.save(qdq, str(out))  # external data references are kept as they are
     return QuantizedPart(part, "int8", out, _data_files(out), tuple(include), tuple(kept),
