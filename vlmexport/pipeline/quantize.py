@@ -167,6 +167,8 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
     ref = ort_session(fp32, model)
     facts = decoder_shape(model)
     parts: list[QuantizedPart] = []
+    # the target's int8 QDQ file form (the vision parts): 7-bit weights, uint8 + 128 activations
+    int8_form = {"reduce_range": options.int8_reduce_range, "unsigned_activations": options.int8_unsigned_activations}
     for precision in precisions:
         r = recipe
         for part in PARTS_FOR[precision]:
@@ -175,13 +177,11 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
             progress(f"quantize {part} ({precision})")
             if part == Part.VISION_ENCODER:
                 parts.append(quantize_int8_static(part, fp32[part], out, pixel_reader(calib), r,
-                                                  options.calibration_method, reduce_range=options.int8_reduce_range,
-                                                  unsigned_activations=options.int8_unsigned_activations))
+                                                  options.calibration_method, **int8_form))
             elif part == Part.CONNECTOR:
                 enc = lambda px: ref.vision_encoder.run(["image_features"], {"pixel_values": px})[0]  # noqa: E731
                 parts.append(quantize_int8_static(part, fp32[part], out, feature_reader(enc, calib), r,
-                                                  options.calibration_method, reduce_range=options.int8_reduce_range,
-                                                  unsigned_activations=options.int8_unsigned_activations))
+                                                  options.calibration_method, **int8_form))
             else:
                 reader = None
                 if options.algorithm == "gptq" and precision == "int4":  # an int8 build has no int4 node

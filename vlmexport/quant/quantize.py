@@ -140,6 +140,12 @@ def _data_files(path: Path) -> tuple[Path, ...]:
     return tuple(path.parent / loc for loc in sorted(locs))
 
 
+def _remove(path: Path) -> None:
+    """Delete an ONNX file and its external data files."""
+    for f in (path, *_data_files(path)):
+        f.unlink(missing_ok=True)
+
+
 def model_bytes(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in _data_files(path))
 
@@ -322,16 +328,14 @@ def quantize_int8_static(part: str, src: str | os.PathLike, out: str | os.PathLi
     qdq = onnx.load(str(out), load_external_data=False)
     bad = _nonfinite_scales(qdq, str(out.parent))
     if bad:  # MinMax takes inf ranges silently and writes inf scales
-        for f in (out, *_data_files(out)):
-            f.unlink(missing_ok=True)
+        _remove(out)
         raise _nonfinite_cause(part, src, reader) or DataError(
             f"{part}: calibration produced a non-finite scale for {bad[0]}; check the checkpoint")
     rewired = _dedicate_activation_dq(qdq, set(include))
     try:
         shifted = _unsigned_activations(qdq, str(out.parent)) if unsigned_activations else 0
     except ValueError:  # not quantize_static's symmetric form: leave no file that looks converted
-        for f in (out, *_data_files(out)):
-            f.unlink(missing_ok=True)
+        _remove(out)
         raise
     if rewired or shifted:
         onnx.save(qdq, str(out))  # external data references are kept as they are
