@@ -60,6 +60,15 @@ def build_tiny_model(arch: str, seed: int = 0, jitter: bool = False, **overrides
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    """The runtime's user cache (VLMEXPORT_CACHE: the int8 prefill copies, runtimes/cpu_prefill.py)
+    in the test session's temporary directory, not the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMEXPORT_CACHE", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def arch_names() -> list[str]:
     return sorted(architectures())

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.errors import VlmexportError
-from .core.names import Backend, Device, Spin
+from .core.names import Backend, CpuPrefill, Device, Spin
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Train CogVLM-style vision-language models and export them for edge devices.")
@@ -318,6 +318,10 @@ def _print_report(report) -> None:
         out.print(m)
 
 
+CPU_PREFILL_HELP = ("onnxruntime int4/int8 on a CPU: run the prompt through an int8-GEMM copy of the decoder (auto: "
+                    "on x86 CPUs without VNNI, for bundles whose gate scored it; int8: always; off: never).")
+
+
 # ------------------------------------------------------------------------- run
 @app.command(epilog=_examples(
     'vlmexport run demo-bundle --image scene.png --prompt "What colour is the star?"',
@@ -338,6 +342,7 @@ def run(
     backend: Backend = typer.Option(Backend.AUTO, help="Backend for a bundle."),
     precision: Optional[str] = typer.Option(None, help="Bundle precision to run (default: the backend's best)."),
     device: Device = typer.Option(Device.CPU, help="Device."),
+    cpu_prefill: CpuPrefill = typer.Option(CpuPrefill.AUTO, help=CPU_PREFILL_HELP),
 ):
     """Answer a prompt about one or more images."""
     _setup_logging(False)
@@ -348,7 +353,8 @@ def run(
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     GenerationConfig(**gen)  # bad sampling values and prompts fail before the model is loaded
     check_text(prompt)
-    pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision)
+    pipe = open_pipeline(model, device=device.value, backend=backend.value, precision=precision,
+                         cpu_prefill=cpu_prefill.value)
     if stream:
         for piece in pipe.stream(prompt, list(image), **gen):
             out.print(piece, end="", highlight=False, markup=False)
@@ -414,6 +420,10 @@ def build(
                                    "against fp32 (accuracy gates)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep int8/int4 parts that fail their "
                                         "accuracy gate (recorded in the manifest) instead of failing the build."),
+    cpu_prefill_gate: bool = typer.Option(True, "--cpu-prefill-gate/--no-cpu-prefill-gate", help="Also score the "
+                                          "int8-GEMM prompt copy the runtime uses on x86 CPUs without VNNI (a second "
+                                          "pass over the gate prompts; without it, or with --quant-target gpu, those "
+                                          "CPUs run the prompt through the int4/int8 graph)."),
     allow_deviations: bool = typer.Option(False, "--allow-deviations", help="Build a format that cannot run the "
                                           "model as it is (GGUF of hf_cogvlm semantics or of a llava projector): "
                                           "what it runs is measured against PyTorch and recorded in the manifest "
@@ -431,8 +441,9 @@ def build(
                                                          data=str(calib) if calib is not None else None),
                          recipe=QuantRecipe.load(recipe) if recipe is not None else None, algorithm=int4_algorithm,
                          allow_degraded=allow_degraded, eval_per_category=gate_items,
-                         **QuantOptions.for_target(quant_target.value,
-                                                     int(int4_block_size.value) if int4_block_size else None))
+                         **{**QuantOptions.for_target(quant_target.value,
+                                                      int(int4_block_size.value) if int4_block_size else None),
+                            **({} if cpu_prefill_gate else {"cpu_prefill_gate": False})})
     progress = Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
     with progress:
         task = progress.add_task("starting", total=None)
@@ -487,9 +498,13 @@ def _print_gates(calibration: dict) -> None:
     t = Table(title=f"int8/int4 ONNX against fp32 ({', '.join(ref)})")
     for col in ("precision", "top-1", "cosine", "exact match", "drop", "MME", "gate"):
         t.add_column(col, justify="right")
-    for precision, s in scores.items():
+    rows = [(p, s) for precision, x in scores.items()  # each precision, then its int8-GEMM cpu prefill
+            for p, s in ((precision, x), (f"{precision}, cpu prefill", x.get("cpu_prefill_int8"))) if s]
+    for precision, s in rows:
         gates = "; ".join(f"{'<=' if g['gate'].startswith('max') else '>='} {g['limit']}" for g in s.get("gates", []))
         verdict = "[green]passed[/green]" if s.get("passed", True) else "[red]DEGRADED[/red]"
+        if precision.endswith("cpu prefill") and not s.get("passed", True):
+            verdict = "[yellow]not used[/yellow]"  # vlmexport.load keeps the bundle's prefill graph
         t.add_row(precision, f"{s['top1_agreement']:.2%}", f"{s['mean_cosine']:.5f}",
                   f"{s['accuracy']:.2f}%" if "accuracy" in s else "-",
                   f"{s['accuracy_drop_points']:+.2f}" if "accuracy" in s else "-",
@@ -631,6 +646,7 @@ def bench(
     spin: Spin = typer.Option(Spin.DECODE, help="When onnxruntime's threads busy-wait between operators: inside "
                               "decoder runs (decode, the default), every part's runs (all) or never (off). Faster when "
                               "the model has the machine to itself, slower when it does not."),
+    cpu_prefill: CpuPrefill = typer.Option(CpuPrefill.AUTO, help=CPU_PREFILL_HELP),
     interleave: bool = typer.Option(False, "--interleave", help="Load every row first, then time them round by "
                                     "round, so a change of load on a shared machine hits all rows alike (holds "
                                     "every row's model in memory at once)."),
@@ -690,6 +706,7 @@ def bench(
                            precisions=_csv(precision, "precision") if precision else None,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
                            threads=threads, accuracy_per_category=accuracy, spin=spin, interleave=interleave,
+                           cpu_prefill=cpu_prefill,
                            progress=step)
     # the report first: a long run's results must survive a failure to print them
     json_out = json_out or (Path(bundles[0]) / "bench.json" if len(bundles) == 1 else Path("bench.json"))

@@ -218,8 +218,11 @@ def measure_bandwidth_gbs(mib: int = 512, repeats: int = 3) -> float:
 
 
 # ---------------------------------------------------------------- artifacts
-def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
-    """What each backend would load, per precision, as the runtime's loader picks the files."""
+def artifact_sets(bundle: Bundle, int8_prefill: bool = False) -> list[ArtifactSet]:
+    """What each backend would load, per precision, as the runtime's loader picks the files.
+    ``int8_prefill``: on a CPU where ``vlmexport.load`` runs the prompt through the int8-GEMM copy
+    of a quantized decoder (runtimes/cpu_prefill.py), that copy's weights are counted too, in place
+    of the decoder's where a decode graph runs the decode steps."""
     out: list[ArtifactSet] = []
     parts = ("vision_encoder", "connector", "text_decoder", "token_embedding")
     for precision in bundle.precisions("text_decoder", "onnx"):
@@ -234,6 +237,10 @@ def artifact_sets(bundle: Bundle) -> list[ArtifactSet]:
             if part == "text_decoder":
                 decoder += a.total_size_bytes
                 files += _decode_graph_weight_bytes(a)  # its session's own copy of the language weights
+                copy = _int8_prefill_bytes(a) if int8_prefill else 0
+                # the copy runs the prompt; the decode steps run the decode graph where there is one,
+                # else the decoder's own graph, which then stays loaded too
+                files += copy - (a.total_size_bytes if copy and (a.extra or {}).get("decode_graph") else 0)
         else:
             kv = _onnx_kv_bytes(bundle, precision)
             out.append(ArtifactSet("onnxruntime", precision, files, decoder, kv))
@@ -256,6 +263,14 @@ def _decode_graph_weight_bytes(decoder) -> int:
     if decoder.precision not in DECODE_GRAPH_PRECISIONS:
         return 0
     return int((decoder.extra or {}).get("decode_graph_weight_bytes", 0))  # recorded by the build
+
+
+def _int8_prefill_bytes(decoder) -> int:
+    """Bytes of the int8-GEMM prefill copy the loader uses instead of the decoder's graph on a CPU
+    without VNNI (recorded by the build's gate when the copy passed it); 0 where it is not used."""
+    from .runtimes.cpu_prefill import gate_passed, gate_record
+
+    return int(gate_record(decoder).get("weight_bytes", 0)) if gate_passed(decoder) else 0
 
 
 def _onnx_kv_bytes(bundle: Bundle, precision: str) -> int:
@@ -389,7 +404,10 @@ def plan(bundle_path: str | os.PathLike, device_name: str, context: int | None =
         raise PlanError(f"--context {ctx}: give 1..{s.max_length} (the model's context)")
     n_img = max(1, min(ctx // max(1, s.image_tokens), 8)) if images is None else images
     dev = device(device_name, bandwidth_gbs)
-    sets = [a for a in artifact_sets(b) if a.backend in dev.backends]
+    from .runtimes.cpu_prefill import lacks_int8_dot
+
+    sets = [a for a in artifact_sets(b, int8_prefill=device_name == "host" and lacks_int8_dot())
+            if a.backend in dev.backends]
     if not sets:
         raise PlanError(f"{device_name}: none of this bundle's formats runs there (backends "
                         f"{list(dev.backends)}); install onnxruntime or llama-cpp-python")

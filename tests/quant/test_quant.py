@@ -520,7 +520,7 @@ def test_gates_fail_on_a_broken_quantization(quantized, fp32_bundle, tmp_path):
 
 
 # -------------------------------------------------------------------- bundle
-def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp_path):
+def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp_path, monkeypatch):
     from vlmexport.bundle import Bundle
     from vlmexport.pipeline.build import build
     from vlmexport.runtimes.loader import load
@@ -538,7 +538,7 @@ def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp
     cal = manifest["calibration"]["onnx"]
     assert cal["images"] == 16 and cal["pairs"] == 4 and set(cal["scores"]) == {"int8", "int4"}
     assert {r["precision"] for r in manifest["validation"]["parts"]} == {"fp32"}
-    pipe = load(out, backend="onnxruntime", precision="int4")
+    pipe = load(out, backend="onnxruntime", precision="int4", cpu_prefill="off")  # the int8 prefill: below
     s = pipe.session
     assert pipe.backend == "onnxruntime-int4"
     assert s.decoder._model_path.endswith("text_decoder.int4.onnx")
@@ -577,6 +577,26 @@ def test_build_writes_quantized_parts_and_load_selects_per_part(fp32_bundle, tmp
         s.prefill(lay, emb)
         steps.append([s.decode(9 + k, lay.next_position + k) for k in range(4)])
     assert all(np.array_equal(x, y) for x, y in zip(*steps))
+    # "auto", load's default: the int8-GEMM prefill (runtimes/cpu_prefill.py) on a CPU without VNNI for a
+    # decoder whose gate passed it, into the user cache, keyed by the manifest's hashes; else the bundle's graph
+    from vlmexport.runtimes import cpu_prefill
+
+    assert cpu_prefill.gate_record(dec)["format_version"] == cpu_prefill.FORMAT_VERSION
+    for lacks in (True, False):
+        monkeypatch.setattr(cpu_prefill, "lacks_int8_dot", lambda: lacks)
+        auto = load(out, backend="onnxruntime", precision="int4").session
+        used = lacks and cpu_prefill.gate_passed(dec)
+        assert (auto.prefill_path is not None) == used
+        if used:
+            assert auto.prefill_path.is_relative_to(cpu_prefill.cache_root())
+            assert auto.decode_graph._model_path.endswith("text_decoder.int4.decode.onnx")
+    from vlmexport.plan import artifact_sets  # `plan --device host` on such a CPU counts the copy instead
+
+    plain, copy = ({a.precision: a.files_bytes for a in artifact_sets(b, int8_prefill=f)} for f in (False, True))
+    passed = cpu_prefill.gate_passed(dec)
+    assert copy["int4"] - plain["int4"] == (cpu_prefill.gate_record(dec)["weight_bytes"] - dec.total_size_bytes
+                                            if passed else 0)
+    assert copy["fp32"] == plain["fp32"]
     # a tampered decode graph is refused like any other bundle file
     (out / "onnx/text_decoder.int4.decode.onnx").write_bytes(b"x")
     with pytest.raises(BundleError, match="text_decoder.int4.decode.onnx"):
@@ -614,8 +634,8 @@ def test_int4_algorithms(fp32_bundle, tmp_path, algorithm):
 
 
 def test_quant_targets_and_block_sizes():
-    cpu = {"int8_reduce_range": True, "int8_unsigned_activations": True}
-    gpu = {"int8_reduce_range": False, "int8_unsigned_activations": False}
+    cpu = {"int8_reduce_range": True, "int8_unsigned_activations": True, "cpu_prefill_gate": True}
+    gpu = {"int8_reduce_range": False, "int8_unsigned_activations": False, "cpu_prefill_gate": False}
     assert QuantOptions.for_target("cpu") == {"block_size": 128, "accuracy_level": 4, **cpu}
     assert QuantOptions.for_target("gpu") == {"block_size": 128, "accuracy_level": 4, **gpu}
     assert QuantOptions.for_target("cpu", 32) == {"block_size": 32, "accuracy_level": 4, **cpu}
@@ -660,6 +680,8 @@ def test_cli_build_with_recipe_and_allow_degraded(fp32_bundle, tmp_path, monkeyp
     from vlmexport.runtimes.loader import load
 
     assert load(out, backend="onnxruntime", precision="int4").session.decoder._model_path.endswith("int4.onnx")
+    scores = json.loads((out / "manifest.json").read_text())["calibration"]["onnx"]["scores"]["int4"]
+    assert "cpu_prefill_int8" not in scores  # a gpu target's prompt runs on CUDA: not scored
     bad = CliRunner().invoke(app, args[:-3] + ["--recipe", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0 and "cannot read the recipe" in bad.output
 
@@ -679,14 +701,16 @@ def test_bench_compares_two_int4_block_sizes_of_one_model(fp32_bundle, tmp_path,
         r = CliRunner().invoke(app, ["build", str(fp32_bundle["model_dir"]), "--out", str(outs[block]), "--format",
                                      "onnx", "--precision", "fp32,int4", "--no-validate", "--calib-images", "8",
                                      "--calib-pairs", "2", "--gate-items", "2", "--allow-degraded",
-                                     "--int4-block-size", str(block)])
+                                     "--int4-block-size", str(block)] + ["--no-cpu-prefill-gate"] * (block == 64))
         assert r.exit_code == 0, r.output
         nbits = [n for n in _ops(outs[block] / "onnx/text_decoder.int4.onnx") if n.op_type == "MatMulNBits"]
         assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {block}
+        scores = json.loads((outs[block] / "manifest.json").read_text())["calibration"]["onnx"]["scores"]["int4"]
+        assert ("cpu_prefill_int8" in scores) == (block == 32)  # --no-cpu-prefill-gate: not scored
     report = tmp_path / "bench.json"
     r = CliRunner().invoke(app, ["bench", str(outs[32]), str(outs[64]), "--backend", "torch,onnxruntime",
                                  "--precision", "fp32,int4", "--repeats", "1", "--decode-tokens", "2",
-                                 "--prompt-tokens", "2", "--json", str(report)])
+                                 "--prompt-tokens", "2", "--json", str(report), "--cpu-prefill", "off"])
     assert r.exit_code == 0, r.output
     data = json.loads(report.read_text())
     rows = [(Path(row["bundle"]).name, row["backend"]) for row in data["rows"]]
@@ -694,6 +718,7 @@ def test_bench_compares_two_int4_block_sizes_of_one_model(fp32_bundle, tmp_path,
                     ("b64", "onnxruntime-int4")]
     assert "onnxruntime-int4 [b64] / onnxruntime-fp32 [b32]" in data["ratios"]
     assert "onnxruntime-int4 [b64] / torch-float32 [b32]" in data["ratios"]
+    assert data["cpu_prefill"] == "off"
 
 
 def test_cli_build_calibrates_on_a_user_directory_and_records_skipped_images(fp32_bundle, tmp_path, monkeypatch):
@@ -716,3 +741,55 @@ def test_cli_build_calibrates_on_a_user_directory_and_records_skipped_images(fp3
     bad = CliRunner().invoke(app, args[:10] + ["--calib", str(tmp_path / "nowhere")])
     assert bad.exit_code != 0 and "pass a directory of images or a LLaVA-style .jsonl file" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_gate_scores_the_int8_prefill_and_the_session_runs_it(quantized, fp32_bundle, tmp_path, monkeypatch):
+    """The build's gate scores the runtime's int8-GEMM prefill of each quantized decoder
+    (runtimes/cpu_prefill.py) beside the decoder itself; a session with it runs the prompt through
+    the copy and the decode steps through the bundle's graph; the loader uses it on "auto" only
+    where the gate passed it and the CPU lacks VNNI."""
+    from types import SimpleNamespace
+
+    from vlmexport.core.names import CpuPrefill
+    from vlmexport.runtimes import loader
+
+    r, out = quantized
+    for p in ("int8", "int4"):
+        cpu = r.scores[p]["cpu_prefill_int8"]
+        assert set(cpu) >= {"top1_agreement", "mean_cosine", "gates", "passed", "weight_bytes"}
+        # its logits as near fp32's as the decoder's own: measured cosine 0.99814 against 0.99812 (int8),
+        # 0.98755 against 0.98897 (int4; the tiny model's flat logits)
+        assert cpu["mean_cosine"] >= r.scores[p]["mean_cosine"] - 0.005 and cpu["weight_bytes"] > 0
+    files = dict(fp32_bundle["files"], text_decoder=out / "onnx/text_decoder.int4.onnx")
+    plain = ort_session(files, fp32_bundle["model"])
+    fast = ort_session(files, fp32_bundle["model"], cpu_prefill="int8", cpu_prefill_cache=tmp_path)
+    assert fast.prefill_path.parent.parent == tmp_path
+    assert fast.decoder._model_path == str(fast.prefill_path)
+    assert fast.decode_graph._model_path == str(files["text_decoder"])  # decode steps: the bundle's graph
+    from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
+
+    m = fp32_bundle["model"]
+    lay = build_layout([TextPiece((1, 5, 6)), ImagePiece(m["image_tokens"]), TextPiece((7, 8))],
+                       m["expert_routing"], m["position_ids"])
+    px = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    logits = []
+    for s in (plain, fast):
+        s.reset()
+        first = s.prefill(lay, s.encode_images(px))
+        logits.append(np.stack([first, *(s.decode(9 + k, lay.next_position + k) for k in range(3))]))
+    a, b = logits
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= 0.995  # measured 0.9987 (the first logits) to 0.9995
+
+    from vlmexport.runtimes.cpu_prefill import FORMAT_VERSION
+
+    art = lambda passed, version=FORMAT_VERSION: SimpleNamespace(  # noqa: E731
+        extra={"scores": {"cpu_prefill_int8": {"passed": passed, "format_version": version}}})
+    assert loader._cpu_prefill(art(True), "auto") is CpuPrefill.AUTO
+    assert loader._cpu_prefill(art(False), "auto") is CpuPrefill.OFF  # the copy failed its gate
+    assert loader._cpu_prefill(art(True, FORMAT_VERSION - 1), "auto") is CpuPrefill.OFF  # scored another rewrite
+    assert loader._cpu_prefill(SimpleNamespace(extra={}), "auto") is CpuPrefill.OFF  # built before it existed
+    assert loader._cpu_prefill(art(False), "int8") is CpuPrefill.INT8  # asked for: used regardless
+    monkeypatch.setattr("vlmexport.runtimes.onnxruntime_backend.wanted",
+                        lambda mode: CpuPrefill.of(mode) is not CpuPrefill.OFF)  # a CPU without VNNI
+    assert ort_session(files, fp32_bundle["model"], cpu_prefill="auto", cpu_prefill_cache=tmp_path).prefill_path

@@ -108,6 +108,25 @@ class Spin(str, Enum):
             raise VlmexportError(f"spin={spin!r}: choose one of {', '.join(m.value for m in cls)}") from None
 
 
+class CpuPrefill(str, Enum):
+    """Which graph runs a quantized decoder's prefill on a CPU (runtimes/cpu_prefill.py)."""
+    AUTO = "auto"  # the int8-GEMM copy on x86 CPUs without VNNI, the bundle's graph elsewhere
+    INT8 = "int8"  # the int8-GEMM copy on any CPU
+    OFF = "off"  # the bundle's graph
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, mode: "str | CpuPrefill | None") -> "CpuPrefill":
+        if mode is None:
+            return cls.AUTO
+        try:
+            return cls(mode)
+        except ValueError:
+            raise VlmexportError(f"cpu_prefill={mode!r}: choose one of {', '.join(m.value for m in cls)}") from None
+
+
 # What a user may type (either spelling) -> the format's own spelling. The one table.
 PRECISION_NAMES: dict[str, dict[str, str]] = {
     Format.ONNX: {"fp32": "fp32", "fp16": "fp16", "f32": "fp32", "f16": "fp16", "int8": "int8", "int4": "int4"},

@@ -13,14 +13,16 @@ from .options import check_eval_options, check_model_path
 from .runner import evaluate
 
 
-def open_pipeline(path: str | Path | None, device: str = "cpu", backend: str = "auto", precision: str | None = None):
-    """A pipeline over a bundle (any backend) or a model directory (torch; default: the shipped demo model)."""
+def open_pipeline(path: str | Path | None, device: str = "cpu", backend: str = "auto", precision: str | None = None,
+                  cpu_prefill: str = "auto"):
+    """A pipeline over a bundle (any backend) or a model directory (torch; default: the shipped demo model).
+    ``cpu_prefill``: ``vlmexport.load``'s (a bundle only)."""
     if path is not None:
         check_model_path(path)
     if path is not None and (Path(path) / "manifest.json").is_file():
         from ..runtimes.loader import load
 
-        return load(path, backend=backend, precision=precision, device=device)
+        return load(path, backend=backend, precision=precision, device=device, cpu_prefill=cpu_prefill)
     if backend not in ("auto", "torch"):
         from ..core.errors import VlmexportError
 

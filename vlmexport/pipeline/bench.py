@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.errors import VlmexportError
 from ..core.layout import ImagePiece, TextPiece, build_layout
-from ..core.names import Part, Spin
+from ..core.names import CpuPrefill, Part, Spin
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ class BenchReport:
     threads: int
     gemm_gflops: float = 0.0  # fp32 GEMM throughput measured in the same run
     spin: str = "decode"  # when onnxruntime threads busy-wait between operators (load(spin=...))
+    cpu_prefill: str = "auto"  # onnxruntime's int8-GEMM prefill (load(cpu_prefill=...), runtimes/cpu_prefill.py)
     bandwidth_samples_gbs: list[float] = field(default_factory=list)  # before and after the backends ran
     gemm_samples_gflops: list[float] = field(default_factory=list)  # bandwidth_gbs / gemm_gflops: their max
     rows: list[BenchRow] = field(default_factory=list)
@@ -487,7 +488,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
               backends: Sequence[str] = ("torch", "onnxruntime", "llamacpp"),
               precisions: Sequence[str] | None = None, prompt_tokens: int = 32, decode_tokens: int = 32,
               repeats: int = 3, threads: int | None = None, accuracy_per_category: int = 0,
-              spin: bool | str = "decode", interleave: bool = False,
+              spin: bool | str = "decode", interleave: bool = False, cpu_prefill: str = "auto",
               progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Every backend x precision of one or several bundles, side by side in this process
     (several bundles: two builds of one model, say block-32 and block-128 int4). With
@@ -514,6 +515,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     gemm = gemm_gflops(threads)
     report = BenchReport(bundle=bundles[0], machine=machine_info(), bandwidth_gbs=bandwidth, threads=threads,
                          gemm_gflops=gemm, spin=str(Spin.of(spin)), bandwidth_samples_gbs=[bandwidth],
+                         cpu_prefill=str(CpuPrefill.of(cpu_prefill)),
                          gemm_samples_gflops=[gemm], bundles=bundles, interleaved=interleave)
     plan, by_key = [], {}
     for name, b in opened:  # what several bundles share (the torch reference, an fp32 export) runs once
@@ -527,7 +529,8 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
         if backend == RAW_LLAMACPP:
             return RawLlamaCppTimer(b, model, precision, prompt_tokens, decode_tokens, threads)
         t0 = time.perf_counter()
-        pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin)
+        pipe = load(name, backend=backend, precision=precision, threads=threads, verify="none", spin=spin,
+                    cpu_prefill=cpu_prefill)
         return PipelineTimer(pipe, model, prompt_tokens, decode_tokens, time.perf_counter() - t0)
 
     def finish(entry, timer, rounds) -> None:
@@ -614,7 +617,8 @@ def report_title(report: BenchReport) -> str:
     seen = "/".join(f"{x:.1f}" for x in report.bandwidth_samples_gbs)
     return (f"{', '.join(report.bundles)}: {machine_title(report.machine)}, {report.threads} threads, read bandwidth "
             f"{report.bandwidth_gbs:.1f} GB/s (best of {seen}, before/after), fp32 GEMM {report.gemm_gflops:.0f} "
-            "GFLOP/s" + (", rows interleaved round by round" if report.interleaved else ""))
+            f"GFLOP/s, cpu prefill {report.cpu_prefill}"
+            + (", rows interleaved round by round" if report.interleaved else ""))
 
 
 def report_markdown(report: BenchReport) -> str:

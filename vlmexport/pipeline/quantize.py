@@ -61,6 +61,9 @@ class QuantOptions:
     int8_reduce_range: bool = CPU_INT8_REDUCE_RANGE
     # ... and their activations as uint8 + 128 (quant.quantize.CPU_INT8_UNSIGNED_ACTIVATIONS)
     int8_unsigned_activations: bool = CPU_INT8_UNSIGNED_ACTIVATIONS
+    # score the runtime's int8-GEMM prefill of each quantized decoder too (runtimes/cpu_prefill.py):
+    # a second pass over the gate prompts; what lets vlmexport.load use it on CPUs without VNNI
+    cpu_prefill_gate: bool = True
 
     @staticmethod
     def for_target(target: str, block_size: int | None = None) -> dict:
@@ -79,6 +82,8 @@ class QuantOptions:
         ``int8_unsigned_activations``: their activations stored as uint8 + 128 for ``cpu`` (every
         MatMul fuses into onnxruntime's integer kernel), symmetric int8 for ``gpu`` (TensorRT's form):
         :data:`quant.quantize.CPU_INT8_UNSIGNED_ACTIVATIONS`.
+        ``cpu_prefill_gate``: score the runtime's int8-GEMM cpu prefill for ``cpu`` only (a gpu
+        target's decoder runs its prompt on CUDA).
         """
         from ..quant.quantize import GPU_BLOCK, GPU_INT8_REDUCE_RANGE, GPU_INT8_UNSIGNED_ACTIVATIONS
 
@@ -88,7 +93,8 @@ class QuantOptions:
             raise ConfigError(f"quantization target {target!r}: choose one of {list(table)}")
         block, reduce_range, unsigned = table[target]
         return {"block_size": block if block_size is None else int(block_size), "accuracy_level": 4,
-                "int8_reduce_range": reduce_range, "int8_unsigned_activations": unsigned}
+                "int8_reduce_range": reduce_range, "int8_unsigned_activations": unsigned,
+                "cpu_prefill_gate": target == "cpu"}
 
     def __post_init__(self) -> None:
         from ..quant.quantize import (
@@ -125,12 +131,44 @@ def prompt_pipeline(tokenizer_path, template, preprocess, model: dict, session=N
     return Pipeline(session, Tokenizer(tokenizer_path), template, preprocess, model_spec(model))
 
 
-def ort_session(files: Mapping[str, Path], model: dict, threads: int = 1):
+def ort_session(files: Mapping[str, Path], model: dict, threads: int = 1, **cpu_prefill):
+    """``cpu_prefill``: OrtModelSession's ``cpu_prefill`` and ``cpu_prefill_cache``."""
     from ..runtimes.onnxruntime_backend import OrtModelSession
 
     return OrtModelSession(files[Part.TEXT_DECODER], files[Part.TOKEN_EMBEDDING], decoder_shape(model),
                            vision_encoder_path=files[Part.VISION_ENCODER], connector_path=files[Part.CONNECTOR],
-                           providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
+                           providers=["CPUExecutionProvider"], intra_op_num_threads=threads, **cpu_prefill)
+
+
+CPU_PREFILL_KEYS = ("prompts", "accuracy", "accuracy_drop_points", "mme_score", "mme_drop", "top1_agreement", "mean_cosine",
+                    "gates", "passed")
+
+
+def score_cpu_prefill(ref_pipe, files: Mapping[str, Path], items, precision: str, *, tokenizer_path, template,
+                      preprocess, model: dict, options: "QuantOptions", reference: dict | None) -> dict | None:
+    """The same scores and gate for the runtime's int8-GEMM prefill of this decoder
+    (runtimes/cpu_prefill.py; the decode steps on the decoder itself), which ``vlmexport.load``
+    uses on x86 CPUs without VNNI only when this passed. None for a decoder it does not apply to."""
+    import tempfile
+
+    from ..runtimes.cpu_prefill import FORMAT_VERSION, convertible
+
+    if not convertible(files[Part.TEXT_DECODER]):
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="vlmexport-cpu-prefill-") as cache:
+            session = ort_session(files, model, cpu_prefill="int8", cpu_prefill_cache=cache)
+            weight_bytes = sum(f.stat().st_size for f in session.prefill_path.parent.iterdir())  # its session reads
+            q_pipe = prompt_pipeline(tokenizer_path, template, preprocess, model, session)
+            s = score(ref_pipe, q_pipe, items, accuracy=options.accuracy, reference=reference)
+            del q_pipe, session
+    except Exception as exc:  # an optional runtime path: recorded as not passed, the build goes on
+        log.warning("%s: the int8-GEMM cpu prefill was not scored (%s); the runtime will not use it", precision, exc)
+        return {"passed": False, "error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                "format_version": FORMAT_VERSION}
+    gated = check_gates(s, precision, options.gates.get(precision), allow_degraded=True)
+    return {**{k: gated[k] for k in CPU_PREFILL_KEYS if k in gated}, "weight_bytes": weight_bytes,
+            "format_version": FORMAT_VERSION}
 
 
 def gate_items(image_size: int, per_category: int, seed: int = 0) -> list:
@@ -211,6 +249,13 @@ def quantize_onnx(fp32: Mapping[str, Path], root: Path, precisions: Sequence[str
                                "kept_nodes": list(q.kept_nodes), **q.settings}
                       for q in parts if chosen[q.part] == q.precision}
         scores[precision] = check_gates(s, precision, options.gates.get(precision), options.allow_degraded)
+        if not options.cpu_prefill_gate:
+            continue
+        progress(f"score {precision} with the int8-GEMM cpu prefill against fp32")
+        cpu = score_cpu_prefill(ref_pipe, files, items, precision, tokenizer_path=tokenizer_path, template=template,
+                                preprocess=preprocess, model=model, options=options, reference=ref_task)
+        if cpu is not None:
+            scores[precision]["cpu_prefill_int8"] = cpu
     return QuantResult(parts, scores, {**calib.summary(), "recipe": recipe.to_dict()})
 
 

@@ -21,9 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..core.errors import BundleError
+from ..core.errors import BundleError, VlmexportError
 from ..core.layout import LANGUAGE, SequenceLayout
-from ..core.names import Spin
+from ..core.names import CpuPrefill, Spin
+from .cpu_prefill import int8_prefill_path, wanted
 from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,14 @@ class OrtModelSession:
     ``decode_path`` (optional) is the routing-free one-token graph; without it the routed
     graph runs the decode steps too.
 
+    ``cpu_prefill`` (a :class:`~vlmexport.core.names.CpuPrefill`: "off", the default here, "auto"
+    or "int8"; None is "auto"): on the CPU provider, run the prompt through an int8-GEMM copy of a
+    quantized decoder graph, derived once into ``cpu_prefill_cache`` (default: the user cache) and
+    keyed by ``cpu_prefill_identity`` (the manifest's hashes of the decoder's files) where given;
+    the decode steps keep the bundle's graphs. "auto" falls back to the bundle's graph with a
+    warning if the copy cannot be made or opened. ``vlmexport.load`` passes "auto" for bundles whose
+    gate scored that copy (runtimes/cpu_prefill.py has the figures).
+
     ``allow_spinning`` (a :class:`~vlmexport.core.names.Spin`): whether onnxruntime's pool
     threads busy-wait between operators inside a Run() instead of sleeping until the next one.
     ``"decode"`` (the
@@ -133,7 +142,9 @@ class OrtModelSession:
                  connector_path: str | os.PathLike | None = None,
                  vision_fallback: Callable[[np.ndarray], np.ndarray] | None = None,
                  providers: Sequence[str] | None = None, intra_op_num_threads: int | None = None,
-                 max_length: int | None = None, allow_spinning: bool | str = "decode", profile: bool = False):
+                 max_length: int | None = None, allow_spinning: bool | str = "decode", profile: bool = False,
+                 cpu_prefill: str = "off", cpu_prefill_cache: str | os.PathLike | None = None,
+                 cpu_prefill_identity: str | None = None):
         self.facts = facts
         self.max_length = min(max_length or facts.max_length, facts.max_length)
         self.providers = list(providers or default_providers())
@@ -141,7 +152,23 @@ class OrtModelSession:
         self.spin = Spin.of(allow_spinning)
         self._opts = lambda decoder=False: session_options(
             self.threads, self.spin is Spin.ALL or (decoder and self.spin is Spin.DECODE), profile=profile)
-        self.decoder = self._session(decoder_path, decoder=True)
+        # the int8-GEMM prefill graph (runtimes/cpu_prefill.py): the prompt runs through it, the decode
+        # steps through the decode graph or, without one, through the bundle's own decoder graph
+        self.prefill_path, self.decoder = None, None
+        if self.providers[0] == "CPUExecutionProvider" and wanted(cpu_prefill):
+            try:
+                self.prefill_path = int8_prefill_path(decoder_path, cpu_prefill_cache, cpu_prefill_identity)
+                self.decoder = self._session(self.prefill_path, decoder=True) if self.prefill_path else None
+            except Exception as exc:  # asked for by name: fail; "auto": the bundle's graph does the work
+                if CpuPrefill.of(cpu_prefill) is CpuPrefill.INT8:
+                    raise
+                log.warning("int8 prefill graph not used (%s); the prompt runs through the bundle's decoder graph",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.prefill_path = None
+        if self.decoder is None:
+            self.decoder = self._session(decoder_path, decoder=True)
+        if not decode_path and self.prefill_path:
+            decode_path = decoder_path
         self.decode_graph = self._session(decode_path, decoder=True) if decode_path else None
         self.vision_encoder = self._session(vision_encoder_path, qdq=True) if vision_encoder_path else None
         self.connector = self._session(connector_path, qdq=True) if connector_path else None

@@ -1,0 +1,199 @@
+"""runtimes/cpu_prefill.py: the int8-GEMM copy of a quantized decoder's prefill graph.
+
+- the weights it reads are the MatMulNBits node's own (dequantized exactly as onnxruntime does);
+- the rewritten graph computes its stated arithmetic (per-row int8 activations, per-column 7-bit
+  weights) on any x86 kernel, 2-D and 3-D activations alike, with a bias; the LM head stays;
+- the cache: written once, a new entry when the decoder file changes (the old one pruned), nothing
+  for a graph without MatMulNBits, one clear line when the cache cannot be written;
+- which CPUs get it, and the modes' names.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBits quantizer needs it
+
+from vlmexport.core.errors import VlmexportError  # noqa: E402
+from vlmexport.core.names import CpuPrefill  # noqa: E402
+from vlmexport.quant.quantize import quantize_weight_only  # noqa: E402
+from vlmexport.runtimes import cpu_prefill as cp  # noqa: E402
+
+K, N = 256, 96
+
+
+def _graph(tmp_path, names=("layers.0.proj", "lm_head"), rank=3, bias=False, k=K, opset=17):
+    """fp32 MatMuls named ``names`` in a chain (the first k x K, then K x K, the last to N), then MatMulNBits'd."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i, name in enumerate(names):
+        n = N if i == len(names) - 1 else K
+        w = (rng.standard_normal((k if i == 0 else K, n)) * 0.05).astype(np.float32)
+        w[:, 0] = 0.05  # an equal-magnitude column: every code at its range's end
+        inits.append(numpy_helper.from_array(w, f"{name}.weight"))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.weight"], [f"{name}/out"], name=name))
+        x = f"{name}/out"
+        if bias and i == 0:
+            inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"{name}.bias"))
+            nodes.append(helper.make_node("Add", [x, f"{name}.bias"], [f"{name}/biased"], name=f"{name}.add"))
+            x = f"{name}/biased"
+    shape = ["b", "m", k][-rank:]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [*shape[:-1], N])], inits)
+    src = tmp_path / "f.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(src))
+    return src
+
+
+def _quantized(tmp_path, precision="int4", algorithm="rtn", **kw):
+    out = tmp_path / "q" / "text_decoder.onnx"
+    out.parent.mkdir(exist_ok=True)
+    return quantize_weight_only("text_decoder", _graph(tmp_path, **kw), out, precision, algorithm=algorithm,
+                                block_size=128, accuracy_level=4).path
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("precision,algorithm,k", [("int4", "rtn", K), ("int8", "rtn", K), ("int4", "hqq", K),
+                                                   ("int4", "rtn", 200)])
+def test_weights_are_the_nodes_own(tmp_path, precision, algorithm, k):
+    """dequantize_nbits gives the weights onnxruntime's MatMulNBits multiplies by (level 1: fp32
+    compute on the dequantized weights, read back through an identity input): 4 and 8 bits, hqq's
+    float zero points, and a K that is not a multiple of the block (padded codes)."""
+    src = _quantized(tmp_path, precision, algorithm, names=("layers.0.proj",), rank=2, k=k)
+    m = onnx.load(str(src))
+    node = next(n for n in m.graph.node if n.op_type == "MatMulNBits")
+    for a in node.attribute:
+        if a.name == "accuracy_level":
+            a.i = 1
+    onnx.save(m, str(tmp_path / "level1.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    assert (zp is not None) == (algorithm == "hqq")
+    w = cp.dequantize_nbits(inits[node.input[1]], inits[node.input[2]], zp, at["K"], at["N"], at["bits"],
+                            at["block_size"])
+    ort_w = _run(tmp_path / "level1.onnx", np.eye(k, dtype=np.float32))  # [k, N]
+    assert np.allclose(w.T, ort_w, rtol=0, atol=1e-6 * np.abs(ort_w).max())
+
+
+@pytest.mark.parametrize("rank,bias,opset", [(3, False, 17), (2, True, 17), (3, False, 18)])
+def test_rewritten_graph_computes_its_arithmetic(tmp_path, rank, bias, opset):
+    """Per-row activations on int8 (round(x / s), s = max|row| / 127) times per-column 7-bit weights:
+    what the graph computes, also with same-sign inputs, where 8-bit weights would saturate a 16-bit
+    kernel without VNNI, with zero rows (a text-only prompt's visual-expert rows) and a batch of two.
+    The LM head stays. Opset 18 takes ReduceMax's axes as an input."""
+    src = _quantized(tmp_path, names=("layers.0.proj", "lm_head"), rank=rank, bias=bias, opset=opset)
+    m = onnx.load(str(src))
+    assert cp.int8_prefill_model(m) == 1
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulIntegerToFloat") == 1  # the LM head stays
+    onnx.save(m, str(tmp_path / "i8.onnx"))
+
+    q = onnx.load(str(src))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = next(n for n in q.graph.node if n.name.startswith("layers."))
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    codes, col = cp.per_column_int8(cp.dequantize_nbits(inits[node.input[1]], inits[node.input[2]], None,
+                                                        at["K"], at["N"], 4, at["block_size"]))
+    assert np.abs(codes).max() == cp.WEIGHT_MAX
+    w8 = codes.astype(np.float64) * col.astype(np.float64)
+    head = next(n for n in q.graph.node if n.name.startswith("lm_head"))
+    lm = onnx.helper.make_model(helper.make_graph(
+        [head], "h", [helper.make_tensor_value_info(head.input[0], TensorProto.FLOAT, ["r", K])],
+        [helper.make_tensor_value_info(head.output[0], TensorProto.FLOAT, ["r", N])],
+        [q.graph.initializer[i] for i, t in enumerate(q.graph.initializer) if t.name in head.input]),
+        opset_imports=list(q.opset_import))
+    lm_sess = ort.InferenceSession(lm.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for x in (rng.standard_normal((6, K)), np.abs(rng.standard_normal((6, K))) * 3, np.full((2, K), 2.0),
+              np.zeros((0, K))):
+        x = x.astype(np.float32)
+        s = np.abs(x).max(-1, keepdims=True) / 127
+        h = (np.round(x / s) * s).astype(np.float64) @ w8
+        if bias:
+            h = h + inits["layers.0.proj.bias"]
+        want = lm_sess.run(None, {head.input[0]: h.astype(np.float32)})[0]
+        feed = x.reshape(2 if len(x) % 2 == 0 else 1, -1, K) if rank == 3 else x  # 3-D: two sequences
+        got = _run(tmp_path / "i8.onnx", feed)
+        assert got.shape == (*feed.shape[:-1], N)
+        assert np.abs(got.reshape(want.shape) - want).max(initial=0) <= 1e-5 * np.abs(want).max(initial=0)
+
+
+def test_cache_written_once_renewed_with_the_file_and_pruned(tmp_path):
+    src = _quantized(tmp_path, names=("layers.0.proj", "layers.1.proj", "lm_head"))
+    root = tmp_path / "cache"
+    p = cp.int8_prefill_path(src, root)
+    assert p is not None and p.name == src.name and p.parent.parent == root
+    first = p.stat().st_mtime_ns
+    assert cp.int8_prefill_path(src, root) == p and p.stat().st_mtime_ns == first  # read, not rewritten
+    x = np.random.default_rng(0).standard_normal((1, 7, K)).astype(np.float32)
+    a, b = _run(src, x), _run(p, x)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # int4 level 4 and the int8 copy: near, not equal
+    entries = [p.parent]
+    for n in range(2):  # the bundle rebuilt twice: the decoder's file changes
+        m = onnx.load(str(src))
+        m.doc_string = f"rebuilt {n}"
+        onnx.save(m, str(src))
+        entries.append(cp.int8_prefill_path(src, root).parent)
+    assert len(set(entries)) == 3 and all((e / src.name).is_file() for e in entries[1:])
+    assert not entries[0].exists() and not (root / f".{entries[0].name}.lock").exists()  # the oldest pruned
+    assert sorted(d.name for d in root.iterdir() if not d.name.startswith(".")) == sorted(e.name for e in entries[1:])
+    assert cp.int8_prefill_path(src, root) == entries[2] / src.name
+
+
+def test_a_missing_data_file_is_one_line(tmp_path):
+    m = onnx.load(str(_quantized(tmp_path)))
+    g = tmp_path / "ext" / "d.onnx"
+    g.parent.mkdir()
+    onnx.save_model(m, str(g), save_as_external_data=True, location="d.onnx.data", size_threshold=0)
+    (g.parent / "d.onnx.data").unlink()
+    with pytest.raises(VlmexportError, match="d.onnx.data: missing; rebuild the bundle"):
+        cp.int8_prefill_path(g, tmp_path / "cache")
+    with pytest.raises(VlmexportError, match="d.onnx: cannot derive its int8 prefill graph"):
+        cp.int8_prefill_path(g, tmp_path / "cache", identity="the manifest's hashes")
+
+
+def test_nothing_for_an_fp32_graph_and_one_line_for_an_unwritable_cache(tmp_path):
+    src = _graph(tmp_path)
+    assert cp.int8_prefill_path(src, tmp_path / "cache") is None
+    assert not (tmp_path / "cache").exists()
+    q = _quantized(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(VlmexportError, match="cannot write the int8 prefill graph there.*VLMEXPORT_CACHE"):
+        cp.int8_prefill_path(q, blocker / "cache")
+
+
+def test_which_cpus_and_modes():
+    assert cp.lacks_int8_dot({"avx2", "fma"}, "x86_64")
+    assert not cp.lacks_int8_dot({"avx2", "avx512f", "avx512_vnni"}, "x86_64")
+    assert not cp.lacks_int8_dot({"avx2", "avx_vnni"}, "x86_64")
+    assert not cp.lacks_int8_dot({"fp", "asimd", "asimddp"}, "aarch64")  # ARM: not measured, not used
+    assert not cp.lacks_int8_dot(set(), "x86_64")  # flags unreadable: not used
+    assert not cp.lacks_int8_dot({"sse4_2"}, "x86_64")  # no AVX2: not measured
+    assert CpuPrefill.of(None) is CpuPrefill.AUTO and CpuPrefill.of("int8") is CpuPrefill.INT8
+    with pytest.raises(VlmexportError, match="cpu_prefill='fast': choose one of auto, int8, off"):
+        CpuPrefill.of("fast")
+    assert cp.wanted("int8") and not cp.wanted("off")
+
+
+def test_cache_key_follows_the_data_file(tmp_path):
+    m = onnx.load(str(_quantized(tmp_path)))
+    g = tmp_path / "ext" / "d.onnx"
+    g.parent.mkdir()
+    onnx.save_model(m, str(g), save_as_external_data=True, location="d.onnx.data", size_threshold=0)
+    assert [p.name for p in cp.external_files(g)] == ["d.onnx.data"]
+    key = cp.cache_key(g)
+    assert cp.cache_key(g) == key
+    st = (g.parent / "d.onnx.data").stat()
+    os.utime(g.parent / "d.onnx.data", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
+    assert cp.cache_key(g) != key
