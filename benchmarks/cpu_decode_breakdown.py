@@ -11,8 +11,9 @@
   sleeping and the decode graph spinning, interleaved over rounds in one process (medians).
 - ``versus``: onnxruntime int4 against raw llama.cpp q4_0 (the bundle's GGUF), interleaved rounds
   in one process, the median of the per-round ratios.
-- ``ttft-versus``: time to first token of torch and of onnxruntime fp32 / int4, interleaved rounds in
-  one process, the median of the per-round ratios to torch.
+- ``ttft-versus``: time to first token of torch and of onnxruntime fp32 / int4 (as loaded by default,
+  and with ``cpu_prefill="off"``), interleaved rounds in one process, the median of the per-round
+  ratios to torch.
 - ``ttft``: vision encoder and connector timed alone, the decoder prefill timed and profiled
   per layer, for the given precisions.
 - ``blocks``: the ``kernels`` graph (one decode step's MatMulNBits, 8-bit LM head) at block 32 and
@@ -287,13 +288,18 @@ def versus(bundle: str, threads: int, rounds: int = 9, steps: int = 64) -> None:
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}, {rounds} interleaved rounds of {steps} steps)")
 
 
-def ttft_versus(bundle: str, threads: int, precisions=("fp32", "int4"), rounds: int = 9) -> None:
+def ttft_versus(bundle: str, threads: int, precisions=("fp32", "int4", "int4:off"), rounds: int = 9) -> None:
     """Time to first token (image encode + prefill + the first logits) of the torch reference and of
     onnxruntime at each precision, interleaved round by round in one process; medians of the
-    per-round ratios to torch."""
+    per-round ratios to torch. ``P:MODE`` loads precision P with ``cpu_prefill=MODE`` (default
+    "auto": the int8-GEMM prefill where this CPU lacks VNNI and the bundle's gate scored it)."""
     pipes = {"torch": load(bundle, backend="torch", threads=threads, verify="none")}
     for p in precisions:
-        pipes[p] = load(bundle, backend="onnxruntime", precision=p, threads=threads, verify="none")
+        name, _, mode = p.partition(":")
+        pipes[p] = load(bundle, backend="onnxruntime", precision=name, threads=threads, verify="none",
+                        cpu_prefill=mode or "auto")
+        if getattr(pipes[p].session, "prefill_path", None):
+            print(f"ttft-versus: onnxruntime {p} runs its prompt through the int8-GEMM prefill copy")
     _, layout, px = _prompt(bundle, pipes["torch"])
 
     def first_token(pipe) -> float:
