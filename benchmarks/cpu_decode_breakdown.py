@@ -323,7 +323,9 @@ def ttft_versus(bundle: str, threads: int, precisions=("fp32", "int4", "int4:off
 
 
 def ttft(bundle: str, precision: str, threads: int) -> None:
-    pipe = load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none")
+    name, _, mode = precision.partition(":")  # P:MODE as in ttft_versus
+    pipe = load(bundle, backend="onnxruntime", precision=name, threads=threads, verify="none",
+                cpu_prefill=mode or "auto")
     s = pipe.session
     model, layout, px = _prompt(bundle, pipe)
     feats = s.vision_encoder.run(["image_features"], {"pixel_values": px})[0]
@@ -414,7 +416,9 @@ def main() -> None:
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft,last-layer")
-    ap.add_argument("--ttft-precisions", default="fp32,int4")
+    ap.add_argument("--ttft-precisions", default="fp32,int4",
+                    help="ttft and last-layer; ttft takes P:MODE (cpu_prefill MODE: auto, int8, off)")
+    ap.add_argument("--versus-precisions", default="fp32,int4,int4:off", help="ttft-versus: P or P:MODE")
     a = ap.parse_args()
     what = set(a.only.split(","))
     b = Bundle.open(a.bundle, verify="size")
@@ -434,7 +438,7 @@ def main() -> None:
     if "versus" in what:
         versus(a.bundle, a.threads)
     if "ttft-versus" in what:
-        ttft_versus(a.bundle, a.threads)
+        ttft_versus(a.bundle, a.threads, tuple(a.versus_precisions.split(",")))
     if "ttft" in what:
         for p in a.ttft_precisions.split(","):
             ttft(a.bundle, p, a.threads)
