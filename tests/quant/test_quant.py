@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBits quantizer needs it
 
-from vlmexport.core.errors import BundleError, ConfigError, DataError  # noqa: E402
+from vlmexport.core.errors import BundleError, ConfigError, DataError, VlmexportError  # noqa: E402
 from vlmexport.quant import calib as calib_mod  # noqa: E402
 from vlmexport.pipeline.quantize import QuantOptions, ort_session, prompt_pipeline, quantize_onnx, gate_items  # noqa: E402
 from vlmexport.quant.calib import (CalibrationSettings, activation_stats, build_calibration, decoder_feeds,  # noqa: E402
@@ -743,7 +744,8 @@ def test_cli_build_calibrates_on_a_user_directory_and_records_skipped_images(fp3
     assert len(bad.output.strip().splitlines()) == 1
 
 
-def test_gate_scores_the_int8_prefill_and_the_session_runs_it(quantized, fp32_bundle, tmp_path, monkeypatch):
+def test_gate_scores_the_int8_prefill_and_the_session_runs_it(quantized, fp32_bundle, tmp_path, monkeypatch,
+                                                              caplog):
     """The build's gate scores the runtime's int8-GEMM prefill of each quantized decoder
     (runtimes/cpu_prefill.py) beside the decoder itself; a session with it runs the prompt through
     the copy and the decode steps through the bundle's graph; the loader uses it on "auto" only
@@ -793,3 +795,11 @@ def test_gate_scores_the_int8_prefill_and_the_session_runs_it(quantized, fp32_bu
     monkeypatch.setattr("vlmexport.runtimes.onnxruntime_backend.wanted",
                         lambda mode: CpuPrefill.of(mode) is not CpuPrefill.OFF)  # a CPU without VNNI
     assert ort_session(files, fp32_bundle["model"], cpu_prefill="auto", cpu_prefill_cache=tmp_path).prefill_path
+    blocker = tmp_path / "a-file"  # a cache that cannot be written (a read-only container, say)
+    blocker.write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        s = ort_session(files, fp32_bundle["model"], cpu_prefill="auto", cpu_prefill_cache=blocker / "cache")
+    assert s.prefill_path is None and s.decoder._model_path == str(files["text_decoder"])
+    assert "int8 prefill graph not used" in caplog.text and "VLMEXPORT_CACHE" in caplog.text
+    with pytest.raises(VlmexportError, match="cannot write the int8 prefill graph there"):  # asked for by name
+        ort_session(files, fp32_bundle["model"], cpu_prefill="int8", cpu_prefill_cache=blocker / "cache")
