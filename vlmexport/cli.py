@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .core.atomic import Terminated, check_stop, clear_stop, request_stop
 from .core.errors import VlmexportError
 from .core.names import Backend, CpuPrefill, Device, Spin
 
@@ -37,13 +38,8 @@ def _examples(*lines: str) -> str:
     return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
 
-class Terminated(BaseException):
-    """SIGTERM (a job scheduler's timeout, ``kill``): raised in the main thread so that every
-    ``atomic_directory`` / ``atomic_file`` on the way out removes its temporary output, as
-    for Ctrl-C. (A C call in progress, e.g. llama.cpp's quantizer, finishes first.)"""
-
-
 def _raise_terminated(signum, frame):  # noqa: ARG001
+    request_stop()  # if the raise below is dropped (it was, inside an import lock's callback), nothing publishes
     raise Terminated()
 
 
@@ -52,9 +48,12 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         previous = None
         if threading.current_thread() is threading.main_thread():
+            clear_stop()
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            check_stop()  # a SIGTERM whose exception was dropped still ends as terminated
+            return result
         except VlmexportError as exc:  # one line, even when a path or value holds control characters
             msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
             console.print(Text.assemble(("error: ", "bold red"), msg), soft_wrap=True, highlight=False)

@@ -90,3 +90,40 @@ def test_file_in_a_new_directory(tmp_path):
     with atomic_file(path) as tmp:
         tmp.write_text("{}")
     assert path.read_text() == "{}"
+
+
+def test_a_sigterm_whose_exception_python_drops_still_stops_the_publish(tmp_path):
+    """A signal handler's exception raised while Python runs a callback (here a weakref's; in CI
+    an import lock's) is printed and dropped. The handler also asks for a stop, so the atomic
+    output is not published: what was at the path stays, and the job ends as terminated."""
+    import gc
+    import os
+    import signal
+    import weakref
+
+    from vlmexport import cli
+    from vlmexport.core import atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("previous")
+    previous = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    atomic.clear_stop()
+
+    class Victim:
+        pass
+
+    v = Victim()
+    ref = weakref.ref(v, lambda _: os.kill(os.getpid(), signal.SIGTERM) or sum(range(10**5)))  # noqa: F841
+    try:
+        with pytest.raises(atomic.Terminated):
+            with atomic.atomic_directory(out) as tmp:
+                (tmp / "new").write_text("new")
+                del v
+                gc.collect()  # the callback receives the signal; its Terminated is dropped
+                sum(range(10**5))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        atomic.clear_stop()
+    assert sorted(p.name for p in out.iterdir()) == ["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

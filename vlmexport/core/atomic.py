@@ -14,12 +14,39 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from .errors import VlmexportError
 
 log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's timeout, ``kill``): raised in the main thread so that every
+    ``atomic_directory`` / ``atomic_file`` on the way out removes its temporary output, as
+    for Ctrl-C. (A C call in progress, e.g. llama.cpp's quantizer, finishes first.)"""
+
+
+# Set by the SIGTERM handler as well as raising: an exception raised by a signal handler while
+# Python runs a callback (a weakref's, an import lock's) is printed and dropped, and the job would
+# go on to publish its output. Nothing is published once a stop was asked for.
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def check_stop() -> None:
+    """Raise :class:`Terminated` if a stop was asked for (see :data:`_STOP`)."""
+    if _STOP.is_set():
+        raise Terminated()
 
 
 def publish_permissions(root: Path) -> None:
@@ -145,6 +172,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner_tag()}-", dir=out.parent))
     try:
         yield tmp
+        check_stop()
         publish_permissions(tmp)
         replace_dir(tmp, out)
     except BaseException:
@@ -163,6 +191,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        check_stop()
         publish_permissions(tmp) if tmp.is_dir() else tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
