@@ -285,3 +285,18 @@ def test_bench_times_raw_llama_cpp_as_the_anchor_row(tmp_path, tiny_model_dir):
         ratio = data["ratios"]["llamacpp-f32 / llamacpp-raw-f32"]
         assert ratio["image_encode"] is None and ratio["decode_tok_s"] > 0
         assert "llamacpp-f32 / llamacpp-raw-f32: decode x" in r.plain
+
+
+def test_the_gate_table_shows_a_cpu_prefill_that_could_not_be_scored(capsys, monkeypatch):
+    from vlmexport import cli
+    from vlmexport.cli import _print_gates
+
+    monkeypatch.setattr(cli.out, "width", 200)  # one line per row, whatever the terminal
+
+    row = {"prompts": 14, "top1_agreement": 1.0, "mean_cosine": 0.999, "accuracy": 95.0, "accuracy_drop_points": 0.2,
+           "gates": [{"gate": "max_accuracy_drop", "measured": 0.2, "limit": 1.5, "passed": True}], "passed": True}
+    _print_gates({"onnx": {"scores": {"int4": {**row, "cpu_prefill_int8": {"passed": False, "error": "boom",
+                                                                           "format_version": 4}},
+                                      "int8": {**row, "cpu_prefill_int8": dict(row)}}}})
+    text = capsys.readouterr().out
+    assert "not scored" in text and text.count("cpu prefill") == 2

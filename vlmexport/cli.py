@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .core.atomic import Terminated, check_stop, clear_stop, request_stop
+from .core.atomic import Terminated, clear_stop, request_stop, stop_requested
 from .core.errors import VlmexportError
 from .core.names import Backend, CpuPrefill, Device, Spin
 
@@ -52,7 +52,9 @@ def friendly_errors(fn: Callable) -> Callable:
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             result = fn(*args, **kwargs)
-            check_stop()  # a SIGTERM whose exception was dropped still ends as terminated
+            if stop_requested():  # a SIGTERM whose exception Python dropped, after the work was done
+                console.print("[yellow]terminated[/yellow] after the command finished; its output is complete")
+                raise typer.Exit(143)
             return result
         except VlmexportError as exc:  # one line, even when a path or value holds control characters
             msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
@@ -72,6 +74,7 @@ def friendly_errors(fn: Callable) -> Callable:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+                clear_stop()  # later library use in this process (tests, an embedding program) publishes again
 
     return wrapper
 
@@ -500,6 +503,9 @@ def _print_gates(calibration: dict) -> None:
     rows = [(p, s) for precision, x in scores.items()  # each precision, then its int8-GEMM cpu prefill
             for p, s in ((precision, x), (f"{precision}, cpu prefill", x.get("cpu_prefill_int8"))) if s]
     for precision, s in rows:
+        if "error" in s:  # the cpu prefill could not be scored (the build logged why)
+            t.add_row(precision, "-", "-", "-", "-", "-", "[yellow]not scored, not used[/yellow]")
+            continue
         gates = "; ".join(f"{'<=' if g['gate'].startswith('max') else '>='} {g['limit']}" for g in s.get("gates", []))
         verdict = "[green]passed[/green]" if s.get("passed", True) else "[red]DEGRADED[/red]"
         if precision.endswith("cpu prefill") and not s.get("passed", True):

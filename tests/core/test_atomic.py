@@ -127,3 +127,22 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_publish(tmp_path
         atomic.clear_stop()
     assert sorted(p.name for p in out.iterdir()) == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_stop_after_the_work_ends_the_command_as_terminated_and_is_cleared(capsys):
+    """A dropped SIGTERM noticed only when the command returns: exit 143, saying the output is
+    complete; the flag is cleared on the way out, so later atomic writes in the process publish."""
+    import typer
+
+    from vlmexport import cli
+    from vlmexport.core import atomic
+
+    @cli.friendly_errors
+    def command():
+        atomic.request_stop()  # as the handler does when Python drops its exception
+        return "done"
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    assert e.value.exit_code == 143 and not atomic.stop_requested()
+    assert "its output is complete" in capsys.readouterr().err

@@ -43,6 +43,10 @@ def clear_stop() -> None:
     _STOP.clear()
 
 
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
 def check_stop() -> None:
     """Raise :class:`Terminated` if a stop was asked for (see :data:`_STOP`)."""
     if _STOP.is_set():
