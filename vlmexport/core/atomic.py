@@ -23,6 +23,11 @@ from .errors import VlmexportError
 log = logging.getLogger(__name__)
 
 
+def user_cache_dir(name: str) -> Path:
+    """``$VLMEXPORT_CACHE/NAME`` (default ``~/.cache/vlmexport/NAME``): what a job may keep between runs."""
+    return Path(os.environ.get("VLMEXPORT_CACHE", Path.home() / ".cache" / "vlmexport")) / name
+
+
 class Terminated(BaseException):
     """SIGTERM (a job scheduler's timeout, ``kill``): raised in the main thread so that every
     ``atomic_directory`` / ``atomic_file`` on the way out removes its temporary output, as

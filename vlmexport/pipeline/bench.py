@@ -29,6 +29,7 @@ import numpy as np
 from ..core.errors import VlmexportError
 from ..core.layout import ImagePiece, TextPiece, build_layout
 from ..core.names import CpuPrefill, Part, Spin
+from ..runtimes.environment import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -330,12 +331,7 @@ SIMD_FEATURES = (("amx_int8", "AMX-INT8"), ("avx512f", "AVX-512"), ("avx512_vnni
 def cpu_features(cpuinfo: str) -> list[str]:
     """The :data:`SIMD_FEATURES` the first CPU in a /proc/cpuinfo text reports, in that order;
     AVX2 is left out where AVX-512 is there (every AVX-512 CPU has it)."""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-            break
+    flags = cpu_flags(cpuinfo)
     names = [name for flag, name in SIMD_FEATURES if flag in flags]
     return [n for n in names if not (n == "AVX2" and "AVX-512" in names)]
 

@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..core.atomic import user_cache_dir
 from ..core.errors import ConfigError, DataError, ImageError
 from ..core.names import DECODER_ALL_ROWS
 
@@ -53,7 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("VLMEXPORT_CACHE", Path.home() / ".cache" / "vlmexport")) / "calibration"
+    return user_cache_dir("calibration")
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import user_cache_dir
 from ..core.errors import VlmexportError
 from ..core.names import CpuPrefill
+from .environment import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +53,6 @@ ACTIVATION_ZERO = 128  # symmetric int8 codes stored as uint8 + 128
 SOURCE = "source.json"  # in each cache entry: the decoder graph it was derived from
 CONVERTED_PREFIX = "layers."  # the decoder layers' projections (exporter/onnx_decoder.py names); the LM head stays
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def lacks_int8_dot(flags: set[str] | None = None, machine: str | None = None) -> bool:
@@ -258,7 +248,7 @@ def cache_key(graph_path: str | os.PathLike, identity: str | None = None) -> str
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("VLMEXPORT_CACHE", Path.home() / ".cache" / "vlmexport")) / "cpu-prefill"
+    return user_cache_dir("cpu-prefill")
 
 
 def convertible(graph_path: str | os.PathLike) -> bool:

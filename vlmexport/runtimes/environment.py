@@ -9,6 +9,22 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The first CPU's feature flags in a /proc/cpuinfo text (x86 "flags", Arm "Features"); this
+    machine's when ``cpuinfo`` is None (empty where it cannot be read, e.g. not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 @dataclass

@@ -49,6 +49,7 @@ import numpy as np
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.layout import LANGUAGE, VISION, SequenceLayout
 from ..core.names import Part, gguf_is_visual_expert
+from .environment import cpu_flags
 from .llamacpp_lib import INSTALL_HINT, LOG_SINK, init_backend, llamacpp_available  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -204,11 +205,7 @@ def load_text_model(lib, info: GGUFInfo, n_gpu_layers: int = 0):
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " amx_int8" in f.read(1 << 16)
-    except OSError:
-        return False
+    return "amx_int8" in cpu_flags()
 
 
 def default_threads() -> int:
