@@ -1,5 +1,5 @@
 """Where an onnxruntime int4 decode step and the time to first token go, on a built bundle
-(docs/results.md, "CPU speed against llama.cpp"). Nine measurements, each printed on its own line:
+(docs/results.md, "CPU speed against llama.cpp"). Twelve measurements, each printed on its own line:
 
 - ``kernels``: a graph of only one decode step's MatMulNBits (the language expert's projections
   of every layer and the LM head, at the bundle decoder's shapes and block size, random codes)
@@ -29,8 +29,17 @@
   position only (the default) and on every position (``last_layer_all_rows=1``, as before that
   existed), alternating in one profiled session: whole runs and the last layer's kernels (medians),
   the median of the per-round ratios and the logits' difference, for the given precisions.
+- ``ops``: every op type's share of the decoder prefill and of the vision encoder, profiled, for the
+  given precisions (``ttft`` prints the top four of the prefill).
+- ``alternatives``: two rewrites of the prefill measured against what the graph does, alternating
+  rounds in one process: gate and up as one fp32 MatMul plus a Split against two MatMuls (the image
+  rows, with SwiGLU's tail), and ONNX's opset-23 ``Attention`` (``is_causal``) against one
+  GroupQueryAttention at the prompt's length, KV buffer bound in place as the runtime binds it.
+- ``spin``: time to first token with the intra-op threads spinning through the image encode and the
+  prefill (``spin="all"``) against the default (``"decode"``: spinning in decode steps only),
+  interleaved rounds, for the given precisions.
 
-    python benchmarks/cpu_decode_breakdown.py qa                        # all nine, int4 and fp32
+    python benchmarks/cpu_decode_breakdown.py qa                        # every measurement, int4 and fp32
     python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
 
 Not a test: the figures depend on the machine and on what else runs on it.
@@ -411,13 +420,159 @@ def last_layer(bundle: str, precision: str, threads: int, rounds: int = 15) -> N
           f"{float(np.abs(logits[0] - logits[1]).max()):.2g}")
 
 
+
+def _op_table(events: list, runs: int) -> list[tuple[str, float]]:
+    """``(op type, ms per run)`` from an onnxruntime profile of ``runs`` runs, largest first."""
+    ops = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            ops[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return ops.most_common()
+
+
+def ops(bundle: str, precision: str, threads: int, runs: int = 4) -> None:
+    name, _, mode = precision.partition(":")
+    pipe = load(bundle, backend="onnxruntime", precision=name, threads=threads, verify="none",
+                cpu_prefill=mode or "auto")
+    s = pipe.session
+    _, layout, px = _prompt(bundle, pipe)
+    emb = s.encode_images(px)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads, False, profile=True)
+        so.profile_file_prefix = str(Path(tmp) / "prefill")
+        d = ort.InferenceSession(s.decoder._model_path, so, providers=s.providers)
+        s._bindings[id(d)] = s._bind(d)
+        s._routed[id(d)] = True
+        s.decoder = d
+        for _ in range(runs):
+            s.reset()
+            s.prefill(layout, emb)
+        tables = {"prefill": _op_table(json.loads(Path(d.end_profiling()).read_text()), runs)}
+        so = session_options(threads, False, profile=True)
+        so.profile_file_prefix = str(Path(tmp) / "vision")
+        v = ort.InferenceSession(s.vision_encoder._model_path, so, providers=s.providers)
+        feed = {"pixel_values": px.astype(np.float16 if "float16" in v.get_inputs()[0].type else np.float32)}
+        for _ in range(runs):
+            v.run(None, feed)
+        tables["vision encoder"] = _op_table(json.loads(Path(v.end_profiling()).read_text()), runs)
+    for part, table in tables.items():
+        total = sum(ms for _, ms in table)
+        cells = ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in table if ms >= 0.05)
+        print(f"ops {precision} {part} (profiled, {runs} runs, ms a run): total {total:.1f}; {cells}")
+
+
+def _alternating(fns: dict, rounds: int = 9, steps: int = 10) -> dict:
+    """Median ms of each callable over ``rounds`` rounds that alternate their order."""
+    for fn in fns.values():
+        fn()
+    ms = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[k]()
+            ms[k].append((time.perf_counter() - t0) / steps * 1000)
+    return ms
+
+
+def _ratio_text(ms: dict, a: str, b: str) -> str:
+    ratios = sorted(x / y for x, y in zip(ms[a], ms[b]))
+    return (f"{a} {statistics.median(ms[a]):.2f} ms, {b} {statistics.median(ms[b]):.2f} ms, per-round ratio "
+            f"median {statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+
+
+def alternatives(b: Bundle, threads: int, rows: int, positions: int) -> None:
+    f, rng = _decoder_facts(b), np.random.default_rng(0)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    vi = helper.make_tensor_value_info
+
+    def session(nodes, ins, outs, inits=(), opset=opsets) -> ort.InferenceSession:
+        m = helper.make_model(helper.make_graph(nodes, "g", ins, outs, list(inits)), opset_imports=opset)
+        return ort.InferenceSession(m.SerializeToString(), session_options(threads, False),
+                                    providers=["CPUExecutionProvider"])
+
+    # gate|up: one MatMul of N = 2 * intermediate and a Split, against the graph's two MatMuls
+    h, i = f["h"], f["i"]
+    wg, wu = ((rng.standard_normal((h, i)) * 0.05).astype(np.float32) for _ in range(2))
+    tail = [helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["a"]),
+            helper.make_node("Mul", ["a", "u"], ["y"])]
+    x_in, y_out = [vi("x", TensorProto.FLOAT, [rows, h])], [vi("y", TensorProto.FLOAT, [rows, i])]
+    separate = session([helper.make_node("MatMul", ["x", "wg"], ["g"]), helper.make_node("MatMul", ["x", "wu"], ["u"]),
+                        *tail], x_in, y_out, [numpy_helper.from_array(wg, "wg"), numpy_helper.from_array(wu, "wu")])
+    fused = session([helper.make_node("MatMul", ["x", "w"], ["gu"]),
+                     helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2), *tail], x_in, y_out,
+                    [numpy_helper.from_array(np.concatenate([wg, wu], 1), "w")])
+    x = rng.standard_normal((rows, h)).astype(np.float32)
+    diff = float(np.abs(fused.run(None, {"x": x})[0] - separate.run(None, {"x": x})[0]).max())
+    ms = _alternating({"fused": lambda: fused.run(None, {"x": x}), "separate": lambda: separate.run(None, {"x": x})})
+    print(f"alternatives, gate|up ({rows}x{h} @ {h}x{i} twice, fp32): {_ratio_text(ms, 'fused', 'separate')}; "
+          f"max difference {diff:.2g}")
+
+    # attention: one GroupQueryAttention (KV buffer bound in place) against opset-23 Attention, causal
+    nh, kvh, hd, cap = f["heads"], f["kv"], f["hd"], -(-positions // 128) * 128  # the runtime's 128-position chunks
+    qkv = {n: rng.standard_normal((1, positions, w)).astype(np.float32)
+           for n, w in (("q", nh * hd), ("k", kvh * hd), ("v", kvh * hd))}
+    ins = [vi(n, TensorProto.FLOAT, list(a.shape)) for n, a in qkv.items()]
+    buf = [vi(n, TensorProto.FLOAT, [1, kvh, cap, hd]) for n in ("pk", "pv")]
+    gqa = session([helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total"],
+                                    ["y", "ok", "ov"], domain="com.microsoft", num_heads=nh, kv_num_heads=kvh)],
+                  ins + buf + [vi("seqlens_k", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])],
+                  [vi("y", TensorProto.FLOAT, None), vi("ok", TensorProto.FLOAT, None), vi("ov", TensorProto.FLOAT, None)])
+    io = gqa.io_binding()
+    for n, a in qkv.items():
+        io.bind_cpu_input(n, a)
+    io.bind_cpu_input("seqlens_k", np.array([positions - 1], np.int32))
+    io.bind_cpu_input("total", np.array(positions, np.int32))
+    for n, o in (("pk", "ok"), ("pv", "ov")):
+        kv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, cap, hd), np.float32))
+        io.bind_ortvalue_input(n, kv)
+        io.bind_ortvalue_output(o, kv)
+    io.bind_output("y")
+    gqa.run_with_iobinding(io)
+    y_gqa = io.get_outputs()[2].numpy()
+    try:
+        att = session([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, q_num_heads=nh,
+                                        kv_num_heads=kvh)], ins, [vi("y", TensorProto.FLOAT, None)],
+                      opset=[helper.make_opsetid("", 23)])
+    except Exception as exc:  # an onnxruntime without opset 23's Attention on the CPU
+        print(f"alternatives, attention: opset-23 Attention unavailable ({str(exc).splitlines()[0][:100]})")
+        return
+    diff = float(np.abs(att.run(None, qkv)[0] - y_gqa).max())
+    ms = _alternating({"Attention": lambda: att.run(None, qkv), "GroupQueryAttention": lambda: gqa.run_with_iobinding(io)})
+    print(f"alternatives, attention ({positions} positions, {nh} heads, KV buffer {cap}, one layer): "
+          f"{_ratio_text(ms, 'Attention', 'GroupQueryAttention')}; max difference {diff:.2g}; Attention writes no "
+          "KV cache")
+
+
+def spin(bundle: str, precision: str, threads: int, rounds: int = 15) -> None:
+    pipes = {k: load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none", spin=k)
+             for k in ("all", "decode")}
+    _, layout, px = _prompt(bundle, pipes["decode"])
+    parts: dict = {k: {"encode": [], "prefill": []} for k in pipes}
+    for r in range(rounds + 1):  # the first round warms both up
+        for k in (("all", "decode") if r % 2 == 0 else ("decode", "all")):
+            s = pipes[k].session
+            t0 = time.perf_counter()
+            emb = s.encode_images(px)
+            t1 = time.perf_counter()
+            s.reset()
+            int(np.argmax(s.prefill(layout, emb)))
+            if r:
+                parts[k]["encode"].append((t1 - t0) * 1000)
+                parts[k]["prefill"].append((time.perf_counter() - t1) * 1000)
+    line = [_ratio_text({"spinning": parts["all"][p], "not": parts["decode"][p]}, "spinning", "not").replace(
+        "spinning", f"{p} spinning", 1) for p in ("encode", "prefill")]
+    print(f"spin {precision} ({rounds} interleaved rounds): " + "; ".join(line))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle built with --precision fp32,int8,int4 (bench-s: docs/results.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft,last-layer")
+    ap.add_argument("--only", default="kernels,attention,blocks,gemm,variants,versus,ttft-versus,ttft,last-layer,"
+                                      "ops,alternatives,spin")
     ap.add_argument("--ttft-precisions", default="fp32,int4",
-                    help="ttft and last-layer; ttft takes P:MODE (cpu_prefill MODE: auto, int8, off)")
+                    help="ttft, last-layer, ops and spin; ttft and ops take P:MODE (cpu_prefill MODE: auto, int8, off)")
     ap.add_argument("--versus-precisions", default="fp32,int4,int4:off", help="ttft-versus: P or P:MODE")
     a = ap.parse_args()
     what = set(a.only.split(","))
@@ -445,6 +600,17 @@ def main() -> None:
     if "last-layer" in what:
         for p in a.ttft_precisions.split(","):
             last_layer(a.bundle, p, a.threads)
+    if "ops" in what:
+        for p in a.ttft_precisions.split(","):
+            ops(a.bundle, p, a.threads)
+    if "alternatives" in what:
+        pipe = load(a.bundle, backend="onnxruntime", precision="fp32", verify="none")
+        n = len(_prompt(a.bundle, pipe)[1])
+        del pipe
+        alternatives(b, a.threads, b.section("model")["image_tokens"], n)
+    if "spin" in what:
+        for p in a.ttft_precisions.split(","):
+            spin(a.bundle, p.partition(":")[0], a.threads)
 
 
 if __name__ == "__main__":
