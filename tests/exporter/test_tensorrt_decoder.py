@@ -189,3 +189,31 @@ def test_cross_attending_decoder_is_refused_with_one_line(tiny_model, tmp_path, 
         export_tensorrt_decoder(StateDictTensors(model), type(model).part_specs(model.config).decoder,
                                 tmp_path / "td.onnx", "fp16")
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+def test_last_layer_runs_the_last_position_only(tiny_model, tmp_path):
+    """Once the last layer's keys and values are written, its output projection and both experts'
+    MLPs see one position per row; the layers before it see every position."""
+    import onnxruntime as ort
+
+    model = tiny_model("cogvlm", jitter=True)
+    g, _ = export_all(model, tmp_path)
+    s = type(model).part_specs(model.config).decoder
+    m = onnx.load(str(g.path))
+    last = s.num_layers - 1
+    probes = {n.name: n.output[0] for n in m.graph.node
+              if n.name in {f"layers.{i}.{blk}.route" for i in (0, last) for blk in ("o", "mlp")}}
+    assert len(probes) == 4, sorted(probes)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(v) for v in probes.values())
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    lay = layout(model, images=1)
+    n = len(lay)
+    kv = np.zeros((1, s.num_kv_heads, CAPACITY, s.head_dim), np.float32)
+    feeds = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, n, s.hidden_size)).astype(np.float32),
+             "position_ids": lay.position_ids[None], "token_type": lay.token_type[None],
+             "write_index": np.array([0], np.int64),
+             **{f"past_key_values.{i}.{k}": kv for i in range(s.num_layers) for k in ("key", "value")}}
+    outs = dict(zip(probes, sess.run(list(probes.values()), feeds)))
+    for blk in ("o", "mlp"):
+        assert outs[f"layers.0.{blk}.route"].shape == (1, n, s.hidden_size)
+        assert outs[f"layers.{last}.{blk}.route"].shape == (1, 1, s.hidden_size)
