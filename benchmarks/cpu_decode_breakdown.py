@@ -29,15 +29,17 @@
   position only (the default) and on every position (``last_layer_all_rows=1``, as before that
   existed), alternating in one profiled session: whole runs and the last layer's kernels (medians),
   the median of the per-round ratios and the logits' difference, for the given precisions.
-- ``ops``: every op type's share of the decoder prefill and of the vision encoder, profiled, for the
-  given precisions (``ttft`` prints the top four of the prefill).
+- ``ops``: every op type's share of the decoder prefill and of the vision encoder, profiled with the
+  runtime's own session settings (spinning, the int8 vision parts' disabled optimizer), the first
+  run left out, for the given precisions (``ttft`` prints the top four of the prefill).
 - ``alternatives``: two rewrites of the prefill measured against what the graph does, alternating
   rounds in one process: gate and up as one fp32 MatMul plus a Split against two MatMuls (the image
   rows, with SwiGLU's tail), and ONNX's opset-23 ``Attention`` (``is_causal``) against one
   GroupQueryAttention at the prompt's length, KV buffer bound in place as the runtime binds it.
-- ``spin``: time to first token with the intra-op threads spinning through the image encode and the
-  prefill (``spin="all"``) against the default (``"decode"``: spinning in decode steps only),
-  interleaved rounds, for the given precisions.
+- ``spin``: the image encode and the prefill under each spin mode (``"off"``; the default
+  ``"decode"``: the decoder sessions spin, the prompt's included; ``"all"``: the vision parts too),
+  interleaved rounds, for the given precisions: encode "all" against "decode", prefill "decode"
+  against "off".
 
     python benchmarks/cpu_decode_breakdown.py qa                        # every measurement, int4 and fp32
     python benchmarks/cpu_decode_breakdown.py qa --only kernels,attention
@@ -63,7 +65,7 @@ from onnx import TensorProto, helper, numpy_helper
 from vlmexport.bundle import Bundle
 from vlmexport.pipeline.bench import bench_layout, prefill_flops
 from vlmexport.runtimes.loader import load
-from vlmexport.runtimes.onnxruntime_backend import session_options
+from vlmexport.runtimes.onnxruntime_backend import KV_CHUNK, session_options
 
 
 def _median_ms(fn, steps: int = 32, rounds: int = 7) -> float:
@@ -421,44 +423,54 @@ def last_layer(bundle: str, precision: str, threads: int, rounds: int = 15) -> N
 
 
 
-def _op_table(events: list, runs: int) -> list[tuple[str, float]]:
-    """``(op type, ms per run)`` from an onnxruntime profile of ``runs`` runs, largest first."""
+def _op_table(events: list, skip: int = 1) -> tuple[list[tuple[str, float]], int]:
+    """``(op type, ms per run)`` from an onnxruntime profile, largest first, leaving out the first
+    ``skip`` runs (warm-up: arena growth, KV buffers); and the number of runs counted."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip:]
     ops = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            ops[e["args"]["op_name"]] += e["dur"] / 1000 / runs
-    return ops.most_common()
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and any(a <= e["ts"] <= b for a, b in runs):
+            ops[e["args"]["op_name"]] += e["dur"] / 1000 / len(runs)
+    return ops.most_common(), len(runs)
 
 
-def ops(bundle: str, precision: str, threads: int, runs: int = 4) -> None:
+def ops(bundle: str, precision: str, threads: int, runs: int = 5) -> None:
+    from vlmexport.core.names import Spin
+    from vlmexport.runtimes.onnxruntime_backend import QDQ_DISABLED_OPTIMIZERS
+
     name, _, mode = precision.partition(":")
     pipe = load(bundle, backend="onnxruntime", precision=name, threads=threads, verify="none",
                 cpu_prefill=mode or "auto")
     s = pipe.session
     _, layout, px = _prompt(bundle, pipe)
     emb = s.encode_images(px)
+
+    def profiled(path: str, decoder: bool, tmp: str, prefix: str) -> ort.InferenceSession:
+        """A session as the runtime opens it (OrtModelSession._session), profiling on."""
+        so = session_options(threads, s.spin is Spin.ALL or (decoder and s.spin is Spin.DECODE), profile=True)
+        so.profile_file_prefix = str(Path(tmp) / prefix)
+        qdq = not decoder and ".int8." in Path(path).name
+        return ort.InferenceSession(path, so, providers=s.providers,
+                                    disabled_optimizers=list(QDQ_DISABLED_OPTIMIZERS) if qdq else None)
+
     with tempfile.TemporaryDirectory() as tmp:
-        so = session_options(threads, False, profile=True)
-        so.profile_file_prefix = str(Path(tmp) / "prefill")
-        d = ort.InferenceSession(s.decoder._model_path, so, providers=s.providers)
+        d = profiled(s.decoder._model_path, True, tmp, "prefill")
         s._bindings[id(d)] = s._bind(d)
         s._routed[id(d)] = True
         s.decoder = d
-        for _ in range(runs):
+        for _ in range(runs + 1):
             s.reset()
             s.prefill(layout, emb)
-        tables = {"prefill": _op_table(json.loads(Path(d.end_profiling()).read_text()), runs)}
-        so = session_options(threads, False, profile=True)
-        so.profile_file_prefix = str(Path(tmp) / "vision")
-        v = ort.InferenceSession(s.vision_encoder._model_path, so, providers=s.providers)
+        tables = {"prefill": _op_table(json.loads(Path(d.end_profiling()).read_text()))}
+        v = profiled(s.vision_encoder._model_path, False, tmp, "vision")
         feed = {"pixel_values": px.astype(np.float16 if "float16" in v.get_inputs()[0].type else np.float32)}
-        for _ in range(runs):
+        for _ in range(runs + 1):
             v.run(None, feed)
-        tables["vision encoder"] = _op_table(json.loads(Path(v.end_profiling()).read_text()), runs)
-    for part, table in tables.items():
+        tables["vision encoder"] = _op_table(json.loads(Path(v.end_profiling()).read_text()))
+    for part, (table, n) in tables.items():
         total = sum(ms for _, ms in table)
         cells = ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in table if ms >= 0.05)
-        print(f"ops {precision} {part} (profiled, {runs} runs, ms a run): total {total:.1f}; {cells}")
+        print(f"ops {precision} {part} (profiled, {n} runs after one warm-up, ms a run): total {total:.1f}; {cells}")
 
 
 def _alternating(fns: dict, rounds: int = 9, steps: int = 10) -> dict:
@@ -509,7 +521,8 @@ def alternatives(b: Bundle, threads: int, rows: int, positions: int) -> None:
           f"max difference {diff:.2g}")
 
     # attention: one GroupQueryAttention (KV buffer bound in place) against opset-23 Attention, causal
-    nh, kvh, hd, cap = f["heads"], f["kv"], f["hd"], -(-positions // 128) * 128  # the runtime's 128-position chunks
+    nh, kvh, hd = f["heads"], f["kv"], f["hd"]
+    cap = -(-positions // KV_CHUNK) * KV_CHUNK  # the runtime's KV buffer at this length
     qkv = {n: rng.standard_normal((1, positions, w)).astype(np.float32)
            for n, w in (("q", nh * hd), ("k", kvh * hd), ("v", kvh * hd))}
     ins = [vi(n, TensorProto.FLOAT, list(a.shape)) for n, a in qkv.items()]
@@ -529,7 +542,7 @@ def alternatives(b: Bundle, threads: int, rows: int, positions: int) -> None:
         io.bind_ortvalue_output(o, kv)
     io.bind_output("y")
     gqa.run_with_iobinding(io)
-    y_gqa = io.get_outputs()[2].numpy()
+    y_gqa = dict(zip(["ok", "ov", "y"], io.get_outputs()))["y"].numpy()  # outputs in the order bound
     try:
         att = session([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, q_num_heads=nh,
                                         kv_num_heads=kvh)], ins, [vi("y", TensorProto.FLOAT, None)],
@@ -545,12 +558,13 @@ def alternatives(b: Bundle, threads: int, rows: int, positions: int) -> None:
 
 
 def spin(bundle: str, precision: str, threads: int, rounds: int = 15) -> None:
+    modes = ("off", "decode", "all")
     pipes = {k: load(bundle, backend="onnxruntime", precision=precision, threads=threads, verify="none", spin=k)
-             for k in ("all", "decode")}
+             for k in modes}
     _, layout, px = _prompt(bundle, pipes["decode"])
-    parts: dict = {k: {"encode": [], "prefill": []} for k in pipes}
-    for r in range(rounds + 1):  # the first round warms both up
-        for k in (("all", "decode") if r % 2 == 0 else ("decode", "all")):
+    parts: dict = {k: {"encode": [], "prefill": []} for k in modes}
+    for r in range(rounds + 1):  # the first round warms every pipeline up
+        for k in (modes if r % 2 == 0 else modes[::-1]):
             s = pipes[k].session
             t0 = time.perf_counter()
             emb = s.encode_images(px)
@@ -560,9 +574,10 @@ def spin(bundle: str, precision: str, threads: int, rounds: int = 15) -> None:
             if r:
                 parts[k]["encode"].append((t1 - t0) * 1000)
                 parts[k]["prefill"].append((time.perf_counter() - t1) * 1000)
-    line = [_ratio_text({"spinning": parts["all"][p], "not": parts["decode"][p]}, "spinning", "not").replace(
-        "spinning", f"{p} spinning", 1) for p in ("encode", "prefill")]
-    print(f"spin {precision} ({rounds} interleaved rounds): " + "; ".join(line))
+    enc = {k: parts[k]["encode"] for k in ("all", "decode")}
+    pre = {k: parts[k]["prefill"] for k in ("decode", "off")}
+    print(f"spin {precision} ({rounds} interleaved rounds): image encode, spin {_ratio_text(enc, 'all', 'decode')}; "
+          f"prefill, spin {_ratio_text(pre, 'decode', 'off')}")
 
 
 def main() -> None:

@@ -7,9 +7,13 @@ alternating rounds (medians, and the median of the per-round ratios). docs/tenso
 layer keeps the last position", used it:
 
     git worktree add /tmp/before <commit before>
-    PYTHONPATH=/tmp/before python -m vlmexport.cli build MODEL --format tensorrt --precision fp32 --out before --no-validate
-    vlmexport build MODEL --format tensorrt --precision fp32 --out after --no-validate
-    python benchmarks/tensorrt_profile_ab.py before after --threads 2
+    (cd /tmp/before && python -m vlmexport.cli build MODEL --format tensorrt --precision fp32 \
+        --out /tmp/ab-before --no-validate)     # run inside the old tree: python -m puts the cwd first
+    vlmexport build MODEL --format tensorrt --precision fp32 --out /tmp/ab-after --no-validate
+    python benchmarks/tensorrt_profile_ab.py /tmp/ab-before /tmp/ab-after --threads 2
+
+(MODEL: an absolute path; without one, the shipped demo model.) The two decoder graphs must
+differ: the script stops if their ONNX files are byte-identical (the same code built both).
 
 Not a test: the times depend on the machine and what else runs on it. A CPU only validates these
 graphs; what TensorRT makes of them is not measured here.
@@ -28,7 +32,7 @@ from vlmexport.core.layout import ImagePiece, TextPiece, build_layout
 from vlmexport.runtimes.tensorrt_profile import OrtProfileExecutor, ProfileFiles, StaticCacheSession
 
 
-def session(path: str, threads: int, capacity: int) -> tuple[StaticCacheSession, dict]:
+def session(path: str, threads: int, capacity: int) -> tuple[StaticCacheSession, dict, ProfileFiles]:
     b = Bundle.open(path, verify="none")
     m = b.section("model")
 
@@ -39,7 +43,14 @@ def session(path: str, threads: int, capacity: int) -> tuple[StaticCacheSession,
     files = ProfileFiles(f("text_decoder"), f("token_embedding"), f("vision_encoder"), f("connector"),
                          b.file(decode) if decode else None)
     ex = OrtProfileExecutor(files, m["num_layers"], m["num_kv_heads"], m["head_dim"], capacity, threads=threads)
-    return StaticCacheSession(ex, files.token_embedding, m["hidden_size"], m["vocab_size"]), m
+    return StaticCacheSession(ex, files.token_embedding, m["hidden_size"], m["vocab_size"]), m, files
+
+
+def _graph_facts(path) -> tuple[bytes, int]:
+    import onnx
+
+    data = open(path, "rb").read()
+    return data, len(onnx.load_from_string(data).graph.node)
 
 
 def main() -> None:
@@ -49,7 +60,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
     a = ap.parse_args()
-    (before, m), (after, _) = session(a.before, a.threads, 256), session(a.after, a.threads, 256)
+    (before, m, fb), (after, _, fa) = session(a.before, a.threads, 256), session(a.after, a.threads, 256)
+    (gb, nb), (ga, na) = (_graph_facts(f.text_decoder) for f in (fb, fa))
+    if gb == ga:
+        raise SystemExit("the two bundles' decoder graphs are byte-identical: build 'before' inside the old tree "
+                         "(see this script's docstring)")
+    print(f"decoder graphs: before {nb} nodes, after {na} nodes")
     lay = build_layout([TextPiece((1,)), ImagePiece(m["image_tokens"]), TextPiece(tuple(range(5, 37)))],
                        m["expert_routing"], m["position_ids"], image_pad_id=m["pad_token_id"])
     emb = (np.random.default_rng(0).standard_normal((m["image_tokens"], m["hidden_size"])) * 0.02).astype(np.float32)

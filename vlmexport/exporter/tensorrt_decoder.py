@@ -40,8 +40,8 @@ rotary tables), only the nodes differ::
   attention output, residual and expert choice are sliced to ``[batch, 1, ...]``, so its
   output projection and MLP (both experts, in the routed graph) run on one position, as the
   onnxruntime graph's last layer and llama.cpp's do. The logits read the last position of
-  every row (a batch is left-padded or of equal length). bench-s: ~5% of a prefill's MatMul
-  FLOPs (docs/tensorrt.md).
+  every row (the graph has no attention mask: a batch's rows are of equal length). bench-s:
+  ~5% of a prefill's projection FLOPs (docs/tensorrt.md).
 """
 
 from __future__ import annotations

@@ -210,9 +210,11 @@ def decode_bytes_from_files(b, backend: str, precision: str) -> float | None:
 def prefill_flops(model: dict, tokens: int) -> float:
     """Multiply-adds x 2 of one prefill: every position through one expert's projections,
     causal attention scores and values, the LM head at the last position. A nominal figure,
-    the same for every backend: the ONNX decoders (onnx and the TensorRT profile: their last layer
-    keeps the last position only) and llama.cpp skip the last layer's attention output and MLP for the other positions,
-    ~3/4 of one layer's projections (bench-s: ~4.7% of this), so their GFLOP/s read that much high."""
+    the same for every backend: the onnx decoder (its last layer keeps the last position only)
+    and llama.cpp skip the last layer's attention output and MLP for the other positions, ~3/4
+    of one layer's projections (bench-s: ~4.7% of this), so their GFLOP/s read that much high.
+    The TensorRT profile's routed graph runs both experts' projections on every position (bench-s:
+    ~2x this, less its trimmed last layer), so its GFLOP/s read about half of what it computes."""
     L, h, v = model["num_layers"], model["hidden_size"], model["vocab_size"]
     attn = 2 * 2 * L * model["num_heads"] * model["head_dim"] * tokens * (tokens + 1) / 2
     return 2.0 * L * _layer_weights(model) * tokens + attn + 2.0 * v * h
