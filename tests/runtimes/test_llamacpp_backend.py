@@ -102,6 +102,16 @@ def two_image_layout(model):
 
 # ----------------------------------------------------------------------- parity
 @pytest.mark.llamacpp
+def test_default_threads_are_the_physical_cores(cog):
+    """Without n_threads, llama.cpp gets one thread per physical core (a VM's vCPUs without SMT
+    siblings count one each), not half the CPUs."""
+    from vlmexport.runtimes.environment import physical_cores
+
+    with lb.LlamaCppSession(cog[1].text, None, n_ctx=N_CTX) as s:
+        assert s.n_threads == physical_cores()
+
+
+@pytest.mark.llamacpp
 def test_libmtmd_sees_exactly_our_pixels(session):
     """Our pixels -> 8-bit image -> libmtmd's own normalisation gives back our pixels bit for bit."""
     px = pixels(3, seed=1)

@@ -501,7 +501,7 @@ def run_bench(bundle: str | Path | Sequence[str | Path],
     machine whose load changes; it holds every row's model in memory at once."""
     from ..bundle import Bundle
     from ..runtimes.loader import load
-    from ..runtimes.onnxruntime_backend import physical_cores
+    from ..runtimes.environment import physical_cores
 
     bundles = [str(bundle)] if isinstance(bundle, (str, Path)) else [str(b) for b in bundle]
     if not bundles:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,27 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+def physical_cores(cpus: Iterable[int] | None = None, sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> int:
+    """Physical cores among ``cpus`` (default: the CPUs this process may run on), hyper-threads
+    counted once, from each CPU's sysfs topology: the default thread count of every CPU backend.
+    A VM's vCPUs without SMT siblings are cores each; where the topology cannot be read, every CPU
+    counts (and off Linux, half the CPUs, assuming two threads per core)."""
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            return max(1, (os.cpu_count() or 2) // 2)
+    cpus = sorted(cpus)
+    cores = set()
+    for c in cpus:
+        topo = Path(sysfs) / f"cpu{c}" / "topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
 
 
 @dataclass

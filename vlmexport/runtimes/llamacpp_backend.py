@@ -49,7 +49,7 @@ import numpy as np
 from ..core.errors import MissingDependencyError, VlmexportError
 from ..core.layout import LANGUAGE, VISION, SequenceLayout
 from ..core.names import Part, gguf_is_visual_expert
-from .environment import cpu_flags
+from .environment import cpu_flags, physical_cores
 from .llamacpp_lib import INSTALL_HINT, LOG_SINK, init_backend, llamacpp_available  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -208,14 +208,6 @@ def _cpu_has_amx() -> bool:
     return "amx_int8" in cpu_flags()
 
 
-def default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 2
-    return max(1, n // 2)  # llama.cpp runs best on physical cores; assume two threads per core
-
-
 # ----------------------------------------------------------------------- the session
 class LlamaCppSession:
     """A :class:`~vlmexport.core.generation.DecoderSession` over a text GGUF and its mmproj.
@@ -248,7 +240,7 @@ class LlamaCppSession:
         lib = self._lib
         self.model = self.ctx = self.mctx = None
         self._batches: list[Any] = []
-        self.n_threads = n_threads or default_threads()
+        self.n_threads = n_threads or physical_cores()  # llama.cpp runs best on physical cores
         if n_gpu_layers and not lib.llama_supports_gpu_offload():
             log.warning("llama-cpp-python was built without a GPU backend; n_gpu_layers=%d is ignored", n_gpu_layers)
             n_gpu_layers = 0

@@ -25,6 +25,7 @@ from ..core.errors import BundleError, VlmexportError
 from ..core.layout import LANGUAGE, SequenceLayout
 from ..core.names import CpuPrefill, Spin
 from .cpu_prefill import int8_prefill_path, wanted
+from .environment import physical_cores
 from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
@@ -33,22 +34,6 @@ log = logging.getLogger(__name__)
 CROSS_MEMORY, CROSS_MEDIA = "cross_attention_memory", "media"
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores = set()
-    for c in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
-        try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
-        except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
 
 
 # onnxruntime's common-subexpression elimination merges the per-MatMul Q -> DQ pairs that

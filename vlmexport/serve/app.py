@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def load_pipelines(cfg: ServeConfig) -> list[Pipeline]:
     """``max_concurrency`` independent copies of the model (each its own sessions and KV cache)."""
     from ..runtimes.loader import load
-    from ..runtimes.onnxruntime_backend import physical_cores
+    from ..runtimes.environment import physical_cores
 
     copies = 1 if cfg.batch else cfg.max_concurrency
     threads = cfg.threads or max(1, physical_cores() // copies)
