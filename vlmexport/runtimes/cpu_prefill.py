@@ -111,7 +111,9 @@ def dequantize_nbits(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndar
         if bits == 4:
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
         zp = zp[:, :blocks, None].astype(np.float32)
-    w = (q.astype(np.float32) - zp) * scales.reshape(n, blocks, 1).astype(np.float32)
+    w = q.astype(np.float32)  # in place from here: one float32 copy of the matrix at a time
+    w -= zp
+    w *= scales.reshape(n, blocks, 1).astype(np.float32, copy=False)
     return w.reshape(n, -1)[:, :k]
 
 
@@ -120,8 +122,10 @@ def per_column_int8(w_nk: np.ndarray, qmax: int = WEIGHT_MAX) -> tuple[np.ndarra
     per output column (``w ~= codes * scale``)."""
     amax = np.abs(w_nk).max(axis=1)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w_nk / scale[:, None]), -qmax, qmax).astype(np.int8)
-    return np.ascontiguousarray(q.T), scale
+    q = w_nk / scale[:, None]  # then in place: one float32 copy of the matrix at a time
+    np.rint(q, out=q)
+    np.clip(q, -qmax, qmax, out=q)
+    return np.ascontiguousarray(q.astype(np.int8).T), scale
 
 
 # ------------------------------------------------------------------ the graph
@@ -130,18 +134,22 @@ def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def int8_prefill_model(model) -> int:
-    """Rewrite ``model`` (an onnx ModelProto with its weights loaded) in place: each converted
-    ``MatMulNBits`` (module docstring) becomes onnxruntime's ``MatMulIntegerToFloat`` on int8
-    weights (scaled per column inside the kernel) and per-row uint8 activations (a
-    ``QuantizeLinear`` per row, shared by the products that read the same rows), then a ``Mul``
-    by the row scales. Returns the number of nodes converted.
+def int8_prefill_model(model, read=None, make=None) -> int:
+    """Rewrite ``model`` (an onnx ModelProto) in place: each converted ``MatMulNBits`` (module
+    docstring) becomes onnxruntime's ``MatMulIntegerToFloat`` on int8 weights (scaled per column
+    inside the kernel) and per-row uint8 activations (a ``QuantizeLinear`` per row, shared by the
+    products that read the same rows), then a ``Mul`` by the row scales. Returns the number of
+    nodes converted. ``read(tensor) -> array`` reads an initializer (default: from the loaded
+    model); ``make(array, name) -> TensorProto`` makes a new one (default: inline), so
+    :func:`write_int8_prefill` streams the weights from file to file.
 
     One scale per activation matrix instead (onnxruntime's ``DynamicQuantizeMatMul``, one node)
     was 6% faster on bench-s (prefill 620 against 633 ms, int4's graph 995 ms; 2-vCPU AVX2 EPYC,
     interleaved), but one outlying row would then coarsen every row's codes."""
     from onnx import TensorProto, helper, numpy_helper
 
+    read = read or numpy_helper.to_array
+    make = make or (lambda array, name: numpy_helper.from_array(array, name))
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     readers: dict[str, int] = {}
@@ -153,7 +161,7 @@ def int8_prefill_model(model) -> int:
     converted = 0
 
     def const(name, array):
-        added.append(numpy_helper.from_array(np.asarray(array), name))
+        added.append(make(np.asarray(array), name))
         return name
 
     for node in g.node:
@@ -165,8 +173,7 @@ def int8_prefill_model(model) -> int:
             new_nodes.append(node)
             continue
         at = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        w = dequantize_nbits(numpy_helper.to_array(inits[b]), numpy_helper.to_array(inits[s]),
-                             numpy_helper.to_array(inits[zp]) if zp else None, at["K"], at["N"],
+        w = dequantize_nbits(read(inits[b]), read(inits[s]), read(inits[zp]) if zp else None, at["K"], at["N"],
                              at.get("bits", 4), at["block_size"])
         codes, col_scale = per_column_int8(w)
         base = node.name
@@ -299,17 +306,122 @@ def _touch(entry: Path) -> None:
         pass
 
 
-def _derived(graph_path: Path):
-    """The rewritten model, or one VlmexportError line naming the file it could not read or convert."""
+INLINE_BYTES = 1024  # smaller tensors stay in the graph file (onnx.save_model's size_threshold)
+_ALIGN = 64
+
+
+class _CacheWriteError(OSError):
+    """Writing the copy failed (the cache's disk, not the source): reported as "cannot write there"."""
+
+
+class _DataFile:
+    """One external data file written as its tensors are made, so a derivation never holds more than
+    one weight matrix: ``tensor`` appends a new array, ``copy`` streams a kept initializer's bytes
+    over from the source's data file (read in chunks)."""
+
+    def __init__(self, path: Path):
+        self.path, self.location = path, path.name
+        try:
+            self.f = open(path, "wb")
+        except OSError as exc:
+            raise _CacheWriteError(str(exc)) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            raise _CacheWriteError(f"{self.path}: {exc.strerror or exc}") from None
+
+    def _external(self, t, length: int) -> None:
+        """Point ``t`` at the next ``length`` bytes of this file (written next by the caller)."""
+        from onnx import TensorProto
+
+        self.write(b"\0" * (-self.f.tell() % _ALIGN))
+        t.ClearField("raw_data")  # else onnx.save_model writes the proto's bytes over the data file
+        del t.external_data[:]
+        for key, value in (("location", self.location), ("offset", str(self.f.tell())), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        t.data_location = TensorProto.EXTERNAL
+
+    def tensor(self, array: np.ndarray, name: str):
+        from onnx import numpy_helper
+
+        array = np.asarray(array)
+        if array.nbytes < INLINE_BYTES:
+            return numpy_helper.from_array(array, name)  # a 0-d scalar stays 0-d
+        array = np.ascontiguousarray(array)
+        t = numpy_helper.from_array(array.reshape(-1)[:0], name)  # its type; the bytes go to the file
+        del t.dims[:]
+        t.dims.extend(array.shape)
+        self._external(t, array.nbytes)
+        self.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        return t
+
+    def copy(self, t, source_dir: Path, chunk: int = 1 << 24) -> None:
+        info = {e.key: e.value for e in t.external_data}
+        src = source_dir / info["location"]
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else src.stat().st_size - offset
+        self._external(t, length)
+        with open(src, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise ValueError(f"{src}: ends before tensor {t.name}'s {length} bytes at offset {offset}")
+                self.write(block)
+                left -= len(block)
+
+
+def _read_external(source_dir: Path):
+    """``read`` for :func:`int8_prefill_model`: one initializer's array, loaded from the source's data
+    file into a copy of its proto (the model's own proto keeps no bytes)."""
+    from onnx import TensorProto, numpy_helper
+
+    def read(t):
+        c = TensorProto()
+        c.CopyFrom(t)
+        return numpy_helper.to_array(c, str(source_dir))
+
+    return read
+
+
+def write_int8_prefill(graph_path: Path, out_dir: Path):
+    """Write the rewritten graph of ``graph_path`` into ``out_dir`` (its file name, weights in
+    ``<name>.data``), streaming: memory holds the graph and one weight matrix at a time, not the
+    model. One VlmexportError line naming the file it could not read or convert."""
     import onnx
 
     try:
-        model = onnx.load(str(graph_path))
-        int8_prefill_model(model)
+        model = onnx.load(str(graph_path), load_external_data=False)
+        with _DataFile(out_dir / f"{graph_path.name}.data") as data:
+            made: set[str] = set()
+
+            def make(array, name):
+                made.add(name)
+                return data.tensor(array, name)
+
+            int8_prefill_model(model, read=_read_external(graph_path.parent), make=make)
+            for t in model.graph.initializer:  # the kept ones (LM head, norms, rotary tables): copied over
+                if t.name not in made and t.data_location == onnx.TensorProto.EXTERNAL:
+                    data.copy(t, graph_path.parent)
+        try:
+            onnx.save_model(model, str(out_dir / graph_path.name))
+        except OSError as exc:
+            raise _CacheWriteError(str(exc)) from None
+    except _CacheWriteError:
+        raise  # int8_prefill_path: "cannot write the int8 prefill graph there"
     except Exception as exc:  # unreadable, truncated or unexpected: the caller says what to do
         raise VlmexportError(f"{graph_path}: cannot derive its int8 prefill graph ({str(exc).splitlines()[0][:160]}); "
                              "check the bundle (`vlmexport inspect`) or pass cpu_prefill='off'") from None
-    return model
 
 
 def int8_prefill_path(graph_path: str | os.PathLike, root: str | os.PathLike | None = None,
@@ -317,7 +429,6 @@ def int8_prefill_path(graph_path: str | os.PathLike, root: str | os.PathLike | N
     """The int8-GEMM copy of ``graph_path`` (written on first use, under a lock, published
     atomically), or None when the graph has no ``MatMulNBits`` to convert (an fp32 decoder).
     ``identity``: see :func:`cache_key`."""
-    import onnx
     from filelock import FileLock
 
     from ..core.atomic import AtomicWriteError, atomic_directory
@@ -335,11 +446,8 @@ def int8_prefill_path(graph_path: str | os.PathLike, root: str | os.PathLike | N
         with FileLock(entry.parent / f".{entry.name}.lock"):
             if not out.is_file():  # another process may have written it while this one waited
                 log.info("writing the int8-GEMM prefill graph of %s into %s (once per decoder file)", graph_path, entry)
-                model = _derived(graph_path)
                 with atomic_directory(entry) as tmp:
-                    onnx.save_model(model, str(tmp / graph_path.name), save_as_external_data=True,
-                                    all_tensors_to_one_file=True, location=f"{graph_path.name}.data",
-                                    size_threshold=1024)
+                    write_int8_prefill(graph_path, Path(tmp))
                     (tmp / SOURCE).write_text(json.dumps({"source": str(graph_path.resolve())}) + "\n")
                 _prune(entry)
     except (OSError, AtomicWriteError) as exc:
