@@ -255,6 +255,40 @@ def test_nothing_for_an_fp32_graph_and_one_line_for_an_unwritable_cache(tmp_path
         cp.int8_prefill_path(q, blocker / "cache")
 
 
+def test_a_full_disk_mid_write_is_one_line_and_leaves_no_entry(tmp_path, monkeypatch):
+    """The cache's disk filling up while the copy's weights are written: the cache's message (not
+    one blaming the bundle), and no entry, complete-looking or partial, left behind."""
+    import errno
+
+    q = _quantized(tmp_path, names=("layers.0.proj", "layers.1.proj", "lm_head"))
+    real = cp._DataFile.write
+    calls = []
+
+    class Full:  # the data file's handle once the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fill_up(self, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            self.f = Full(self.f)
+        real(self, data)
+
+    monkeypatch.setattr(cp._DataFile, "write", fill_up)
+    root = tmp_path / "cache"
+    with pytest.raises(VlmexportError, match="cannot write the int8 prefill graph there.*No space left"):
+        cp.int8_prefill_path(q, root)
+    assert not [d for d in root.iterdir() if not d.name.startswith(".")]
+    monkeypatch.setattr(cp._DataFile, "write", real)
+    assert cp.int8_prefill_path(q, root).is_file()  # the next load writes it whole
+
+
 def test_which_cpus_and_modes():
     assert cp.lacks_int8_dot({"avx2", "fma"}, "x86_64")
     assert not cp.lacks_int8_dot({"avx2", "avx512f", "avx512_vnni"}, "x86_64")
