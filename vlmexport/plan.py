@@ -188,13 +188,10 @@ def host_device(bandwidth_gbs: float | None = None) -> DeviceSpec:
 
 
 def _meminfo_gb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024 / GB
-    except OSError:
-        pass
-    return None
+    from .runtimes.environment import meminfo_bytes
+
+    b = meminfo_bytes(key)
+    return None if b is None else b / GB
 
 
 def measure_bandwidth_gbs(mib: int = 512, repeats: int = 3) -> float:

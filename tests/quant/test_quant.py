@@ -803,3 +803,18 @@ def test_gate_scores_the_int8_prefill_and_the_session_runs_it(quantized, fp32_bu
     assert "int8 prefill graph not used" in caplog.text and "VLMEXPORT_CACHE" in caplog.text
     with pytest.raises(VlmexportError, match="cannot write the int8 prefill graph there"):  # asked for by name
         ort_session(files, fp32_bundle["model"], cpu_prefill="int8", cpu_prefill_cache=blocker / "cache")
+    # not enough free memory for the copy beside the decoder: "auto" keeps the bundle's graph and says
+    # why (before deriving anything); "int8", asked for by name, uses it all the same
+    from vlmexport.runtimes import cpu_prefill
+
+    need = cpu_prefill.copy_bytes(files["text_decoder"])
+    held = sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(str(fast.prefill_path)).graph.initializer)
+    assert need <= held <= need + 64 * 16  # the estimate leaves out the rewrite's scalar constants
+    monkeypatch.setattr("vlmexport.runtimes.onnxruntime_backend.meminfo_bytes", lambda key: need)  # copy only
+    caplog.clear()
+    fresh = tmp_path / "fresh-cache"
+    with caplog.at_level(logging.WARNING):
+        s = ort_session(files, fp32_bundle["model"], cpu_prefill="auto", cpu_prefill_cache=fresh)
+    assert s.prefill_path is None and not fresh.exists()
+    assert "int8 prefill graph not used" in caplog.text and "GiB of memory is available" in caplog.text
+    assert ort_session(files, fp32_bundle["model"], cpu_prefill="int8", cpu_prefill_cache=fresh).prefill_path

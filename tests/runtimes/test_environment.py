@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from vlmexport.runtimes.environment import cpu_flags, physical_cores
+from vlmexport.runtimes.environment import cpu_flags, meminfo_bytes, physical_cores
 
 
 def _sysfs(root, topology: dict[int, tuple[int, int]]):
@@ -41,3 +41,11 @@ def test_cpu_flags_read_x86_and_arm_lines():
     assert cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 fma\n") == {"fpu", "avx2", "fma"}
     assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}
     assert cpu_flags("nothing here\n") == set()
+
+
+def test_meminfo_bytes_reads_kib_entries():
+    text = "MemTotal:       24576000 kB\nMemAvailable:    1000 kB\nHugePages_Total:       0\n"
+    assert meminfo_bytes("MemTotal", text) == 24576000 * 1024
+    assert meminfo_bytes("MemAvailable", text) == 1024000
+    assert meminfo_bytes("SwapTotal", text) is None
+    assert meminfo_bytes("MemTotal") is None or meminfo_bytes("MemTotal") > 0  # this machine's

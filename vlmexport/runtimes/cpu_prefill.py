@@ -266,6 +266,42 @@ def convertible(graph_path: str | os.PathLike) -> bool:
     return any(n.op_type == "MatMulNBits" and n.name.startswith(CONVERTED_PREFIX) for n in m.graph.node)
 
 
+def copy_bytes(graph_path: str | os.PathLike) -> int:
+    """The bytes of weights the copy of ``graph_path`` holds, from the graph alone (its weights not
+    read): int8 ``K x N`` codes and ``N`` scales per converted ``MatMulNBits``, the other initializers
+    as they are."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(graph_path), load_external_data=False)
+    replaced, total = set(), 0
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and n.name.startswith(CONVERTED_PREFIX):
+            at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            total += at["K"] * at["N"] + 4 * at["N"]
+            replaced.update(list(n.input)[1:4])
+    for t in m.graph.initializer:
+        if t.name in replaced:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        total += int(info["length"]) if "length" in info else len(t.raw_data)
+    return total
+
+
+def check_fits(graph_path: str | os.PathLike, available: int | None) -> None:
+    """One VlmexportError line when ``available`` bytes of memory (``MemAvailable``; None: unknown,
+    no check) cannot hold the copy beside the bundle's decoder weights (what its sessions may read:
+    the decode graph's, or the graph's own where there is none); "auto" then keeps the bundle's graph."""
+    if available is None:
+        return
+    need = copy_bytes(graph_path) + sum(f.stat().st_size for f in [Path(graph_path), *external_files(Path(graph_path))]
+                                        if f.is_file())
+    if need > available:
+        raise VlmexportError(f"the int8 prefill copy of {Path(graph_path).name} and the decoder need "
+                             f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of memory is available; "
+                             "free memory, or pass cpu_prefill='int8' to use it anyway")
+
+
 KEEP_PER_SOURCE = 2  # copies kept per decoder path: a rebuilt bundle's and the one before (or two bundles there)
 
 

@@ -50,6 +50,20 @@ def physical_cores(cpus: Iterable[int] | None = None, sysfs: str | os.PathLike =
     return max(1, len(cores))
 
 
+def meminfo_bytes(key: str, meminfo: str | None = None) -> int | None:
+    """A /proc/meminfo entry (``MemTotal``, ``MemAvailable``, ...) in bytes; None where it cannot be read."""
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return None
+    for line in meminfo.splitlines():
+        name, _, value = line.partition(":")
+        if name == key and value.split():
+            return int(value.split()[0]) * 1024
+    return None
+
+
 @dataclass
 class Environment:
     tensorrt: str | None = None

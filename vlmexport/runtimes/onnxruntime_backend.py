@@ -24,8 +24,8 @@ import onnxruntime as ort
 from ..core.errors import BundleError, VlmexportError
 from ..core.layout import LANGUAGE, SequenceLayout
 from ..core.names import CpuPrefill, Spin
-from .cpu_prefill import int8_prefill_path, wanted
-from .environment import physical_cores
+from .cpu_prefill import check_fits, int8_prefill_path, wanted
+from .environment import meminfo_bytes, physical_cores
 from .spec import DecoderShape
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class OrtModelSession:
         self.prefill_path, self.decoder = None, None
         if self.providers[0] == "CPUExecutionProvider" and wanted(cpu_prefill):
             try:
+                if CpuPrefill.of(cpu_prefill) is CpuPrefill.AUTO:  # "int8" is the caller's own call
+                    check_fits(decoder_path, meminfo_bytes("MemAvailable"))
                 self.prefill_path = int8_prefill_path(decoder_path, cpu_prefill_cache, cpu_prefill_identity)
                 self.decoder = self._session(self.prefill_path, decoder=True) if self.prefill_path else None
             except Exception as exc:  # asked for by name: fail; "auto": the bundle's graph does the work
