@@ -292,7 +292,7 @@ def check_fits(graph_path: str | os.PathLike, available: int | None) -> None:
     """One VlmexportError line when ``available`` bytes of memory (``MemAvailable``; None: unknown,
     no check) cannot hold the copy beside the bundle's decoder weights (what its sessions may read:
     the decode graph's, or the graph's own where there is none); "auto" then keeps the bundle's graph."""
-    if available is None:
+    if available is None or not convertible(graph_path):  # no copy to make: nothing to check
         return
     need = copy_bytes(graph_path) + sum(f.stat().st_size for f in [Path(graph_path), *external_files(Path(graph_path))]
                                         if f.is_file())
