@@ -130,6 +130,29 @@ def per_column_int8(w_nk: np.ndarray, qmax: int = WEIGHT_MAX) -> tuple[np.ndarra
 
 # ------------------------------------------------------------------ the graph
 
+def _converted(node, inits) -> bool:
+    """Whether the rewrite converts ``node``: a decoder layer's ``MatMulNBits`` whose weights,
+    scales, zero points and bias are initializers, without ``g_idx``."""
+    ins = list(node.input) + [""] * (6 - len(node.input))
+    b, s, zp, g_idx, bias = ins[1:6]
+    return (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and node.name.startswith(CONVERTED_PREFIX)
+            and b in inits and s in inits and (not zp or zp in inits) and not g_idx and (not bias or bias in inits))
+
+
+def _replaced(nodes, inits) -> set[str]:
+    """The converted nodes' weights, scales and zero points that no other node reads: the copy drops them."""
+    readers: dict[str, int] = {}
+    converted: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+        if _converted(node, inits):
+            for name in list(node.input)[1:4]:
+                if name:
+                    converted[name] = converted.get(name, 0) + 1
+    return {name for name, n in converted.items() if readers[name] == n}
+
+
 def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -152,12 +175,9 @@ def int8_prefill_model(model, read=None, make=None) -> int:
     make = make or (lambda array, name: numpy_helper.from_array(array, name))
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    dropped = _replaced(g.node, inits)
     opset = _opset(model)
-    new_nodes, dropped, added, quantized = [], set(), [], {}
+    new_nodes, added, quantized = [], [], {}
     converted = 0
 
     def const(name, array):
@@ -166,10 +186,8 @@ def int8_prefill_model(model, read=None, make=None) -> int:
 
     for node in g.node:
         ins = list(node.input) + [""] * (6 - len(node.input))
-        a, b, s, zp, g_idx, bias = ins[:6]
-        if (node.op_type != "MatMulNBits" or node.domain != "com.microsoft"
-                or not node.name.startswith(CONVERTED_PREFIX) or b not in inits or s not in inits
-                or (zp and zp not in inits) or g_idx or (bias and bias not in inits)):
+        a, b, s, zp, _, bias = ins[:6]
+        if not _converted(node, inits):
             new_nodes.append(node)
             continue
         at = {x.name: helper.get_attribute_value(x) for x in node.attribute}
@@ -216,9 +234,6 @@ def int8_prefill_model(model, read=None, make=None) -> int:
         ]
         if bias:
             new_nodes.append(helper.make_node("Add", [y[3], bias], [out], name=f"{base}_i8.Bias"))
-        for name in (b, s, zp):
-            if name and readers.get(name) == 1:
-                dropped.add(name)
         converted += 1
     kept = [t for t in g.initializer if t.name not in dropped]
     del g.node[:]
@@ -263,43 +278,60 @@ def convertible(graph_path: str | os.PathLike) -> bool:
     import onnx
 
     m = onnx.load(str(graph_path), load_external_data=False)
-    return any(n.op_type == "MatMulNBits" and n.name.startswith(CONVERTED_PREFIX) for n in m.graph.node)
+    inits = {t.name for t in m.graph.initializer}
+    return any(_converted(n, inits) for n in m.graph.node)
+
+
+def _tensor_bytes(t) -> int:
+    """An initializer's bytes, read from its proto alone (external data's length, or its fields)."""
+    from onnx import helper, numpy_helper
+
+    info = {e.key: e.value for e in t.external_data}
+    if "length" in info:
+        return int(info["length"])
+    if info:  # external without a length: the rest of its file is not known here; count from the shape
+        return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return numpy_helper.to_array(t).nbytes
+
+
+def graph_weight_bytes(graph_path: str | os.PathLike) -> int:
+    """The bytes of ``graph_path``'s initializers (what a session of it reads), its weights not read."""
+    import onnx
+
+    return sum(_tensor_bytes(t) for t in onnx.load(str(graph_path), load_external_data=False).graph.initializer)
 
 
 def copy_bytes(graph_path: str | os.PathLike) -> int:
     """The bytes of weights the copy of ``graph_path`` holds, from the graph alone (its weights not
     read): int8 ``K x N`` codes and ``N`` scales per converted ``MatMulNBits``, the other initializers
-    as they are."""
+    as they are (a weight another node also reads is kept)."""
     import onnx
     from onnx import helper
 
     m = onnx.load(str(graph_path), load_external_data=False)
-    replaced, total = set(), 0
+    inits = {t.name: t for t in m.graph.initializer}
+    total = 0
     for n in m.graph.node:
-        if n.op_type == "MatMulNBits" and n.name.startswith(CONVERTED_PREFIX):
+        if _converted(n, inits):
             at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             total += at["K"] * at["N"] + 4 * at["N"]
-            replaced.update(list(n.input)[1:4])
-    for t in m.graph.initializer:
-        if t.name in replaced:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        total += int(info["length"]) if "length" in info else len(t.raw_data)
-    return total
+    replaced = _replaced(m.graph.node, inits)
+    return total + sum(_tensor_bytes(t) for t in m.graph.initializer if t.name not in replaced)
 
 
-def check_fits(graph_path: str | os.PathLike, available: int | None) -> None:
+def check_fits(graph_path: str | os.PathLike, available: int | None,
+               decode_path: str | os.PathLike | None = None) -> None:
     """One VlmexportError line when ``available`` bytes of memory (``MemAvailable``; None: unknown,
-    no check) cannot hold the copy beside the bundle's decoder weights (what its sessions may read:
-    the decode graph's, or the graph's own where there is none); "auto" then keeps the bundle's graph."""
+    no check) cannot hold the copy beside the weights of the graph that runs the decode steps:
+    ``decode_path``'s, or without one the bundle's decoder graph's. "auto" then keeps the
+    bundle's graph."""
     if available is None or not convertible(graph_path):  # no copy to make: nothing to check
         return
-    need = copy_bytes(graph_path) + sum(f.stat().st_size for f in [Path(graph_path), *external_files(Path(graph_path))]
-                                        if f.is_file())
+    need = copy_bytes(graph_path) + graph_weight_bytes(decode_path or graph_path)
     if need > available:
-        raise VlmexportError(f"the int8 prefill copy of {Path(graph_path).name} and the decoder need "
-                             f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of memory is available; "
-                             "free memory, or pass cpu_prefill='int8' to use it anyway")
+        raise VlmexportError(f"the int8 prefill copy of {Path(graph_path).name} and the decode graph need "
+                             f"{need / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB is available; free "
+                             "memory, or pass cpu_prefill='int8' (--cpu-prefill int8) to use it anyway")
 
 
 KEEP_PER_SOURCE = 2  # copies kept per decoder path: a rebuilt bundle's and the one before (or two bundles there)
@@ -365,8 +397,24 @@ class _DataFile:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.f.close()
+    def __exit__(self, kind, *exc) -> None:
+        """Flush and sync to the disk (the entry must not look complete after a crash with its data
+        still in the page cache), and close, whatever fails; a failure there is the cache's too,
+        unless an error is already on its way."""
+        err = None
+        try:
+            if kind is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+        except OSError as e:
+            err = e
+        finally:
+            try:
+                self.f.close()
+            except OSError as e:
+                err = err or e
+        if err is not None and kind is None:
+            raise _CacheWriteError(f"{self.path}: {err.strerror or err}")
 
     def write(self, data: bytes) -> None:
         try:
@@ -430,6 +478,23 @@ def _read_external(source_dir: Path):
     return read
 
 
+def _only_initializers_external(model) -> None:
+    """A decoder graph whose external data sits anywhere but its main graph's initializers (a
+    ``Constant``'s tensor, a subgraph, a sparse initializer) is not what this rewrite copies over."""
+    from onnx import AttributeProto
+
+    g = model.graph
+    if len(g.sparse_initializer):
+        raise ValueError("sparse initializers are not copied")
+    for node in g.node:
+        for a in node.attribute:
+            if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                raise ValueError(f"node {node.name!r} has a subgraph, which this rewrite does not copy")
+            tensors = [a.t] if a.type == AttributeProto.TENSOR else list(a.tensors)
+            if any(len(x.external_data) for x in tensors):
+                raise ValueError(f"node {node.name!r} keeps a tensor in external data, which is not copied")
+
+
 def write_int8_prefill(graph_path: Path, out_dir: Path):
     """Write the rewritten graph of ``graph_path`` into ``out_dir`` (its file name, weights in
     ``<name>.data``), streaming: memory holds the graph and one weight matrix at a time, not the
@@ -438,6 +503,7 @@ def write_int8_prefill(graph_path: Path, out_dir: Path):
 
     try:
         model = onnx.load(str(graph_path), load_external_data=False)
+        _only_initializers_external(model)
         with _DataFile(out_dir / f"{graph_path.name}.data") as data:
             made: set[str] = set()
 
@@ -450,7 +516,10 @@ def write_int8_prefill(graph_path: Path, out_dir: Path):
                 if t.name not in made and t.data_location == onnx.TensorProto.EXTERNAL:
                     data.copy(t, graph_path.parent)
         try:
-            onnx.save_model(model, str(out_dir / graph_path.name))
+            with open(out_dir / graph_path.name, "wb") as f:  # the graph alone: every weight is in the data file
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
         except OSError as exc:
             raise _CacheWriteError(str(exc)) from None
     except _CacheWriteError:

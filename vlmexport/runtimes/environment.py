@@ -29,25 +29,68 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
-def physical_cores(cpus: Iterable[int] | None = None, sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> int:
+def physical_cores(cpus: Iterable[int] | None = None, sysfs: str | os.PathLike = "/sys/devices/system/cpu",
+                   quota: int | None = -1) -> int:
     """Physical cores among ``cpus`` (default: the CPUs this process may run on), hyper-threads
-    counted once, from each CPU's sysfs topology: the default thread count of every CPU backend.
-    A VM's vCPUs without SMT siblings are cores each; where the topology cannot be read, every CPU
-    counts (and off Linux, half the CPUs, assuming two threads per core)."""
+    counted once, at most ``quota`` (default: this process's cgroup CPU quota, e.g. ``docker run
+    --cpus``; None: no cap): the onnxruntime and llama.cpp backends' default thread count. A core is one distinct
+    ``thread_siblings_list`` in sysfs (the package and core ids where that is missing: core ids
+    repeat across an Arm chip's clusters), so a VM's vCPUs without SMT siblings are a core each.
+    Where the topology cannot be read every CPU counts; off Linux, half of them (two threads per
+    core assumed)."""
+    if quota == -1:
+        quota = cgroup_cpu_quota()
     if cpus is None:
         try:
             cpus = os.sched_getaffinity(0)
         except AttributeError:  # not Linux
             return max(1, (os.cpu_count() or 2) // 2)
     cpus = sorted(cpus)
-    cores = set()
+    cores: set = set()
     for c in cpus:
         topo = Path(sysfs) / f"cpu{c}" / "topology"
         try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+            cores.add((topo / "thread_siblings_list").read_text().strip())
         except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
+            try:
+                cores.add(((topo / "physical_package_id").read_text().strip(),
+                           (topo / "core_id").read_text().strip()))
+            except OSError:
+                cores = set(cpus)
+                break
+    n = max(1, len(cores))
+    return min(n, quota) if quota else n
+
+
+def cgroup_cpu_quota(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+                     root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """CPUs this process's cgroup may use, rounded up (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None without a quota or where it cannot be read."""
+    import math
+
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.lstrip("/")
+        try:
+            if hierarchy == "0" and not controllers:  # v2: one hierarchy
+                quota, period = (Path(root) / rel / "cpu.max").read_text().split()[:2]
+                if quota != "max":
+                    return max(1, math.ceil(int(quota) / int(period)))
+            elif "cpu" in controllers.split(","):
+                for d in (Path(root) / controllers / rel, Path(root) / "cpu" / rel):
+                    if (d / "cpu.cfs_quota_us").is_file():
+                        quota = int((d / "cpu.cfs_quota_us").read_text())
+                        period = int((d / "cpu.cfs_period_us").read_text())
+                        if quota > 0 and period > 0:
+                            return max(1, math.ceil(quota / period))
+                        break
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def meminfo_bytes(key: str, meminfo: str | None = None) -> int | None:

@@ -143,7 +143,7 @@ class OrtModelSession:
         if self.providers[0] == "CPUExecutionProvider" and wanted(cpu_prefill):
             try:
                 if CpuPrefill.of(cpu_prefill) is CpuPrefill.AUTO:  # "int8" is the caller's own call
-                    check_fits(decoder_path, meminfo_bytes("MemAvailable"))
+                    check_fits(decoder_path, meminfo_bytes("MemAvailable"), decode_path)
                 self.prefill_path = int8_prefill_path(decoder_path, cpu_prefill_cache, cpu_prefill_identity)
                 self.decoder = self._session(self.prefill_path, decoder=True) if self.prefill_path else None
             except Exception as exc:  # asked for by name: fail; "auto": the bundle's graph does the work
