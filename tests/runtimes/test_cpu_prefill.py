@@ -141,11 +141,13 @@ def _external_model(m, tmp_path, name):
     return g
 
 
-def test_streamed_copy_equals_the_rewrite_in_memory(tmp_path):
+@pytest.mark.parametrize("precision,algorithm", [("int4", "rtn"), ("int8", "rtn"), ("int4", "hqq")])
+def test_streamed_copy_equals_the_rewrite_in_memory(tmp_path, precision, algorithm):
     """write_int8_prefill (weights read and written one tensor at a time) writes exactly what
     int8_prefill_model makes of the loaded model: nodes, initializer names, types, shapes (0-d
-    scalars stay 0-d) and values, the kept LM head included."""
-    src = _external(_quantized(tmp_path, names=("layers.0.proj", "layers.1.proj", "lm_head"), bias=True), tmp_path)
+    scalars stay 0-d) and values, the kept LM head included; 4 and 8 bits, hqq's float zero points."""
+    src = _external(_quantized(tmp_path, precision, algorithm, names=("layers.0.proj", "layers.1.proj", "lm_head"),
+                               bias=True), tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     cp.write_int8_prefill(src, out)
