@@ -573,6 +573,18 @@ def engines(
     out.print(t)
 
 
+def _cpu_report() -> dict:
+    """The CPU facts the runtimes' defaults follow: its name and SIMD extensions (as bench titles
+    it), the physical cores and CPU quota (the default thread count), whether quantized prompts
+    take the int8-GEMM prefill copy (runtimes/cpu_prefill.py)."""
+    from .pipeline.bench import machine_info, machine_title
+    from .runtimes.cpu_prefill import lacks_int8_dot
+    from .runtimes.environment import cgroup_cpu_quota, physical_cores
+
+    return {"name": machine_title(machine_info()), "physical_cores": physical_cores(), "cpu_quota": cgroup_cpu_quota(),
+            "int8_prefill_copy": lacks_int8_dot()}
+
+
 @app.command(epilog=_examples("vlmexport doctor", "vlmexport doctor demo-bundle --target jetson-orin",
                               "vlmexport doctor demo-bundle --target desktop --json"))
 @friendly_errors
@@ -587,9 +599,14 @@ def doctor(
         from .runtimes.environment import probe
 
         env = probe()
+        cpu = _cpu_report()
         if json_out:
-            out.print_json(json.dumps(env.to_dict()))
+            out.print_json(json.dumps({**env.to_dict(), "cpu": cpu}))
             return
+        quota = f", quota {cpu['cpu_quota']}" if cpu["cpu_quota"] else ""
+        prefill = "; no VNNI: int8-GEMM prefill copy for quantized prompts" if cpu["int8_prefill_copy"] else ""
+        out.print(f"CPU           {cpu['name'] or 'unknown'}  threads: {cpu['physical_cores']} (physical "
+                  f"cores{quota}){prefill}", highlight=False, soft_wrap=True)
         out.print(f"TensorRT      {env.tensorrt or 'not installed'}")
         out.print(f"CUDA          {env.cuda or 'none'}  {', '.join(env.gpus) or 'no GPU visible'}")
         out.print(f"onnxruntime   {env.onnxruntime or 'not installed'}  providers: {', '.join(env.ort_providers)}")

@@ -85,10 +85,19 @@ def test_doctor_audits_a_bundle(bundle_dir, tiny_model_dir, tmp_path):
 
 
 def test_doctor_reports_the_machine():
+    import json
+
+    from vlmexport.runtimes.cpu_prefill import lacks_int8_dot
+    from vlmexport.runtimes.environment import physical_cores
+
     r = invoke("doctor")
     assert r.exit_code == 0, r.plain
-    for word in ("TensorRT", "onnxruntime", "llama.cpp", "CPUExecutionProvider", "backends on this machine"):
+    for word in ("TensorRT", "onnxruntime", "llama.cpp", "CPUExecutionProvider", "backends on this machine",
+                 f"threads: {physical_cores()} (physical cores"):
         assert word in r.plain
+    assert ("int8-GEMM prefill copy" in r.plain) == lacks_int8_dot()
+    cpu = json.loads(invoke("doctor", "--json").stdout)["cpu"]
+    assert cpu["physical_cores"] == physical_cores() and cpu["int8_prefill_copy"] == lacks_int8_dot()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
