@@ -382,3 +382,17 @@ def test_cache_key_follows_the_data_file(tmp_path):
     st = (g.parent / "d.onnx.data").stat()
     os.utime(g.parent / "d.onnx.data", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
     assert cp.cache_key(g) != key
+
+
+def test_a_large_first_derivation_is_announced(tmp_path, monkeypatch, caplog):
+    """Deriving takes minutes for a large decoder: from LOUD_COPY_BYTES on, the line is a warning
+    (shown at the CLI's default level); below, an info line."""
+    import logging
+
+    q = _quantized(tmp_path)
+    with caplog.at_level(logging.INFO, logger="vlmexport.runtimes.cpu_prefill"):
+        cp.int8_prefill_path(q, tmp_path / "small")
+        monkeypatch.setattr(cp, "LOUD_COPY_BYTES", 1)
+        cp.int8_prefill_path(q, tmp_path / "large")
+    levels = [r.levelno for r in caplog.records if "writing the int8-GEMM prefill copy" in r.message]
+    assert levels == [logging.INFO, logging.WARNING]

@@ -334,6 +334,7 @@ def check_fits(graph_path: str | os.PathLike, available: int | None,
                              "memory, or pass cpu_prefill='int8' (--cpu-prefill int8) to use it anyway")
 
 
+LOUD_COPY_BYTES = 2**30  # a copy this large is announced as a warning (the CLI's default level shows it)
 KEEP_PER_SOURCE = 2  # copies kept per decoder path: a rebuilt bundle's and the one before (or two bundles there)
 
 
@@ -550,7 +551,10 @@ def int8_prefill_path(graph_path: str | os.PathLike, root: str | os.PathLike | N
         entry.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(entry.parent / f".{entry.name}.lock"):
             if not out.is_file():  # another process may have written it while this one waited
-                log.info("writing the int8-GEMM prefill graph of %s into %s (once per decoder file)", graph_path, entry)
+                size = copy_bytes(graph_path)  # a large one takes minutes: say so where the CLI shows it
+                log.log(logging.WARNING if size >= LOUD_COPY_BYTES else logging.INFO,
+                        "writing the int8-GEMM prefill copy of %s (%.1f GB, once per decoder file) into %s",
+                        graph_path, size / 1e9, entry)
                 with atomic_directory(entry) as tmp:
                     write_int8_prefill(graph_path, Path(tmp))
                     (tmp / SOURCE).write_text(json.dumps({"source": str(graph_path.resolve())}) + "\n")
