@@ -86,6 +86,17 @@ class Backend(str, Enum):
         return self.value
 
 
+def _mode(cls, value, option: str, default):
+    """``value`` as a member of the mode enum ``cls`` (None: ``default``), or one VlmexportError line
+    naming ``option`` and its choices."""
+    if value is None:
+        return default
+    try:
+        return cls(value)
+    except ValueError:
+        raise VlmexportError(f"{option}={value!r}: choose one of {', '.join(m.value for m in cls)}") from None
+
+
 class Spin(str, Enum):
     """When onnxruntime's pool threads busy-wait between operators (runtimes/onnxruntime_backend.py)."""
     OFF = "off"
@@ -98,14 +109,9 @@ class Spin(str, Enum):
     @classmethod
     def of(cls, spin: "bool | str | Spin | None") -> "Spin":
         """A mode from its name or a bool (True: all, False: off; None: decode), or one VlmexportError line."""
-        if spin is None:
-            return cls.DECODE
         if isinstance(spin, bool):
             return cls.ALL if spin else cls.OFF
-        try:
-            return cls(spin)
-        except ValueError:
-            raise VlmexportError(f"spin={spin!r}: choose one of {', '.join(m.value for m in cls)}") from None
+        return _mode(cls, spin, "spin", cls.DECODE)
 
 
 class CpuPrefill(str, Enum):
@@ -119,12 +125,8 @@ class CpuPrefill(str, Enum):
 
     @classmethod
     def of(cls, mode: "str | CpuPrefill | None") -> "CpuPrefill":
-        if mode is None:
-            return cls.AUTO
-        try:
-            return cls(mode)
-        except ValueError:
-            raise VlmexportError(f"cpu_prefill={mode!r}: choose one of {', '.join(m.value for m in cls)}") from None
+        """A mode from its name (None: auto), or one VlmexportError line."""
+        return _mode(cls, mode, "cpu_prefill", cls.AUTO)
 
 
 # What a user may type (either spelling) -> the format's own spelling. The one table.
