@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from .bundle import PART_PRECISION_FALLBACK, Bundle, part_precision

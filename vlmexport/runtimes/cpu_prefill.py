@@ -169,7 +169,7 @@ def int8_prefill_model(model, read=None, make=None) -> int:
     One scale per activation matrix instead (onnxruntime's ``DynamicQuantizeMatMul``, one node)
     was 6% faster on bench-s (prefill 620 against 633 ms, int4's graph 995 ms; 2-vCPU AVX2 EPYC,
     interleaved), but one outlying row would then coarsen every row's codes."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     read = read or numpy_helper.to_array
     make = make or (lambda array, name: numpy_helper.from_array(array, name))
@@ -245,10 +245,7 @@ def int8_prefill_model(model, read=None, make=None) -> int:
 
 def external_files(graph_path: Path) -> list[Path]:
     """The external data files a graph file reads (its initializers' ``location`` entries)."""
-    import onnx
-
-    m = onnx.load(str(graph_path), load_external_data=False)
-    names = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    names = {e.value for t in _graph(graph_path).graph.initializer for e in t.external_data if e.key == "location"}
     return sorted(graph_path.parent / n for n in names)
 
 
@@ -273,13 +270,16 @@ def cache_root() -> Path:
     return user_cache_dir("cpu-prefill")
 
 
-def convertible(graph_path: str | os.PathLike) -> bool:
-    """Whether the graph has a ``MatMulNBits`` node the rewrite converts (its weights not read)."""
+def _graph(graph_path: str | os.PathLike):
+    """The graph file's proto, its weights not read."""
     import onnx
 
-    m = onnx.load(str(graph_path), load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    return any(_converted(n, inits) for n in m.graph.node)
+    return onnx.load(str(graph_path), load_external_data=False)
+
+
+def convertible(graph_path: str | os.PathLike) -> bool:
+    """Whether the graph has a ``MatMulNBits`` node the rewrite converts (its weights not read)."""
+    return _copy_sizes(_graph(graph_path))[0] > 0
 
 
 def _tensor_bytes(t) -> int:
@@ -294,29 +294,31 @@ def _tensor_bytes(t) -> int:
     return numpy_helper.to_array(t).nbytes
 
 
-def graph_weight_bytes(graph_path: str | os.PathLike) -> int:
-    """The bytes of ``graph_path``'s initializers (what a session of it reads), its weights not read."""
-    import onnx
-
-    return sum(_tensor_bytes(t) for t in onnx.load(str(graph_path), load_external_data=False).graph.initializer)
+def _weight_bytes(model) -> int:
+    """The bytes of a graph's initializers (what a session of it reads)."""
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
 
 
-def copy_bytes(graph_path: str | os.PathLike) -> int:
-    """The bytes of weights the copy of ``graph_path`` holds, from the graph alone (its weights not
-    read): int8 ``K x N`` codes and ``N`` scales per converted ``MatMulNBits``, the other initializers
-    as they are (a weight another node also reads is kept)."""
-    import onnx
+def _copy_sizes(model) -> tuple[int, int]:
+    """(nodes the rewrite converts, bytes of weights the copy holds) of a graph proto: int8 ``K x N``
+    codes and ``N`` scales per converted ``MatMulNBits``, the other initializers as they are (a
+    weight another node also reads is kept)."""
     from onnx import helper
 
-    m = onnx.load(str(graph_path), load_external_data=False)
-    inits = {t.name: t for t in m.graph.initializer}
-    total = 0
-    for n in m.graph.node:
+    inits = {t.name: t for t in model.graph.initializer}
+    converted = total = 0
+    for n in model.graph.node:
         if _converted(n, inits):
             at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             total += at["K"] * at["N"] + 4 * at["N"]
-    replaced = _replaced(m.graph.node, inits)
-    return total + sum(_tensor_bytes(t) for t in m.graph.initializer if t.name not in replaced)
+            converted += 1
+    replaced = _replaced(model.graph.node, inits)
+    return converted, total + sum(_tensor_bytes(t) for t in model.graph.initializer if t.name not in replaced)
+
+
+def copy_bytes(graph_path: str | os.PathLike) -> int:
+    """The bytes of weights the copy of ``graph_path`` holds, from the graph alone (:func:`_copy_sizes`)."""
+    return _copy_sizes(_graph(graph_path))[1]
 
 
 def check_fits(graph_path: str | os.PathLike, available: int | None,
@@ -325,9 +327,13 @@ def check_fits(graph_path: str | os.PathLike, available: int | None,
     no check) cannot hold the copy beside the weights of the graph that runs the decode steps:
     ``decode_path``'s, or without one the bundle's decoder graph's. "auto" then keeps the
     bundle's graph."""
-    if available is None or not convertible(graph_path):  # no copy to make: nothing to check
+    if available is None:
         return
-    need = copy_bytes(graph_path) + graph_weight_bytes(decode_path or graph_path)
+    model = _graph(graph_path)
+    converted, copy = _copy_sizes(model)
+    if not converted:  # no copy to make: nothing to check
+        return
+    need = copy + _weight_bytes(_graph(decode_path) if decode_path else model)
     if need > available:
         raise VlmexportError(f"the int8 prefill copy of {Path(graph_path).name} and the decode graph need "
                              f"{need / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB is available; free "
@@ -503,7 +509,7 @@ def write_int8_prefill(graph_path: Path, out_dir: Path):
     import onnx
 
     try:
-        model = onnx.load(str(graph_path), load_external_data=False)
+        model = _graph(graph_path)
         _only_initializers_external(model)
         with _DataFile(out_dir / f"{graph_path.name}.data") as data:
             made: set[str] = set()

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..core.errors import BundleError, VlmexportError
+from ..core.errors import BundleError
 from ..core.layout import LANGUAGE, SequenceLayout
 from ..core.names import CpuPrefill, Spin
 from .cpu_prefill import check_fits, int8_prefill_path, wanted
